@@ -1,0 +1,48 @@
+"""The `crma` command line. Each sub-command lives in its own module with a `register`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from crma.errors import UserError
+
+# Sub-command modules, in the order `crma --help` lists them.
+COMMANDS = ["crma.cli.demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crma",
+        description="Continual learning for language models: stack domains without forgetting.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        result = args.func(args)
+    except UserError as exc:
+        print(f"crma: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crma: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
