@@ -10,5 +10,13 @@ from crma.errors import UserError
 from crma.model import load_base
 from crma.zclip import ZClip
 
-__all__ = ["CRMABackbone", "CRMAConfig", "UserError", "ZClip", "attach_crma", "load_base", "sinkhorn"]
+__all__ = [
+    "CRMABackbone",
+    "CRMAConfig",
+    "UserError",
+    "ZClip",
+    "attach_crma",
+    "load_base",
+    "sinkhorn",
+]
 __version__ = "0.1.0"

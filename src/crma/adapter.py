@@ -139,9 +139,13 @@ class CRMABackbone(nn.Module):
 
     def attach(self, layers: nn.ModuleList) -> None:
         if len(layers) != self.n_layers:
-            raise UserError(f"CRMA backbone has {self.n_layers} layers; the model has {len(layers)}")
+            raise UserError(
+                f"CRMA backbone has {self.n_layers} layers; the model has {len(layers)}"
+            )
         self.detach()
-        self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
+        self._handles = [
+            layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)
+        ]
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -178,7 +182,11 @@ class CRMABackbone(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        meta = {"config": dataclasses.asdict(self.config), "n_layers": self.n_layers, "hidden_size": self.hidden_size}
+        meta = {
+            "config": dataclasses.asdict(self.config),
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+        }
         with atomic_path(directory / BACKBONE_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
         with atomic_path(directory / CONFIG_FILE) as tmp:

@@ -14,7 +14,12 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from crma.errors import UserError
 from crma.fileio import atomic_path
@@ -86,7 +91,9 @@ def load_base(
         raise UserError(f"{path}: not a model folder or a .gguf file")
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json; not a Hugging Face model folder")
-    if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+    if not path.exists() and (
+        name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    ):
         raise UserError(f"{path}: model folder not found")
     return _load_hf(name_or_path, dtype)
 

@@ -21,7 +21,9 @@ T = TypeVar("T")
 def setting(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a help text (mutable defaults are copied per instance)."""
     if isinstance(default, list | dict):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help, **kw}
+        )
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 

@@ -40,7 +40,11 @@ class _Sinkhorn(torch.autograd.Function):
         eye = torch.eye(n, dtype=M.dtype, device=M.device).expand(B, n, n)
         K = torch.cat([torch.cat([eye, M], -1), torch.cat([M.transpose(-1, -2), eye], -1)], -2)
         null = torch.cat([torch.ones(n), -torch.ones(n)]).to(M) / (2 * n) ** 0.5
-        K = K + null[:, None] * null[None, :] + 1e-10 * torch.eye(2 * n, dtype=M.dtype, device=M.device)
+        K = (
+            K
+            + null[:, None] * null[None, :]
+            + 1e-10 * torch.eye(2 * n, dtype=M.dtype, device=M.device)
+        )
         rhs = torch.cat([GM.sum(-1), GM.sum(-2)], -1).unsqueeze(-1)
         ab = torch.linalg.solve(K, rhs).squeeze(-1)
         a, b = ab[:, :n], ab[:, n:]

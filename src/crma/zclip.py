@@ -17,9 +17,18 @@ import torch
 
 class ZClip:
     def __init__(
-        self, alpha: float = 0.97, z_thresh: float = 2.5, warmup_steps: int = 25, max_norm: float | None = 1.0
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        max_norm: float | None = 1.0,
     ):
-        self.alpha, self.z_thresh, self.warmup_steps, self.max_norm = alpha, z_thresh, warmup_steps, max_norm
+        self.alpha, self.z_thresh, self.warmup_steps, self.max_norm = (
+            alpha,
+            z_thresh,
+            warmup_steps,
+            max_norm,
+        )
         self.mean: float | None = None
         self.var: float = 0.0
         self.steps = 0
@@ -64,7 +73,12 @@ class ZClip:
         self.var = self.alpha * self.var + (1 - self.alpha) * (norm - self.mean) ** 2
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "var": self.var, "steps": self.steps, "warmup_norms": list(self._warmup_norms)}
+        return {
+            "mean": self.mean,
+            "var": self.var,
+            "steps": self.steps,
+            "warmup_norms": list(self._warmup_norms),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mean, self.var, self.steps = state["mean"], state["var"], state["steps"]

@@ -12,8 +12,12 @@ from crma.settings import add_arguments, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="load a model, attach CRMA, print parameter counts and a generation")
-    p.add_argument("--base", default=EMBEDDED, help="base model: 'embedded', a HF folder or a .gguf file")
+    p = sub.add_parser(
+        "demo", help="load a model, attach CRMA, print parameter counts and a generation"
+    )
+    p.add_argument(
+        "--base", default=EMBEDDED, help="base model: 'embedded', a HF folder or a .gguf file"
+    )
     p.add_argument("--prompt", default="What does the heart do?", help="prompt to generate from")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
     add_arguments(p, CRMAConfig, prefix="crma_")
