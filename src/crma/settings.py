@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "") 
             if typing.get_origin(tp) is typing.Literal:
                 kw["choices"] = typing.get_args(tp)
         kw["help"] = f"{f.metadata['help']} (default: {default})"
-        parser.add_argument("--" + (prefix + f.name).replace("_", "-"), **kw)
+        group.add_argument("--" + (prefix + f.name).replace("_", "-"), **kw)
 
 
 def from_args(cls: type[T], ns: argparse.Namespace, prefix: str = "", **overrides: Any) -> T:
