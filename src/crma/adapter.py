@@ -102,29 +102,34 @@ class CRMABackbone(nn.Module):
         sign = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
         return (q * sign).transpose(-1, -2)
 
+    def write_matrices(self, M: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """A per layer (L, d, n) such that h' = h + A·(R h): A = α·W·M, or α·Rᵀ(M − I) if tied."""
+        alpha = self.gates()[:, None, None]
+        if self.config.variant == "untied":
+            return alpha * (self.write_weights.float() @ M)
+        eye = torch.eye(M.shape[-1], device=M.device)
+        return alpha * (R.float().transpose(-1, -2) @ (M - eye))
+
     def _per_forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, R) for this forward. Constant at inference, so computed once until weights change."""
+        """(R, A) for this forward: one batched Sinkhorn for all layers, M folded into A.
+
+        Constant at inference, so computed once there until the weights change.
+        """
         if torch.is_grad_enabled():
-            return self.mixing_matrices(), self.read_matrices()
-        key = tuple((p._version, p.data_ptr(), p.device) for p in (self.log_mix, self.read_weights))
+            R = self.read_matrices()
+            return R, self.write_matrices(self.mixing_matrices(), R)
+        key = tuple((p._version, p.data_ptr(), p.device) for p in self.parameters())
         if self._frozen_cache is None or self._frozen_cache[0] != key:
-            self._frozen_cache = (key, (self.mixing_matrices(), self.read_matrices()))
+            R = self.read_matrices()
+            self._frozen_cache = (key, (R, self.write_matrices(self.mixing_matrices(), R)))
         return self._frozen_cache[1]
 
     def mix(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Apply layer `layer`'s CRMA map to hidden states h (B, T, d)."""
         if layer == 0 or self._step_cache is None:
             self._step_cache = self._per_forward()
-        M_all, R_all = self._step_cache
-        R = R_all[layer].to(h.dtype)  # (n, d)
-        z = h @ R.T  # (B, T, n)
-        mixed = z.float() @ M_all[layer].T  # (B, T, n), float32 even under bf16
-        alpha = self.gates()[layer]
-        if self.config.variant == "untied":
-            delta = mixed.to(h.dtype) @ self.write_weights[layer].to(h.dtype).T  # (B, T, d)
-        else:
-            delta = (mixed - z.float()).to(h.dtype) @ R  # Rᵀ (M − I) R h
-        return h + (alpha.to(h.dtype) * delta)
+        R_all, A_all = self._step_cache
+        return _LowRankResidual.apply(h, R_all[layer].to(h.dtype), A_all[layer].to(h.dtype))
 
     # -- attaching -----------------------------------------------------------------------
     def _hook(self, layer: int):
@@ -210,6 +215,35 @@ class CRMABackbone(nn.Module):
         with torch.no_grad():
             for name, param in self.named_parameters():
                 param.copy_(tensors[name].to(param))
+
+
+class _LowRankResidual(torch.autograd.Function):
+    """out = h + (h Rᵀ) Aᵀ for h (B, T, d), R (n, d), A (d, n).
+
+    Saves `out` (which the next layer keeps anyway) instead of h, and recovers Rᵀ-products
+    of h from out − z Aᵀ in backward: CRMA then adds only (B, T, n) of activation memory.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, R: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        z = h @ R.T  # (B, T, n)
+        out = torch.addmm(h.reshape(-1, h.shape[-1]), z.reshape(-1, z.shape[-1]), A.T).view_as(h)
+        ctx.save_for_backward(out, z, R, A)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, z, R, A = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (BT, d)
+        z2 = z.reshape(-1, z.shape[-1])  # (BT, n)
+        gA = g @ A  # (BT, n)
+        grad_h = torch.addmm(g, gA, R).view_as(grad) if ctx.needs_input_grad[0] else None
+        grad_A = g.T @ z2 if ctx.needs_input_grad[2] else None
+        grad_R = None
+        if ctx.needs_input_grad[1]:
+            # gAᵀ h with h = out − z Aᵀ, without materialising h.
+            grad_R = gA.T @ out.reshape(-1, out.shape[-1]) - (gA.T @ z2) @ A.T
+        return grad_h, grad_R, grad_A
 
 
 def read_backbone_meta(directory: str | Path) -> dict[str, Any]:
