@@ -11,7 +11,7 @@ import sys
 from crma.errors import UserError
 
 # Sub-command modules, in the order `crma --help` lists them.
-COMMANDS = ["crma.cli.demo"]
+COMMANDS = ["crma.cli.demo", "crma.cli.train", "crma.cli.run"]
 
 
 def build_parser() -> argparse.ArgumentParser:

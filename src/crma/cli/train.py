@@ -1,0 +1,130 @@
+"""`crma train STACK --domain NAME=FILE ...`: add domains to a stack, one after another."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from crma.adapter import CRMAConfig
+from crma.continual import ContinualModel, StackSpec
+from crma.engine import LoraSettings
+from crma.errors import UserError
+from crma.methods import METHODS
+from crma.model import EMBEDDED, base_model_id, file_sha256, load_base
+from crma.settings import add_arguments, from_args
+from crma.stack import check_domain_name
+from crma.train import TrainConfig, mixed_precision
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="add domains to a stack (creates it on first use)",
+        description=(
+            "Add one or more domains to STACK, in the order given. The first call creates the stack; "
+            "later calls continue it. Settings of the adapters (method, LoRA, CRMA) are fixed when the "
+            "stack is created; training settings apply to the domains of this call. Kill it at any "
+            "time: rerunning the same command resumes from the last checkpoint."
+        ),
+    )
+    p.add_argument("stack", type=Path, help="stack directory")
+    p.add_argument(
+        "--base",
+        default=EMBEDDED,
+        help="base model: 'embedded', a HF folder or hub name, or a .gguf file",
+    )
+    p.add_argument(
+        "--domain",
+        action="append",
+        required=True,
+        metavar="NAME=FILE",
+        help="domain name and training file (JSONL text/prompt-completion/messages/alpaca, or .txt); repeatable",
+    )
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=None,
+        help="method for a new stack (default: crma)",
+    )
+    p.add_argument(
+        "--replace", action="store_true", help="retrain a domain that the stack already has"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for adapter init, data order and dropout"
+    )
+    add_arguments(p, TrainConfig)
+    add_arguments(p, LoraSettings, prefix="lora_")
+    add_arguments(p, CRMAConfig, prefix="crma_")
+    p.set_defaults(func=run)
+
+
+def parse_domains(items: list[str]) -> list[tuple[str, Path]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise UserError(
+                f"--domain {item!r}: expected NAME=FILE, e.g. --domain medical=med.jsonl"
+            )
+        name, file = item.split("=", 1)
+        path = Path(file)
+        if not path.is_file():
+            raise UserError(f"--domain {item!r}: {path} not found")
+        out.append((check_domain_name(name), path))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise UserError(f"--domain: a name appears twice in {names}")
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from crma.data import load_records, tokenize_records
+
+    domains = parse_domains(args.domain)
+    spec = StackSpec(
+        method=args.method or "crma",
+        method_options={},
+        lora=from_args(LoraSettings, args, prefix="lora_"),
+        crma=from_args(CRMAConfig, args, prefix="crma_"),
+    )
+    train_cfg = from_args(TrainConfig, args)
+    cm = ContinualModel.open_or_create(
+        args.stack, lambda: load_base(args.base), base_model_id(args.base), spec
+    )
+    for name, _ in domains:
+        if name in cm.stack.domains and not args.replace:
+            raise UserError(
+                f"{args.stack}: domain {name!r} already exists; pass --replace to retrain it"
+            )
+    records = {
+        name: load_records(path) for name, path in domains
+    }  # check every file before training
+    acc = Accelerator(mixed_precision=mixed_precision(train_cfg.precision))
+    for i, (name, path) in enumerate(domains):
+        examples = tokenize_records(records[name], cm.engine.tokenizer, train_cfg.max_length)
+        info = {
+            "train_file": str(path),
+            "train_sha256": file_sha256(path),
+            "train_examples": len(examples),
+        }
+        result = cm.add_domain(
+            name,
+            examples,
+            train_cfg,
+            acc,
+            args.seed,
+            args.stack / "metrics.jsonl",
+            {"method": cm.spec.method, "seed": args.seed},
+            info,
+            replace=args.replace,
+            progress=f"{name} ({i + 1}/{len(domains)})",
+        )
+        if acc.is_main_process:
+            print(
+                f"{name}: {result['steps']} steps, final train loss {result['final_train_loss']:.4f}"
+            )
+    if acc.is_main_process:
+        print(
+            f"{args.stack}: {len(cm.stack.domains)} domains ({', '.join(cm.stack.domains)}), method {cm.spec.method}"
+        )

@@ -1,0 +1,89 @@
+"""The method protocol: how a continual-learning method plugs into the one shared trainer.
+
+A method decides which adapter trains on a domain, which parameters are trainable, an
+optional extra loss term, what happens after a domain, and which adapters evaluate a domain.
+It never branches inside the trainer. State it must keep across domains (a Fisher matrix, a
+replay buffer) goes through `state_tensors` / `load_state_tensors`, saved in the stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from crma.engine import Engine
+
+
+@dataclass
+class Task:
+    """One domain of the sequence: its position, name, and the run's seed."""
+
+    index: int
+    domain: str
+    seed: int
+
+    def rng_seed(self, purpose: str) -> int:
+        """A seed for `purpose` that depends only on (seed, index, domain), stable across runs."""
+        key = f"{self.seed}:{self.index}:{self.domain}:{purpose}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
+@dataclass
+class NoOptions:
+    """This method has no options."""
+
+
+class Method:
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    uses_crma: ClassVar[bool] = False  # attach a CRMA backbone to the base model
+    needs_task_id: ClassVar[bool] = True  # inference must know (or route to) the domain
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+        self.trained: list[str] = []  # domains finished, in order
+
+    # -- per domain ----------------------------------------------------------------------
+    def adapter_name(self, domain: str) -> str:
+        """The adapter that learns `domain` (a fresh one per domain by default)."""
+        return domain
+
+    def begin_task(self, engine: Engine, task: Task) -> None:
+        """Create or select the adapter for `task` and make it the active one."""
+        name = self.adapter_name(task.domain)
+        if name not in engine.adapters:
+            engine.add_lora(name, seed=task.rng_seed("lora-init"))
+        engine.activate(name)
+
+    def trainable_groups(self, engine: Engine, task: Task) -> list[dict[str, Any]]:
+        """AdamW parameter groups for this domain (learning rates filled in by the trainer)."""
+        return [{"name": "lora", "params": engine.lora_parameters(self.adapter_name(task.domain))}]
+
+    def extra_loss(
+        self, engine: Engine, batch: dict[str, torch.Tensor], outputs: Any
+    ) -> torch.Tensor | None:
+        """A regulariser added to the language-modelling loss (None: nothing)."""
+        return None
+
+    def end_task(self, engine: Engine, task: Task) -> None:
+        self.trained.append(task.domain)
+
+    # -- evaluation ----------------------------------------------------------------------
+    def eval_adapters(self, domain: str) -> str | list[str] | None:
+        """Adapters that answer for `domain` (oracle routing); None: base (+ backbone) only."""
+        return self.adapter_name(domain) if domain in self.trained else None
+
+    # -- persistence ---------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def params_of(groups: list[dict[str, Any]]) -> list[nn.Parameter]:
+    return [p for g in groups for p in g["params"]]

@@ -1,0 +1,379 @@
+"""`crma run`: methods × seeds × domains on identical data, with the loss matrix after every stage.
+
+Run directory (DESIGN §6): config.yaml (resolved), report.json, report.md, plots/, and per
+method and seed: loss_matrix.json, metrics.jsonl, stack/. Everything is resumable: a stage
+whose domain the stack lists is not retrained, a loss-matrix row on disk is not recomputed,
+and evaluations whose weights are unchanged (same fingerprint) are reused, not rerun.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crma.adapter import CRMAConfig
+from crma.continual import ContinualModel, StackSpec
+from crma.engine import LoraSettings
+from crma.errors import UserError
+from crma.evaluate import mean_token_loss
+from crma.fileio import write_json, write_text
+from crma.methods import METHODS
+from crma.model import EMBEDDED, base_model_id, load_base
+from crma.settings import from_dict, setting
+from crma.train import TrainConfig, mixed_precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DomainSpec:
+    """A user domain: training file and held-out file (any format `crma.data` loads)."""
+
+    name: str = setting("", "domain name")
+    train: str = setting("", "training file")
+    holdout: str = setting("", "held-out file for the loss matrix")
+
+
+@dataclass
+class MethodSpec:
+    """A condition of the protocol: a method and, optionally, its own settings."""
+
+    name: str = setting("crma", "method: " + ", ".join(METHODS))
+    label: str | None = setting(None, "name in the report (default: the method name)")
+    options: dict[str, Any] = setting({}, "method options")
+    crma: dict[str, Any] = setting({}, "CRMA settings overriding the run's")
+    lora: dict[str, Any] = setting({}, "LoRA settings overriding the run's")
+    train: dict[str, Any] = setting({}, "training settings overriding the run's")
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class CorpusSpec:
+    """The embedded five-domain corpus (used when `domains` is empty)."""
+
+    order: list[str] = setting(
+        ["medical", "legal", "financial", "code", "science"], "domains in training order"
+    )
+    train_size: int = setting(500, "training examples per domain (first N of the train split)")
+    holdout_size: int = setting(100, "held-out examples per domain (first N of the holdout split)")
+    split: str = setting(
+        "holdout", "evaluate on 'holdout' or on 'validation' (carved from spare, for tuning)"
+    )
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the loss matrix."""
+
+    batch_size: int = setting(8, "examples per forward pass")
+    max_length: int | None = setting(
+        None, "tokens per held-out example (default: train.max_length)"
+    )
+
+
+@dataclass
+class RunConfig:
+    """A protocol run."""
+
+    base: str = setting(
+        EMBEDDED, "base model: 'embedded', a HF folder or hub name, or a .gguf file"
+    )
+    methods: list[MethodSpec] = setting([], "conditions to compare")
+    seeds: list[int] = setting([0], "seeds; each method runs once per seed on identical data")
+    domains: list[DomainSpec] = setting(
+        [], "user domains in training order (empty: embedded corpus)"
+    )
+    corpus: CorpusSpec = dataclasses.field(default_factory=CorpusSpec)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    crma: CRMAConfig = dataclasses.field(default_factory=CRMAConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+# -- configuration ------------------------------------------------------------------------------
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply `key.sub=value` overrides, and check every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of settings at the top level")
+    for item in overrides:
+        _apply_override(data, item)
+    return parse_config(data, str(path))
+
+
+def parse_config(data: dict[str, Any], where: str) -> RunConfig:
+    data = dict(data)
+    methods = [
+        _method_spec(m, f"{where}: methods[{i}]")
+        for i, m in enumerate(data.pop("methods", None) or [])
+    ]
+    domains = [
+        from_dict(DomainSpec, d, f"{where}: domains[{i}]")
+        for i, d in enumerate(data.pop("domains", None) or [])
+    ]
+    sections = {
+        key: from_dict(cls, data.pop(key, None), f"{where}: {key}")
+        for key, cls in (
+            ("corpus", CorpusSpec),
+            ("train", TrainConfig),
+            ("lora", LoraSettings),
+            ("crma", CRMAConfig),
+            ("eval", EvalConfig),
+        )
+    }
+    config = from_dict(RunConfig, data, where)
+    config = dataclasses.replace(config, methods=methods, domains=domains, **sections)
+    if not config.methods:
+        raise UserError(f"{where}: methods: list at least one method ({', '.join(METHODS)})")
+    labels = [m.key for m in config.methods]
+    if len(set(labels)) != len(labels):
+        raise UserError(
+            f"{where}: methods: labels must be unique (got {labels}); set `label:` to tell them apart"
+        )
+    if not config.seeds:
+        raise UserError(f"{where}: seeds: list at least one seed")
+    for spec in config.domains:
+        for field in ("name", "train", "holdout"):
+            if not getattr(spec, field):
+                raise UserError(f"{where}: domains: every domain needs name, train and holdout")
+    return config
+
+
+def _method_spec(item: Any, where: str) -> MethodSpec:
+    spec = MethodSpec(name=item) if isinstance(item, str) else from_dict(MethodSpec, item, where)
+    if spec.name not in METHODS:
+        raise UserError(f"{where}: unknown method {spec.name!r}; choose from {', '.join(METHODS)}")
+    return spec
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key=value, e.g. train.max_steps=10")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {item!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def resolved(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def method_settings(config: RunConfig, spec: MethodSpec) -> tuple[StackSpec, TrainConfig]:
+    where = f"methods[{spec.key}]"
+    merge = lambda cls, base, extra, name: from_dict(
+        cls, {**dataclasses.asdict(base), **extra}, f"{where}.{name}"
+    )  # noqa: E731
+    stack_spec = StackSpec(
+        method=spec.name,
+        method_options=spec.options,
+        lora=merge(LoraSettings, config.lora, spec.lora, "lora"),
+        crma=merge(CRMAConfig, config.crma, spec.crma, "crma"),
+    )
+    return stack_spec, merge(TrainConfig, config.train, spec.train, "train")
+
+
+# -- data -------------------------------------------------------------------------------------
+@dataclass
+class DomainData:
+    name: str
+    train: list[dict[str, list[int]]]
+    holdout: list[dict[str, list[int]]]
+    info: dict[str, Any]
+
+
+def load_domains(config: RunConfig, tokenizer) -> list[DomainData]:
+    """Tokenized train/holdout per domain: the user's files, or the embedded corpus."""
+    from crma.data import corpus_file, ensure_corpus, load_records, tokenize_records
+
+    cfg = config.train
+    eval_len = config.eval.max_length or cfg.max_length
+    if config.domains:
+        specs = [(d.name, Path(d.train), Path(d.holdout), None, None) for d in config.domains]
+    else:
+        root = ensure_corpus()
+        c = config.corpus
+        if c.split not in ("holdout", "validation"):
+            raise UserError(f"corpus.split: {c.split!r} is not one of holdout, validation")
+        specs = [
+            (
+                name,
+                corpus_file(name, "train", root),
+                corpus_file(name, c.split if c.split == "holdout" else "spare", root),
+                c.train_size,
+                c.holdout_size,
+            )
+            for name in c.order
+        ]
+    out = []
+    for name, train_path, holdout_path, n_train, n_holdout in specs:
+        train = load_records(train_path)[:n_train]
+        holdout = load_records(holdout_path)[:n_holdout]
+        out.append(
+            DomainData(
+                name,
+                tokenize_records(train, tokenizer, cfg.max_length),
+                tokenize_records(holdout, tokenizer, eval_len),
+                {"train_file": str(train_path), "train_examples": len(train)},
+            )
+        )
+    return out
+
+
+# -- the run ------------------------------------------------------------------------------------
+class ProtocolRun:
+    def __init__(self, config: RunConfig, out: str | Path, model_loader=None):
+        self.config, self.out = config, Path(out)
+        self.model_loader = model_loader or (lambda: load_base(config.base))
+        self.cache_path = self.out / "eval_cache.json"
+
+    def run(self) -> dict[str, Any]:
+        from accelerate import Accelerator
+
+        from crma.report import build_report
+
+        acc = Accelerator(mixed_precision=mixed_precision(self.config.train.precision))
+        self._check_out_dir(acc)
+        base_id = base_model_id(self.config.base)
+        _, tokenizer = self.model_loader()
+        domains = load_domains(self.config, tokenizer)
+        cache = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
+        units = [(spec, seed) for seed in self.config.seeds for spec in self.config.methods]
+        clock = _Clock(total=len(units) * len(domains))
+        for spec, seed in units:
+            self._run_one(spec, seed, domains, base_id, acc, cache, clock)
+        report = None
+        if acc.is_main_process:
+            report = build_report(self.out)
+        acc.wait_for_everyone()
+        return report
+
+    def _check_out_dir(self, acc) -> None:
+        text = yaml.safe_dump(resolved(self.config), sort_keys=False)
+        path = self.out / "config.yaml"
+        if path.is_file() and yaml.safe_load(path.read_text()) != yaml.safe_load(text):
+            raise UserError(
+                f"{path}: this run directory holds a different config; use another --out or the same config"
+            )
+        if acc.is_main_process:
+            write_text(path, text)
+        acc.wait_for_everyone()
+
+    def _run_one(
+        self, spec: MethodSpec, seed: int, domains: list[DomainData], base_id, acc, cache, clock
+    ) -> None:
+        run_dir = self.out / spec.key / f"seed-{seed}"
+        stack_spec, train_cfg = method_settings(self.config, spec)
+        cm = ContinualModel.open_or_create(
+            run_dir / "stack", self.model_loader, base_id, stack_spec
+        )
+        names = [d.name for d in domains]
+        matrix_path = run_dir / "loss_matrix.json"
+        rows = json.loads(matrix_path.read_text())["loss_matrix"] if matrix_path.is_file() else []
+        run_info = {"method": spec.key, "seed": seed}
+
+        def evaluate_row() -> list[float]:
+            row = []
+            for d in domains:
+                adapters = cm.method.eval_adapters(d.name)
+                key = f"{d.name}:{cm.engine.fingerprint(adapters)}"
+                if key not in cache:
+                    cache[key] = mean_token_loss(
+                        cm.engine, d.holdout, adapters, self.config.eval.batch_size, acc
+                    )
+                    if acc.is_main_process:
+                        write_json(self.cache_path, cache)
+                row.append(cache[key])
+            return row
+
+        def save_rows() -> None:
+            if acc.is_main_process:
+                write_json(
+                    matrix_path,
+                    {"domains": names, "seed": seed, "method": spec.key, "loss_matrix": rows},
+                )
+
+        if not rows:
+            rows.append(evaluate_row())
+            save_rows()
+        for k, d in enumerate(domains):
+            if len(rows) >= k + 2:
+                clock.skip()
+                continue
+            start = time.perf_counter()
+            tag = f"[{spec.key} seed {seed}] {k + 1}/{len(domains)} {d.name}"
+            if d.name not in cm.stack.domains:
+                cm.add_domain(
+                    d.name,
+                    d.train,
+                    train_cfg,
+                    acc,
+                    seed,
+                    run_dir / "metrics.jsonl",
+                    run_info,
+                    d.info,
+                    progress=tag,
+                )
+            trained = time.perf_counter()
+            rows.append(evaluate_row())
+            save_rows()
+            clock.done(time.perf_counter() - start)
+            if acc.is_main_process:
+                steps = cm.stack.domain_entry(d.name).get("steps", 0)
+                print(
+                    f"{tag}: {steps} steps in {trained - start:.0f} s, eval {time.perf_counter() - trained:.0f} s, "
+                    f"holdout loss {rows[-1][k]:.3f} | run {clock.progress()}",
+                    flush=True,
+                )
+
+
+class _Clock:
+    """Progress and ETA over all (method, seed, domain) stages, counting only stages run now."""
+
+    def __init__(self, total: int):
+        self.total, self.finished, self.run_count, self.seconds = total, 0, 0, 0.0
+
+    def skip(self) -> None:
+        self.finished += 1
+
+    def done(self, seconds: float) -> None:
+        self.finished += 1
+        self.run_count += 1
+        self.seconds += seconds
+
+    def progress(self) -> str:
+        left = self.total - self.finished
+        eta = self.seconds / max(1, self.run_count) * left
+        return f"{self.finished}/{self.total} stages, ETA {_fmt(eta)}"
+
+
+def _fmt(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    return (
+        f"{minutes // 60}h{minutes % 60:02d}m"
+        if minutes >= 60
+        else f"{minutes}m{int(seconds % 60):02d}s"
+    )
