@@ -184,9 +184,10 @@ def resolved(config: RunConfig) -> dict[str, Any]:
 
 def method_settings(config: RunConfig, spec: MethodSpec) -> tuple[StackSpec, TrainConfig]:
     where = f"methods[{spec.key}]"
-    merge = lambda cls, base, extra, name: from_dict(
-        cls, {**dataclasses.asdict(base), **extra}, f"{where}.{name}"
-    )  # noqa: E731
+
+    def merge(cls, base, extra, name):
+        return from_dict(cls, {**dataclasses.asdict(base), **extra}, f"{where}.{name}")
+
     stack_spec = StackSpec(
         method=spec.name,
         method_options=spec.options,
