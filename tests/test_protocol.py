@@ -1,0 +1,116 @@
+"""The forgetting protocol end to end on configs/tiny.yaml (tiny random Llama, conflicting domains)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import time
+
+import pytest
+from helpers import ROOT, TINY_CONFIG, crma_cmd, crma_env, run_crma
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    run_crma("run", str(TINY_CONFIG), "--out", str(out))
+    return out
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def test_loss_matrix_shape_and_frozen_drift_is_exactly_zero(tiny_run):
+    report = load(tiny_run / "report.json")
+    T = len(report["domains"])
+    assert report["domains"] == ["alpha", "beta", "gamma"]
+    for label in ("naive", "frozen", "crma"):
+        L = load(tiny_run / label / "seed-0" / "loss_matrix.json")["loss_matrix"]
+        assert len(L) == T + 1 and all(len(row) == T for row in L)
+    frozen = report["methods"]["frozen"]["per_seed"]["0"]
+    assert all(v == 0.0 for v in frozen["drift_per_domain"].values())
+
+
+def test_report_drift_equals_independent_recomputation(tiny_run):
+    report = load(tiny_run / "report.json")
+    for label, method in report["methods"].items():
+        L = load(tiny_run / label / "seed-0" / "loss_matrix.json")["loss_matrix"]
+        T = len(L) - 1
+        expected = [100 * (L[T][i] - L[i + 1][i]) / L[i + 1][i] for i in range(T - 1)]
+        got = method["per_seed"]["0"]
+        assert list(got["drift_per_domain"].values()) == pytest.approx(expected, abs=1e-12)
+        assert got["drift"] == pytest.approx(statistics.fmean(expected), abs=1e-12)
+
+
+def test_naive_forgets_and_crma_does_not(tiny_run):
+    methods = load(tiny_run / "report.json")["methods"]
+    naive, crma = methods["naive"]["drift_mean"], methods["crma"]["drift_mean"]
+    assert naive > 1.0, f"naive should forget the conflicting domains, drift {naive:.3f}%"
+    assert abs(crma) < 0.2, f"crma drift {crma:.3f}%"
+    spectral = methods["crma"]["spectral"]
+    assert spectral["spectral_norm_dev_max"] < 1e-6 and spectral["steps"] == 3 * 24
+
+
+def test_run_directory_contract(tiny_run):
+    for name in ("config.yaml", "report.json", "report.md"):
+        assert (tiny_run / name).is_file()
+    for plot in ("loss_matrix.png", "drift.png", "spectral_norm.png", "grad_norm.png"):
+        assert (tiny_run / "plots" / plot).stat().st_size > 1000
+    run = tiny_run / "crma" / "seed-0"
+    assert (run / "stack" / "manifest.json").is_file()
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("method", "seed", "domain", "step", "loss", "grad_norm", "grad_norm_clipped", "lr",
+                "spectral_norm_max", "rowsum_err_max", "colsum_err_max"):
+        assert key in first
+    assert "| crma |" in (tiny_run / "report.md").read_text()
+
+
+def test_report_command_regenerates_the_same_json(tiny_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    (copy / "report.json").unlink()
+    (copy / "report.md").unlink()
+    run_crma("report", str(copy))
+    assert load(copy / "report.json") == load(tiny_run / "report.json")
+    assert (copy / "report.md").read_text() == (tiny_run / "report.md").read_text()
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_run, tmp_path):
+    out = tmp_path / "killed"
+    metrics = out / "crma" / "seed-0" / "metrics.jsonl"
+    proc = subprocess.Popen(crma_cmd("run", str(TINY_CONFIG), "--out", str(out)), cwd=ROOT, env=crma_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and '"domain": "beta"' in metrics.read_text():
+            proc.kill()  # SIGKILL, mid-domain: no cleanup runs
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -9, "the run should have been killed while training beta"
+    assert not (out / "report.json").exists()
+    run_crma("run", str(TINY_CONFIG), "--out", str(out))
+    assert load(out / "report.json") == load(tiny_run / "report.json")
+    assert metrics.read_text().count("\n") == 3 * 24
+
+
+def test_run_directory_refuses_a_different_config(tiny_run):
+    proc = run_crma("run", str(TINY_CONFIG), "--out", str(tiny_run), "--set", "train.lr=0.5", check=False)
+    assert proc.returncode == 2 and "different config" in proc.stderr
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [crma_cmd()[0], "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "crma", "run", str(TINY_CONFIG), "--out", str(out), "--set", "methods=[crma]",
+           "--set", "train.max_steps=6"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = load(out / "report.json")
+    L = report["methods"]["crma"]["per_seed"]["0"]["loss_matrix"]
+    assert len(L) == 4 and L[1][0] < L[0][0]
+    assert (out / "crma" / "seed-0" / "metrics.jsonl").read_text().count("\n") == 3 * 6

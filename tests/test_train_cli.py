@@ -1,0 +1,83 @@
+"""`crma train`: create a stack, continue it later, refuse what would corrupt it."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from helpers import TINY_BASE, TINY_DATA, run_crma
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+FAST = ["--max-steps", "4", "--max-length", "32", "--batch-size", "4", "--lr", "0.03", "--lora-r", "4"]
+
+
+def train(stack, *domains, method="crma", base=TINY_BASE, check=True, extra=()):
+    args = ["train", str(stack), "--base", str(base), "--method", method, *FAST, *extra]
+    for d in domains:
+        args += ["--domain", f"{d}={TINY_DATA / f'{d}.train.jsonl'}"]
+    return run_crma(*args, check=check)
+
+
+def test_second_call_adds_a_domain_and_keeps_earlier_adapters(tmp_path):
+    stack = tmp_path / "stack"
+    train(stack, "alpha")
+    alpha = stack / "adapters" / "alpha" / "adapter_model.safetensors"
+    before = alpha.read_bytes()
+    backbone_before = (stack / "crma_backbone.safetensors").read_bytes()
+    train(stack, "beta")
+    assert alpha.read_bytes() == before
+    assert (stack / "crma_backbone.safetensors").read_bytes() != backbone_before, "backbone keeps training"
+    manifest = json.loads((stack / "manifest.json").read_text())
+    assert [d["name"] for d in manifest["domains"]] == ["alpha", "beta"]
+    assert manifest["method"] == "crma" and manifest["base_model"]["sha256"]
+    assert all(d["steps"] == 4 and len(d["train_sha256"]) == 64 for d in manifest["domains"])
+    assert not (stack / "checkpoint").exists()
+
+
+def test_duplicate_domain_and_other_base_are_refused(tmp_path):
+    stack = tmp_path / "stack"
+    train(stack, "alpha")
+    proc = train(stack, "alpha", check=False)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "--replace" in proc.stderr
+
+    other = tmp_path / "other-base"
+    model = AutoModelForCausalLM.from_pretrained(TINY_BASE)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+    model.save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((TINY_BASE / name).read_bytes())
+    proc = train(stack, "beta", base=other, check=False)
+    assert proc.returncode == 2 and "stack was trained on base" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_replace_retrains_a_domain(tmp_path):
+    stack = tmp_path / "stack"
+    train(stack, "alpha", method="frozen")
+    before = (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes()
+    train(stack, "alpha", method="frozen", extra=["--replace", "--seed", "1"])
+    assert (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes() != before
+    manifest = json.loads((stack / "manifest.json").read_text())
+    assert [d["name"] for d in manifest["domains"]] == ["alpha"]
+
+
+def test_adapters_load_with_plain_peft(tmp_path):
+    stack = tmp_path / "stack"
+    train(stack, "alpha", "beta", method="frozen")
+    base = AutoModelForCausalLM.from_pretrained(TINY_BASE)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    model = PeftModel.from_pretrained(base, str(stack / "adapters" / "alpha"))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    assert (adapted - base_logits).abs().max() > 1e-4, "the trained adapter changes the output"
+
+
+def test_bad_domain_argument_fails_clearly(tmp_path):
+    proc = run_crma("train", str(tmp_path / "s"), "--base", str(TINY_BASE), "--domain", "alpha", check=False)
+    assert proc.returncode == 2 and "NAME=FILE" in proc.stderr
+    proc = run_crma("train", str(tmp_path / "s"), "--base", str(TINY_BASE), "--domain", "a=/no/file", check=False)
+    assert proc.returncode == 2 and "/no/file" in proc.stderr
