@@ -11,7 +11,7 @@ import sys
 from crma.errors import UserError
 
 # Sub-command modules, in the order `crma --help` lists them.
-COMMANDS = ["crma.cli.demo", "crma.cli.train", "crma.cli.run"]
+COMMANDS = ["crma.cli.demo", "crma.cli.train", "crma.cli.run", "crma.cli.data"]
 
 
 def build_parser() -> argparse.ArgumentParser:
