@@ -72,13 +72,25 @@ def normalize_record(record: dict[str, Any]) -> dict[str, Any]:
     if kind == "messages":
         out["messages"] = [{**m, "content": normalize_text(m["content"])} for m in out["messages"]]
         return out
-    fields = {"text": ["text"], "prompt": ["prompt", "completion"]}.get(
-        kind, ["instruction", "input", "output"]
-    )
-    for field in fields:
+    if kind == "prompt":
+        # The text is learned as prompt + completion: the space at the seam is part of it.
+        out["prompt"] = _normalize_inside(out["prompt"])
+        out["completion"] = _normalize_inside(out["completion"])
+        return out
+    for field in ["text"] if kind == "text" else ["instruction", "input", "output"]:
         if isinstance(out.get(field), str):
             out[field] = normalize_text(out[field])
     return out
+
+
+def _normalize_inside(text: str) -> str:
+    """`normalize_text`, but leading and trailing whitespace are kept (as plain spaces)."""
+    lead, body, trail = re.fullmatch(r"(\s*)(.*?)(\s*)", text, re.DOTALL).groups()
+    return _plain_whitespace(lead) + normalize_text(body) + _plain_whitespace(trail)
+
+
+def _plain_whitespace(space: str) -> str:
+    return ODD_SPACE.sub(" ", space.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def alpha_share(text: str) -> float:

@@ -244,11 +244,12 @@ def _chat_segments(tokenizer, messages: list[dict[str, str]]) -> list[tuple[list
 
 def _fit(segments: list[tuple[list[int], bool]], max_length: int) -> dict[str, list[int]]:
     """Join segments and cut to `max_length`, keeping the start, unless that would cut every
-    learned token: then the window slides to start half a window before the first one."""
+    learned token: then the window slides right, to start at most half a window before the
+    first learned token (less if the sequence ends sooner), so the window stays full."""
     ids = [t for seg, _ in segments for t in seg]
     labels = [t if learn else IGNORE for seg, learn in segments for t in seg]
     first = next((i for i, label in enumerate(labels) if label != IGNORE), 0)
-    start = first - max_length // 2 if first >= max_length else 0
+    start = min(first - max_length // 2, len(ids) - max_length) if first >= max_length else 0
     return {
         "input_ids": ids[start : start + max_length],
         "labels": labels[start : start + max_length],
