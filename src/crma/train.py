@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from crma.batching import batch_order, collate, shard, steps_for
 from crma.engine import Engine
 from crma.fileio import atomic_path, write_json
-from crma.methods.base import Method, Task, params_of
+from crma.methods.base import Example, Method, Task, params_of
 from crma.settings import setting
 from crma.zclip import ZClip
 
@@ -85,7 +85,7 @@ class Trainer:
     def train_task(
         self,
         task: Task,
-        examples: list[dict[str, list[int]]],
+        examples: list[Example],
         checkpoint_dir: Path,
         metrics_path: Path,
         global_step_offset: int = 0,
@@ -93,7 +93,7 @@ class Trainer:
     ) -> dict[str, Any]:
         """Train `task` to the end (resuming from `checkpoint_dir` if it holds this task)."""
         cfg, acc, engine = self.config, self.accelerator, self.engine
-        self.method.begin_task(engine, task)
+        self.method.begin_task(engine, task, examples)
         groups = self.method.trainable_groups(engine, task)
         for group in groups:
             group.setdefault("lr", cfg.lr)
@@ -132,7 +132,8 @@ class Trainer:
                 group["lr"] = group["base_lr"] * lr_factor(
                     step, steps, cfg.warmup_ratio, cfg.min_lr_ratio
                 )
-            loss_value, n_tokens = self._step(model, examples, order[step], params)
+            chosen = self.method.batch_examples(task, step, [examples[j] for j in order[step]])
+            loss_value, n_tokens = self._step(model, chosen, params)
             stats = zclip.step(params) if zclip else _plain_norm(params)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -153,17 +154,17 @@ class Trainer:
         bar.close()
         if writer is not None:
             writer.close()
-        self.method.end_task(engine, task)
+        self.method.end_task(engine, task, examples)
         return {"steps": steps, "final_train_loss": last_loss, "examples": len(examples)}
 
     # -- one optimizer step -----------------------------------------------------------------
-    def _step(self, model, examples, indices: list[int], params) -> tuple[float, int]:
+    def _step(self, model, chosen: list[Example], params) -> tuple[float, int]:
         acc, cfg = self.accelerator, self.config
-        mine = shard(indices, acc.process_index, acc.num_processes)
+        mine = shard(chosen, acc.process_index, acc.num_processes)
         micro = [mine[i :: cfg.grad_accum] for i in range(cfg.grad_accum)]
         total_loss, total_tokens = 0.0, 0
         for i, part in enumerate(micro):
-            batch = collate([examples[j] for j in part], self.engine.tokenizer.pad_token_id)
+            batch = collate(part, self.engine.tokenizer.pad_token_id)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = i == len(micro) - 1
             ctx = acc.no_sync(model) if (not sync and acc.num_processes > 1) else nullcontext()

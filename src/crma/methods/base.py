@@ -1,9 +1,10 @@
 """The method protocol: how a continual-learning method plugs into the one shared trainer.
 
 A method decides which adapter trains on a domain, which parameters are trainable, an
-optional extra loss term, what happens after a domain, and which adapters evaluate a domain.
-It never branches inside the trainer. State it must keep across domains (a Fisher matrix, a
-replay buffer) goes through `state_tensors` / `load_state_tensors`, saved in the stack.
+optional extra loss term, which examples each step trains on, what happens after a domain,
+and which adapters evaluate a domain. It never branches inside the trainer. State it must keep
+across domains (a Fisher matrix, a replay buffer) goes through `state_tensors` /
+`load_state_tensors`, saved in the stack.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from crma.engine import Engine
+
+Example = dict[str, list[int]]  # one tokenized example: input_ids and labels (-100: no loss)
 
 
 @dataclass
@@ -52,8 +55,12 @@ class Method:
         """The adapter that learns `domain` (a fresh one per domain by default)."""
         return domain
 
-    def begin_task(self, engine: Engine, task: Task) -> None:
-        """Create or select the adapter for `task` and make it the active one."""
+    def begin_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
+        """Create or select the adapter for `task` and make it the active one.
+
+        `examples` is the domain's training data, for methods that look at it before training
+        (e.g. InfLoRA's input subspace). Also called again when a killed run resumes the domain.
+        """
         name = self.adapter_name(task.domain)
         if name not in engine.adapters:
             engine.add_lora(name, seed=task.rng_seed("lora-init"))
@@ -69,7 +76,16 @@ class Method:
         """A regulariser added to the language-modelling loss (None: nothing)."""
         return None
 
-    def end_task(self, engine: Engine, task: Task) -> None:
+    def batch_examples(self, task: Task, step: int, batch: list[Example]) -> list[Example]:
+        """The examples optimizer step `step` trains on, given the new domain's `batch`.
+
+        Replay mixes stored examples in here. The result may depend only on (task, step, batch)
+        and the method's state, so that a resumed run sees the same batches.
+        """
+        return batch
+
+    def end_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
+        """After training on `examples`: update what the method keeps across domains."""
         self.trained.append(task.domain)
 
     # -- evaluation ----------------------------------------------------------------------
