@@ -7,11 +7,18 @@ from typing import Any
 from crma.errors import UserError
 from crma.methods.base import Method, Task
 from crma.methods.crma import Crma, CrmaTask1
+from crma.methods.ewc import Ewc
 from crma.methods.frozen import Frozen
+from crma.methods.inflora import Inflora
+from crma.methods.lwf import Lwf
 from crma.methods.naive import Naive
+from crma.methods.olora import Olora
+from crma.methods.replay import Replay
 from crma.settings import from_dict
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Naive, Frozen, Crma, CrmaTask1)}
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (Naive, Frozen, Crma, CrmaTask1, Ewc, Replay, Lwf, Olora, Inflora)
+}
 
 
 def make_method(name: str, options: dict[str, Any] | None = None, where: str = "method") -> Method:
