@@ -104,6 +104,9 @@ def test_truncation_keeps_some_completion_when_the_prompt_is_too_long(tokenizer)
     assert len(completion) < 8  # fits in half the window, so all of it is kept
     assert example["input_ids"][-len(completion) :] == completion
     assert example["labels"] == [IGNORE] * (16 - len(completion)) + completion
+    long_completion = " may have an infection of the lungs or airways." * 3
+    example = one(tokenizer, {"prompt": prompt, "completion": long_completion}, 16)
+    assert example["labels"] == [IGNORE] * 8 + ids(tokenizer, long_completion)[:8]
 
 
 def test_packing_joins_texts_with_eos_into_full_blocks(tokenizer):
