@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import ROOT
 from safetensors.torch import load_file, save_file
 from tiny import tiny_model, tiny_tokenizer
 
@@ -24,6 +25,7 @@ from crma.methods.layouts import lora_matrices
 from crma.methods.lwf import TEACHER, distillation_loss
 from crma.methods.olora import orthogonality_loss
 from crma.methods.replay import reservoir_sample
+from crma.protocol import load_config
 from crma.train import TrainConfig, Trainer
 
 BASELINES = ["ewc", "replay", "lwf", "olora", "inflora"]
@@ -290,6 +292,16 @@ def test_methods_declare_task_id_and_defaults_from_their_papers():
     assert (lwf.weight, lwf.temperature) == (1.0, 2.0)
     inflora = make_method("inflora").options
     assert (inflora.threshold_start, inflora.threshold_end) == (0.95, 1.0)
+
+
+def test_baselines_config_runs_every_method_on_the_paper_protocol():
+    config = load_config(ROOT / "configs" / "baselines.yaml")
+    names = [m.name for m in config.methods]
+    assert set(names) >= {"naive", "frozen", "crma", "crma-task1", *BASELINES}
+    for spec in config.methods:
+        make_method(spec.name, spec.options)
+    assert config.seeds == [0, 42, 1234] and len(config.corpus.order) == 5
+    assert (config.corpus.train_size, config.corpus.holdout_size) == (500, 100)
 
 
 # -- resume -------------------------------------------------------------------------------------
