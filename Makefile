@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml constraints.txt requirements-data.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-data.txt
 	touch $(STAMP)
 
+# The embedded model with CRMA attached, then the forgetting protocol at demo size (resumable).
 demo: $(STAMP)
 	$(BIN)/crma demo
+	$(BIN)/crma run configs/demo.yaml --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

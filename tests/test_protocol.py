@@ -114,3 +114,33 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     L = report["methods"]["crma"]["per_seed"]["0"]["loss_matrix"]
     assert len(L) == 4 and L[1][0] < L[0][0]
     assert (out / "crma" / "seed-0" / "metrics.jsonl").read_text().count("\n") == 3 * 6
+
+
+def test_lower_triangle_only_matches_the_full_matrix(tiny_run, tmp_path):
+    out = tmp_path / "lower"
+    run_crma("run", str(TINY_CONFIG), "--out", str(out), "--set", "methods=[crma]",
+             "--set", "eval.future_domains=false")
+    full = load(tiny_run / "crma" / "seed-0" / "loss_matrix.json")["loss_matrix"]
+    lower = load(out / "crma" / "seed-0" / "loss_matrix.json")["loss_matrix"]
+    assert lower[0] == full[0]  # the base row is always complete
+    T = len(full) - 1
+    for k in range(1, T + 1):
+        assert lower[k][:k] == full[k][:k] and lower[k][k:] == [None] * (T - k)
+    report = load(out / "report.json")["methods"]["crma"]
+    assert report["drift_mean"] == load(tiny_run / "report.json")["methods"]["crma"]["drift_mean"]
+    assert "| – |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("methods=[{name: ewc, options: {lamda: 5}}]", "methods[ewc] options: unknown key 'lamda'"),
+        ("methods=[{name: crma, crma: {variant: loose}}]", "'loose' is not one of untied, tied"),
+        ("methods=[sgd]", "unknown method 'sgd'"),
+    ],
+)
+def test_bad_method_settings_fail_before_any_training(tmp_path, override, message):
+    out = tmp_path / "bad"
+    proc = run_crma("run", str(TINY_CONFIG), "--out", str(out), "--set", override, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not out.exists()

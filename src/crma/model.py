@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from crma.errors import UserError
 from crma.fileio import atomic_path
@@ -99,11 +100,18 @@ def load_base(
 
 
 def _load_hf(name: str, dtype: torch.dtype):
+    # A local load takes about a second; its per-tensor progress bar is only log noise.
+    quiet = Path(name).is_dir()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{name}: cannot load model ({_first_line(exc)})") from exc
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     return _prepare(model, tokenizer)
 
 

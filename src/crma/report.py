@@ -36,6 +36,18 @@ def plasticity(L: list[list[float]]) -> list[float]:
     return [L[k][k - 1] for k in range(1, len(L))]
 
 
+def mean_matrix(Ls: list[list[list[float | None]]]) -> list[list[float | None]]:
+    """Cell-wise seed mean; a cell not evaluated (eval.future_domains: false) stays None."""
+    return [
+        [
+            None if L0[k][i] is None else statistics.fmean(L[k][i] for L in Ls)
+            for i in range(len(L0[k]))
+        ]
+        for L0 in Ls[:1]
+        for k in range(len(L0))
+    ]
+
+
 def summary(values: list[float]) -> dict[str, Any]:
     return {
         "mean": statistics.fmean(values),
@@ -265,11 +277,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             "| after | " + " | ".join(domains) + " |",
             "|" + "---|" * (len(domains) + 1),
         ]
-        for k in range(len(domains) + 1):
-            row = [statistics.fmean(L[k][i] for L in Ls) for i in range(len(domains))]
+        for k, row in enumerate(mean_matrix(Ls)):
             out.append(
                 f"| {'base' if k == 0 else domains[k - 1]} | "
-                + " | ".join(f"{v:.4f}" for v in row)
+                + " | ".join("–" if v is None else f"{v:.4f}" for v in row)
                 + " |"
             )
         out.append("")
@@ -292,11 +303,8 @@ def plot_all(run_dir: Path, report: dict[str, Any]) -> None:
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.4), squeeze=False)
     for ax, (label, m) in zip(axes[0], methods.items()):
         Ls = [e["loss_matrix"] for e in m["per_seed"].values()]
-        mean = [
-            [statistics.fmean(L[k][i] for L in Ls) for i in range(len(domains))]
-            for k in range(len(domains) + 1)
-        ]
-        im = ax.imshow(mean, cmap="viridis", aspect="auto")
+        mean = [[float("nan") if v is None else v for v in row] for row in mean_matrix(Ls)]
+        im = ax.imshow(mean, cmap="viridis", aspect="auto")  # not-evaluated cells stay blank
         ax.set_title(label)
         ax.set_xticks(range(len(domains)), [d[:4] for d in domains], fontsize=7)
         ax.set_yticks(range(len(domains) + 1), ["base"] + [d[:4] for d in domains], fontsize=7)
