@@ -121,10 +121,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def describe(cls: type) -> str:
-    """One line per field: name, default, help. Used in docs and `--help` epilogs."""
+def describe(cls: type, skip: tuple[str, ...] = ()) -> str:
+    """One line per field (but `skip`): name, default, help. Used in `--help` epilogs."""
     lines = []
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  {f.name} = {default!r}: {f.metadata.get('help', '')}")
     return "\n".join(lines)

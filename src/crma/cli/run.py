@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from crma.errors import UserError
-from crma.protocol import ProtocolRun, load_config
+from crma.methods import METHODS
+from crma.protocol import DomainSpec, MethodSpec, ProtocolRun, RunConfig, load_config
+from crma.settings import describe
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "evaluate the loss matrix after every stage and write report.json, report.md and plots/ "
             "into the run directory. Rerun the same command to resume."
         ),
+        epilog=config_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", type=Path, help="YAML config (see configs/)")
     p.add_argument(
@@ -37,6 +42,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("run_dir", type=Path, help="run directory written by `crma run`")
     r.set_defaults(func=report)
+
+
+def config_keys() -> str:
+    """Every config key with its default and meaning, section by section."""
+    sections = {
+        f.name: f.default_factory
+        for f in dataclasses.fields(RunConfig)
+        if f.default_factory is not dataclasses.MISSING
+        and dataclasses.is_dataclass(f.default_factory)
+    }
+    parts = [
+        "config keys (YAML; override any with --set section.key=value):",
+        describe(RunConfig, skip=tuple(sections)),
+        "methods[] (a name, or a mapping):",
+        describe(MethodSpec),
+        "domains[]:",
+        describe(DomainSpec),
+    ]
+    for name, cls in sections.items():
+        parts += [f"{name}:", describe(cls)]
+    for name, method in METHODS.items():
+        if dataclasses.fields(method.Options):
+            parts += [f"methods[].options for {name}:", describe(method.Options)]
+    return "\n".join(parts)
 
 
 def run(args: argparse.Namespace) -> None:
