@@ -81,3 +81,14 @@ def test_bad_domain_argument_fails_clearly(tmp_path):
     assert proc.returncode == 2 and "NAME=FILE" in proc.stderr
     proc = run_crma("train", str(tmp_path / "s"), "--base", str(TINY_BASE), "--domain", "a=/no/file", check=False)
     assert proc.returncode == 2 and "/no/file" in proc.stderr
+
+
+def test_method_options_are_stored_checked_and_fixed(tmp_path):
+    stack = tmp_path / "stack"
+    proc = train(stack, "alpha", method="ewc", check=False, extra=["--option", "lamda=3"])
+    assert proc.returncode == 2 and "unknown key 'lamda'" in proc.stderr and "ewc_lambda" in proc.stderr
+    assert not stack.exists(), "a rejected option leaves no stack behind"
+    train(stack, "alpha", method="ewc", extra=["--option", "ewc_lambda=3"])
+    assert json.loads((stack / "manifest.json").read_text())["configs"]["method_options"] == {"ewc_lambda": 3}
+    proc = train(stack, "beta", method="ewc", check=False, extra=["--option", "ewc_lambda=4"])
+    assert proc.returncode == 2 and "fixed when a stack is created" in proc.stderr

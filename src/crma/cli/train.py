@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from crma.adapter import CRMAConfig
 from crma.continual import ContinualModel, StackSpec
 from crma.engine import LoraSettings
 from crma.errors import UserError
-from crma.methods import METHODS
+from crma.methods import METHODS, make_method
 from crma.model import EMBEDDED, base_model_id, file_sha256, load_base
 from crma.settings import add_arguments, from_args
 from crma.stack import check_domain_name
@@ -47,6 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="method for a new stack (default: crma)",
     )
     p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option for a new stack, e.g. --method ewc --option ewc_lambda=10 "
+        "(`crma run --help` lists each method's options); repeatable",
+    )
+    p.add_argument(
         "--replace", action="store_true", help="retrain a domain that the stack already has"
     )
     p.add_argument(
@@ -76,15 +87,27 @@ def parse_domains(items: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
+def parse_options(items: list[str]) -> dict[str, Any]:
+    options = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option ewc_lambda=10")
+        options[key] = yaml.safe_load(raw)
+    return options
+
+
 def run(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from crma.data import load_records, tokenize_records
 
     domains = parse_domains(args.domain)
+    options = parse_options(args.option)
+    make_method(args.method or "crma", options, "--option")  # a typo fails before any work
     spec = StackSpec(
         method=args.method or "crma",
-        method_options={},
+        method_options=options,
         lora=from_args(LoraSettings, args, prefix="lora_"),
         crma=from_args(CRMAConfig, args, prefix="crma_"),
     )
@@ -92,6 +115,11 @@ def run(args: argparse.Namespace) -> None:
     cm = ContinualModel.open_or_create(
         args.stack, lambda: load_base(args.base), base_model_id(args.base), spec
     )
+    if spec.method_options and spec.method_options != cm.spec.method_options:
+        raise UserError(
+            f"{args.stack}: method options are fixed when a stack is created "
+            f"(this one has {cm.spec.method_options or 'none'}); drop --option or use a new stack"
+        )
     for name, _ in domains:
         if name in cm.stack.domains and not args.replace:
             raise UserError(
