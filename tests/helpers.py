@@ -15,7 +15,12 @@ TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 def crma_env() -> dict[str, str]:
     """One thread everywhere, so two runs of the same command give bit-identical numbers."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def crma_cmd(*args: str) -> list[str]:
@@ -25,5 +30,7 @@ def crma_cmd(*args: str) -> list[str]:
 def run_crma(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(crma_cmd(*args), cwd=ROOT, env=crma_env(), capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise AssertionError(f"crma {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"crma {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     return proc

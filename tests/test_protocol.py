@@ -62,8 +62,19 @@ def test_run_directory_contract(tiny_run):
     run = tiny_run / "crma" / "seed-0"
     assert (run / "stack" / "manifest.json").is_file()
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    for key in ("method", "seed", "domain", "step", "loss", "grad_norm", "grad_norm_clipped", "lr",
-                "spectral_norm_max", "rowsum_err_max", "colsum_err_max"):
+    for key in (
+        "method",
+        "seed",
+        "domain",
+        "step",
+        "loss",
+        "grad_norm",
+        "grad_norm_clipped",
+        "lr",
+        "spectral_norm_max",
+        "rowsum_err_max",
+        "colsum_err_max",
+    ):
         assert key in first
     assert "| crma |" in (tiny_run / "report.md").read_text()
 
@@ -81,8 +92,13 @@ def test_report_command_regenerates_the_same_json(tiny_run, tmp_path):
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_run, tmp_path):
     out = tmp_path / "killed"
     metrics = out / "crma" / "seed-0" / "metrics.jsonl"
-    proc = subprocess.Popen(crma_cmd("run", str(TINY_CONFIG), "--out", str(out)), cwd=ROOT, env=crma_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        crma_cmd("run", str(TINY_CONFIG), "--out", str(out)),
+        cwd=ROOT,
+        env=crma_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and '"domain": "beta"' in metrics.read_text():
@@ -98,17 +114,41 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_run, tmp_path):
 
 
 def test_run_directory_refuses_a_different_config(tiny_run):
-    proc = run_crma("run", str(TINY_CONFIG), "--out", str(tiny_run), "--set", "train.lr=0.5", check=False)
+    proc = run_crma(
+        "run", str(TINY_CONFIG), "--out", str(tiny_run), "--set", "train.lr=0.5", check=False
+    )
     assert proc.returncode == 2 and "different config" in proc.stderr
 
 
 def test_accelerate_launch_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [crma_cmd()[0], "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "crma", "run", str(TINY_CONFIG), "--out", str(out), "--set", "methods=[crma]",
-           "--set", "train.max_steps=6"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True, timeout=600)
+    cmd = [
+        crma_cmd()[0],
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "crma",
+        "run",
+        str(TINY_CONFIG),
+        "--out",
+        str(out),
+        "--set",
+        "methods=[crma]",
+        "--set",
+        "train.max_steps=6",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = load(out / "report.json")
     L = report["methods"]["crma"]["per_seed"]["0"]["loss_matrix"]
@@ -118,8 +158,16 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
 
 def test_lower_triangle_only_matches_the_full_matrix(tiny_run, tmp_path):
     out = tmp_path / "lower"
-    run_crma("run", str(TINY_CONFIG), "--out", str(out), "--set", "methods=[crma]",
-             "--set", "eval.future_domains=false")
+    run_crma(
+        "run",
+        str(TINY_CONFIG),
+        "--out",
+        str(out),
+        "--set",
+        "methods=[crma]",
+        "--set",
+        "eval.future_domains=false",
+    )
     full = load(tiny_run / "crma" / "seed-0" / "loss_matrix.json")["loss_matrix"]
     lower = load(out / "crma" / "seed-0" / "loss_matrix.json")["loss_matrix"]
     assert lower[0] == full[0]  # the base row is always complete

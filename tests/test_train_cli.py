@@ -9,7 +9,18 @@ from helpers import TINY_BASE, TINY_DATA, run_crma
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-FAST = ["--max-steps", "4", "--max-length", "32", "--batch-size", "4", "--lr", "0.03", "--lora-r", "4"]
+FAST = [
+    "--max-steps",
+    "4",
+    "--max-length",
+    "32",
+    "--batch-size",
+    "4",
+    "--lr",
+    "0.03",
+    "--lora-r",
+    "4",
+]
 
 
 def train(stack, *domains, method="crma", base=TINY_BASE, check=True, extra=()):
@@ -27,7 +38,9 @@ def test_second_call_adds_a_domain_and_keeps_earlier_adapters(tmp_path):
     backbone_before = (stack / "crma_backbone.safetensors").read_bytes()
     train(stack, "beta")
     assert alpha.read_bytes() == before
-    assert (stack / "crma_backbone.safetensors").read_bytes() != backbone_before, "backbone keeps training"
+    assert (stack / "crma_backbone.safetensors").read_bytes() != backbone_before, (
+        "backbone keeps training"
+    )
     manifest = json.loads((stack / "manifest.json").read_text())
     assert [d["name"] for d in manifest["domains"]] == ["alpha", "beta"]
     assert manifest["method"] == "crma" and manifest["base_model"]["sha256"]
@@ -77,18 +90,34 @@ def test_adapters_load_with_plain_peft(tmp_path):
 
 
 def test_bad_domain_argument_fails_clearly(tmp_path):
-    proc = run_crma("train", str(tmp_path / "s"), "--base", str(TINY_BASE), "--domain", "alpha", check=False)
+    proc = run_crma(
+        "train", str(tmp_path / "s"), "--base", str(TINY_BASE), "--domain", "alpha", check=False
+    )
     assert proc.returncode == 2 and "NAME=FILE" in proc.stderr
-    proc = run_crma("train", str(tmp_path / "s"), "--base", str(TINY_BASE), "--domain", "a=/no/file", check=False)
+    proc = run_crma(
+        "train",
+        str(tmp_path / "s"),
+        "--base",
+        str(TINY_BASE),
+        "--domain",
+        "a=/no/file",
+        check=False,
+    )
     assert proc.returncode == 2 and "/no/file" in proc.stderr
 
 
 def test_method_options_are_stored_checked_and_fixed(tmp_path):
     stack = tmp_path / "stack"
     proc = train(stack, "alpha", method="ewc", check=False, extra=["--option", "lamda=3"])
-    assert proc.returncode == 2 and "unknown key 'lamda'" in proc.stderr and "ewc_lambda" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "unknown key 'lamda'" in proc.stderr
+        and "ewc_lambda" in proc.stderr
+    )
     assert not stack.exists(), "a rejected option leaves no stack behind"
     train(stack, "alpha", method="ewc", extra=["--option", "ewc_lambda=3"])
-    assert json.loads((stack / "manifest.json").read_text())["configs"]["method_options"] == {"ewc_lambda": 3}
+    assert json.loads((stack / "manifest.json").read_text())["configs"]["method_options"] == {
+        "ewc_lambda": 3
+    }
     proc = train(stack, "beta", method="ewc", check=False, extra=["--option", "ewc_lambda=4"])
     assert proc.returncode == 2 and "fixed when a stack is created" in proc.stderr
