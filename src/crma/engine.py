@@ -1,4 +1,10 @@
-"""The in-memory continual model: a base LM, its CRMA backbone (if any), named LoRA adapters."""
+"""The in-memory continual model: a base LM, its CRMA backbone (if any), named PEFT adapters.
+
+Adapters are LoRA for most methods and OSF (PEFT's Orthogonal Subspace Fine-tuning) for `osf`,
+which folds each domain's update into the base weights before re-decomposing them for the next.
+The engine therefore also keeps track of which base weights it has changed: they are hashed in
+evaluation fingerprints and written next to the adapter, so a reopened stack is exact.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crma.adapter import CRMABackbone
 from crma.settings import setting
+
+# Written into an adapter's folder beside PEFT's files when the adapter depends on more than
+# them: base weights changed by earlier merges, and the adapter's own buffers (OSF's SVD).
+ENGINE_STATE = "crma_engine_state.safetensors"
+_BASE, _BUFFER = "base/", "buffer/"
 
 
 @dataclass
@@ -46,6 +59,7 @@ class Engine:
     ):
         self.base, self.tokenizer, self.lora, self.backbone = base, tokenizer, lora, backbone
         self.peft: PeftModel | None = None
+        self.merged: set[str] = set()  # base modules whose weight an adapter was merged into
 
     @property
     def model(self) -> nn.Module:
@@ -55,34 +69,89 @@ class Engine:
     def adapters(self) -> list[str]:
         return list(self.peft.peft_config) if self.peft is not None else []
 
-    def add_lora(self, name: str, seed: int) -> None:
-        """A fresh LoRA named `name`, initialised from `seed` (B = 0: starts as a no-op)."""
+    # -- creating, merging, saving, loading ---------------------------------------------
+    def add_adapter(self, name: str, config: PeftConfig, seed: int) -> None:
+        """A fresh adapter named `name` from any PEFT config, its random init drawn from `seed`."""
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             if self.peft is None:
-                self.peft = get_peft_model(self.base, self.lora.peft_config(), adapter_name=name)
+                self.peft = get_peft_model(self.base, config, adapter_name=name)
             else:
-                self.peft.add_adapter(name, self.lora.peft_config())
+                self.peft.add_adapter(name, config)
 
-    def load_lora(self, name: str, path: str | Path) -> None:
+    def add_lora(self, name: str, seed: int) -> None:
+        """A fresh LoRA named `name`, initialised from `seed` (B = 0: starts as a no-op)."""
+        self.add_adapter(name, self.lora.peft_config(), seed)
+
+    def merge_adapter(self, name: str) -> None:
+        """Fold adapter `name` into the base weights and drop the PEFT wrapper (OSF, per domain).
+
+        PEFT's merge unloads every adapter, so `name` must be the only one.
+        """
+        if self.adapters != [name]:
+            raise RuntimeError(f"merge_adapter({name!r}): needs it alone, have {self.adapters}")
+        assert self.peft is not None
+        touched = {path for path, _ in self._tuner_layers(name)}
+        merged = self.peft.merge_and_unload(adapter_names=[name])
+        assert merged is self.base, "PEFT merged into another model object"
+        self.peft = None
+        self.merged |= touched
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter `name` without merging it (the base weights stay as they are)."""
+        assert self.peft is not None
+        if self.adapters == [name]:
+            self.peft.unload()
+            self.peft = None
+        else:
+            self.peft.delete_adapter(name)
+
+    def save_adapter(self, name: str, directory: str | Path) -> None:
+        """Write adapter `name` in PEFT format into `directory/name/`, plus what it rests on."""
+        assert self.peft is not None
+        self.peft.save_pretrained(str(directory), selected_adapters=[name])
+        extra = self._engine_state(name)
+        if extra:
+            save_file(extra, str(Path(directory) / name / ENGINE_STATE))
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load an adapter written by `save_adapter` (base weights it rests on first)."""
+        extra_file = Path(path) / ENGINE_STATE
+        extra = load_file(str(extra_file)) if extra_file.is_file() else {}
+        self._restore_base(extra)
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=name)
         else:
             self.peft.load_adapter(str(path), adapter_name=name)
+        self._restore_buffers(name, extra)
 
-    def save_lora(self, name: str, directory: str | Path) -> None:
-        """Write adapter `name` in PEFT format into `directory/name/`."""
-        assert self.peft is not None
-        self.peft.save_pretrained(str(directory), selected_adapters=[name])
+    save_lora = save_adapter
+    load_lora = load_adapter
 
-    def lora_parameters(self, name: str) -> list[nn.Parameter]:
-        return list(self.lora_state(name).values())
+    # -- parameters -------------------------------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s parameters by full name, whatever the PEFT method.
 
-    def lora_state(self, name: str) -> dict[str, nn.Parameter]:
-        """Adapter `name`'s parameters by full name (…lora_A.<name>.weight, …lora_B.<name>.weight)."""
+        LoRA: …lora_A.<name>.weight, …lora_B.<name>.weight; OSF: …osf_svd_params.<name>.U_low,
+        S_low, V_low. Found through each PEFT layer's own list of adapter attributes.
+        """
         if self.peft is None:
             return {}
-        return {n: p for n, p in self.peft.named_parameters() if _belongs_to(n, name)}
+        kinds = self._layer_attributes("adapter_layer_names")
+        return {n: p for n, p in self.peft.named_parameters() if _belongs_to(n, name, kinds)}
+
+    def adapter_buffers(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s non-trainable tensors (OSF: the frozen SVD factors); LoRA has none."""
+        if self.peft is None:
+            return {}
+        kinds = self._layer_attributes("other_param_names")
+        return {n: b for n, b in self.peft.named_buffers() if _belongs_to(n, name, kinds)}
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.adapter_state(name).values())
+
+    lora_state = adapter_state
+    lora_parameters = adapter_parameters
 
     def set_trainable(self, params: list[nn.Parameter]) -> None:
         """Exactly `params` require grad; everything else (base, other adapters) is frozen."""
@@ -90,6 +159,7 @@ class Engine:
         for p in self.model.parameters():
             p.requires_grad_(id(p) in keep)
 
+    # -- routing forward passes ---------------------------------------------------------------
     def activate(self, names: str | list[str] | None) -> None:
         """Route forward passes through these adapters (several are summed), or none."""
         self._active = names
@@ -113,22 +183,72 @@ class Engine:
             self.set_trainable(trainable)
 
     def fingerprint(self, names: str | list[str] | None) -> str:
-        """Hash of every weight that can differ between evaluations: active adapters + backbone.
+        """Hash of every weight that can differ between evaluations.
 
-        Two evaluations with equal fingerprints give identical losses, so results are reused.
+        The active adapters' parameters and buffers, base weights changed by merges, and the
+        backbone. Two evaluations with equal fingerprints give identical losses, so results
+        are reused; base weights no merge touched are the same in every evaluation.
         """
         digest = hashlib.sha256()
+        tensors: list[tuple[str, torch.Tensor]] = []
         for name in [names] if isinstance(names, str) else names or []:
-            for key, tensor in sorted(self.lora_state(name).items()):
-                digest.update(key.encode())
-                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            tensors += sorted({**self.adapter_state(name), **self.adapter_buffers(name)}.items())
+        tensors += [(f"{_BASE}{p}", self.base_weight(p)) for p in sorted(self.merged)]
         if self.backbone is not None and self.backbone.enabled:
-            for key, tensor in sorted(self.backbone.state_dict().items()):
-                digest.update(key.encode())
-                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            tensors += sorted(self.backbone.state_dict().items())
+        for key, tensor in tensors:
+            digest.update(key.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()
 
+    # -- helpers --------------------------------------------------------------------------
+    def base_weight(self, module_path: str) -> torch.Tensor:
+        """The base weight of the module at `module_path` (inside a PEFT layer if wrapped)."""
+        module = self.base.get_submodule(module_path)
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        return module.weight
 
-def _belongs_to(param_name: str, adapter: str) -> bool:
+    def _tuner_layers(self, name: str) -> Iterator[tuple[str, BaseTunerLayer]]:
+        """(module path in the base model, PEFT layer) for every layer holding adapter `name`."""
+        assert self.peft is not None
+        for path, module in self.base.named_modules():
+            if isinstance(module, BaseTunerLayer) and any(
+                name in getattr(module, attr) for attr in module.adapter_layer_names
+            ):
+                yield path, module
+
+    def _layer_attributes(self, kind: str) -> set[str]:
+        assert self.peft is not None
+        return {
+            attr
+            for module in self.peft.modules()
+            if isinstance(module, BaseTunerLayer)
+            for attr in getattr(module, kind)
+        }
+
+    def _engine_state(self, name: str) -> dict[str, torch.Tensor]:
+        state = {f"{_BASE}{p}": self.base_weight(p) for p in sorted(self.merged)}
+        state |= {f"{_BUFFER}{k}": b for k, b in self.adapter_buffers(name).items()}
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def _restore_base(self, extra: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, tensor in extra.items():
+                if key.startswith(_BASE):
+                    path = key.removeprefix(_BASE)
+                    self.base_weight(path).copy_(tensor)
+                    self.merged.add(path)
+
+    def _restore_buffers(self, name: str, extra: dict[str, torch.Tensor]) -> None:
+        buffers = self.adapter_buffers(name)
+        with torch.no_grad():
+            for key, tensor in extra.items():
+                if key.startswith(_BUFFER):
+                    buffers[key.removeprefix(_BUFFER)].copy_(tensor)
+
+
+def _belongs_to(param_name: str, adapter: str, kinds: set[str]) -> bool:
+    """`…<kind>.<adapter>…` where kind is one of a PEFT layer's adapter attributes."""
     parts = param_name.split(".")
-    return any(a.startswith("lora_") and b == adapter for a, b in zip(parts, parts[1:]))
+    return any(a in kinds and b == adapter for a, b in zip(parts, parts[1:]))

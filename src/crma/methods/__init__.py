@@ -13,11 +13,12 @@ from crma.methods.inflora import Inflora
 from crma.methods.lwf import Lwf
 from crma.methods.naive import Naive
 from crma.methods.olora import Olora
+from crma.methods.osf import Osf
 from crma.methods.replay import Replay
 from crma.settings import from_dict
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Naive, Frozen, Crma, CrmaTask1, Ewc, Replay, Lwf, Olora, Inflora)
+    m.name: m for m in (Naive, Frozen, Crma, CrmaTask1, Ewc, Replay, Lwf, Olora, Inflora, Osf)
 }
 
 
