@@ -135,16 +135,26 @@ class ContinualModel:
         )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            self._commit(task, result, train_config, data_info or {}, replace)
+            self._commit(task, result, train_config, data_info or {}, replace, examples)
         accelerator.wait_for_everyone()
         return result
 
     def _commit(
-        self, task: Task, result: dict[str, Any], cfg: TrainConfig, data_info, replace: bool
+        self,
+        task: Task,
+        result: dict[str, Any],
+        cfg: TrainConfig,
+        data_info,
+        replace: bool,
+        examples: list[dict[str, list[int]]] = (),
     ) -> None:
+        from crma.route import update_router
+
         stack, engine, method = self.stack, self.engine, self.method
         adapter = method.adapter_name(task.domain)
         stack.write_adapter(adapter, lambda d: engine.save_lora(adapter, d))
+        if examples:  # the domain's routing prototype; earlier domains' entries stay as they are
+            update_router(stack, engine, task.domain, examples)
         if engine.backbone is not None:
             engine.backbone.save(stack.path)
         state = method.state_tensors()

@@ -84,6 +84,15 @@ class EvalConfig:
         "also evaluate domains not trained yet (the upper triangle of the loss matrix); "
         "drift, advantage and plasticity never use it, so false saves ~40% of evaluation",
     )
+    routing: bool = setting(
+        False, "after each method/seed: router top-1 and confusion on the holdouts (routing.json)"
+    )
+    routers: list[str] = setting(["centroid"], "routers for eval.routing: centroid, arrow, loss")
+    qa: bool = setting(
+        False, "after each method/seed: QA accuracy, base/oracle/routed/backbone off (qa.json)"
+    )
+    qa_probes: int = setting(100, "continuation probes per domain for eval.qa")
+    qa_mmlu: int = setting(100, "MMLU questions per domain for eval.qa")
 
 
 @dataclass
@@ -361,6 +370,10 @@ class ProtocolRun:
                     f"holdout loss {rows[-1][k]:.3f} | run {clock.progress()}",
                     flush=True,
                 )
+        if self.config.eval.routing or self.config.eval.qa:
+            from crma.qa_eval import protocol_evals
+
+            protocol_evals(cm, domains, run_dir, self.config.eval, rows, cache, self.cache_path, acc)
 
 
 class _Clock:

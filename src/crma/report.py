@@ -158,6 +158,9 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "methods": methods,
         "comparisons": _comparisons(methods),
     }
+    from crma.qa_eval import answer_report
+
+    report.update(answer_report(run_dir, report))  # routing / QA sections, when evaluated
     write_json(run_dir / "report.json", report)
     write_outputs(run_dir, report)
     return report
@@ -284,6 +287,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 + " |"
             )
         out.append("")
+    from crma.qa_eval import answer_markdown
+
+    out += answer_markdown(report)
     return "\n".join(out) + "\n"
 
 
@@ -347,6 +353,9 @@ def plot_all(run_dir: Path, report: dict[str, Any]) -> None:
     ax.set_ylabel("gradient norm")
     ax.legend(fontsize=6, ncol=2)
     _save(fig, plots / "grad_norm.png")
+    from crma.qa_eval import plot_answers
+
+    plot_answers(run_dir, report)
 
 
 def _traces(run_dir: Path, methods: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,84 @@
+"""`crma eval STACK`: QA accuracy per domain for base, oracle, routed and backbone-off weights."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from crma.errors import UserError
+from crma.route import RouteSettings
+from crma.settings import add_arguments, from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="QA accuracy of a stack: base, oracle domain, routed, backbone off",
+        description="Score multiple-choice items of every domain by log-likelihood, with Wilson "
+        "95%% intervals, under the base model, the stack with the oracle domain, the stack "
+        "routed, and the stack with its CRMA backbone switched off. Domains of the embedded "
+        "corpus use its continuation probes and MMLU subsets; give others with --probes.",
+    )
+    p.add_argument("stack", type=Path, help="stack directory")
+    p.add_argument(
+        "--probes",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="JSONL items for domain NAME ({prompt, options, answer} or {question, choices, "
+        "answer}); repeatable; replaces the corpus items of that domain",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: STACK/eval)")
+    p.add_argument("--base", default=None, help="base model (default: the one in the manifest)")
+    from crma.qa_eval import QASettings
+
+    add_arguments(p, QASettings)
+    add_arguments(p, RouteSettings)
+    p.set_defaults(func=run)
+
+
+def parse_probes(items: list[str], domains: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep:
+            raise UserError(f"--probes {item!r}: expected NAME=FILE, e.g. --probes legal=q.jsonl")
+        if name not in domains:
+            raise UserError(
+                f"--probes {item!r}: the stack has no domain {name!r}; it has: {', '.join(domains)}"
+            )
+        out[name] = Path(file)
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    from crma.generate import load_stack
+    from crma.qa_eval import (
+        QASettings,
+        corpus_items,
+        evaluate_qa,
+        markdown_table,
+        read_items,
+        write_eval,
+    )
+
+    settings = from_args(QASettings, args)
+    model = load_stack(args.stack, args.base)
+    domains = model.domains
+    files = parse_probes(args.probes, domains)
+    items = corpus_items([d for d in domains if d not in files], settings)
+    for name, path in files.items():
+        items[name] = {"probes": read_items(path)}
+    skipped = [d for d in domains if d not in items]
+    if skipped:
+        print(f"no QA items for {', '.join(skipped)} (give them with --probes)", file=sys.stderr)
+    if not items:
+        raise UserError(
+            f"{args.stack}: no QA items for any domain; give them with --probes NAME=FILE"
+        )
+    items = {d: items[d] for d in domains if d in items}
+    result = evaluate_qa(model.cm, items, from_args(RouteSettings, args), settings)
+    json_path, _ = write_eval(result, args.out or args.stack / "eval")
+    print(markdown_table(result))
+    print(f"\n{json_path}")

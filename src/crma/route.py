@@ -1,0 +1,504 @@
+"""Routing: which domain's adapter should answer a prompt (DESIGN §2, issue 6).
+
+Three routers, each returning a domain and a confidence per prompt:
+
+- `centroid` (default, stored in the stack): the frozen base's mean-pooled hidden states of a
+  domain's training texts give one prototype per domain; a prompt goes to the nearest prototype
+  by cosine, after standardising every dimension with the pooled statistics of all domains (a
+  few outlier dimensions of LLM hidden states would otherwise decide every cosine). Only sums
+  are stored, so adding a domain never recomputes, retrains or touches earlier ones.
+- `arrow` (data-free, Ostapenko et al. 2024): the top right-singular vector of each adapter's
+  B·A per adapted module; a prompt scores |cos(h, v)| averaged over tokens and modules, h being
+  the module's input. Works on adapters imported from elsewhere.
+- `loss`: the domain whose adapters give the prompt the lowest loss; an expensive upper bound.
+
+Below `threshold` confidence, a route falls back to no adapter (base + CRMA backbone).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from crma.errors import UserError
+from crma.fileio import atomic_path
+from crma.settings import setting
+
+if TYPE_CHECKING:
+    from crma.continual import ContinualModel
+    from crma.engine import Engine
+    from crma.stack import Stack
+
+ROUTER_FILE = "router.safetensors"
+ROUTERS = ("centroid", "arrow", "loss")
+FALLBACK = "none"  # label of "no adapter" in confusion matrices
+DEFAULT_TEMPERATURE = {"centroid": 0.05, "arrow": 0.01, "loss": 0.1}
+
+
+@dataclass
+class RouteSettings:
+    """How prompts are routed to a domain's adapter."""
+
+    router: Literal["centroid", "arrow", "loss"] = setting(
+        "centroid", "centroid (stored prototypes), arrow (from adapter weights), loss (slow bound)"
+    )
+    threshold: float = setting(
+        0.0, "below this confidence, answer without adapter (base + CRMA backbone)"
+    )
+    confidence_temperature: float | None = setting(
+        None, "softmax temperature of the confidence (default: 0.05 centroid, 0.01 arrow, 0.1 loss)"
+    )
+
+
+@dataclass
+class CentroidSettings:
+    """What the stored centroid router embeds; fixed when a stack's router is created."""
+
+    layer: int | None = None  # hidden-state index (0 = embeddings); None: the middle layer
+    max_length: int = 128  # tokens per text (the start of it)
+    max_examples: int = 128  # training texts per domain (the first ones)
+
+
+@dataclass
+class Route:
+    """Where one prompt goes: `domain` None means no adapter (confidence under threshold)."""
+
+    domain: str | None
+    confidence: float
+    best: str  # the top-scoring domain, also when falling back
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+# -- hidden states of the frozen base -----------------------------------------------------------
+class _Stop(Exception):
+    """Raised by a forward hook once the wanted layer has run: the rest is not needed."""
+
+
+@contextmanager
+def frozen_base(engine: Engine) -> Iterator[None]:
+    """The base model alone: no adapter, CRMA backbone off, eval mode (no dropout)."""
+    model = engine.model
+    was_training, backbone = model.training, engine.backbone
+    enabled = backbone.enabled if backbone is not None else None
+    model.eval()
+    try:
+        if backbone is not None:
+            backbone.enabled = False
+        with engine.using(None):
+            yield
+    finally:
+        if backbone is not None:
+            backbone.enabled = enabled
+        model.train(was_training)
+
+
+def _pad(ids_list: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask, both (B, T)."""
+    width = max(len(ids) for ids in ids_list)
+    ids = torch.full((len(ids_list), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids_list), width), dtype=torch.long)
+    for row, seq in enumerate(ids_list):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+@torch.no_grad()
+def embed(
+    engine: Engine,
+    ids_list: list[list[int]],
+    layer: int | None = None,
+    max_length: int = 128,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Mean-pooled hidden state `layer` of the frozen base per text, (N, d) float64.
+
+    Layers after `layer` are skipped (a hook stops the forward pass there).
+    """
+    from crma.adapter import decoder_layers
+
+    layers = decoder_layers(engine.model)
+    index = len(layers) // 2 if layer is None else layer % (len(layers) + 1)
+    device = next(engine.model.parameters()).device
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    target = engine.base.get_input_embeddings() if index == 0 else layers[index - 1]
+    handle = target.register_forward_hook(grab)
+    out = []
+    try:
+        with frozen_base(engine):
+            for start in range(0, len(ids_list), batch_size):
+                chunk = [
+                    ids[:max_length] or [pad_id(engine.tokenizer)]
+                    for ids in ids_list[start : start + batch_size]
+                ]
+                ids, mask = _pad(chunk, pad_id(engine.tokenizer), device)
+                captured.clear()
+                with suppress(_Stop):
+                    engine.model(input_ids=ids, attention_mask=mask)
+                h = captured[0].double()  # (B, T, d)
+                m = mask.unsqueeze(-1).double()  # (B, T, 1)
+                out.append(((h * m).sum(1) / m.sum(1)).cpu())  # (B, d)
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+# -- the stored centroid router -----------------------------------------------------------------
+class CentroidRouter:
+    """Per-domain count, sum and sum of squares of embeddings; prototypes are their means."""
+
+    def __init__(self, settings: CentroidSettings | None = None):
+        self.settings = settings or CentroidSettings()
+        self.domains: list[str] = []
+        self.count = torch.zeros(0, dtype=torch.float64)  # (K,)
+        self.sum = torch.zeros(0, 0, dtype=torch.float64)  # (K, d)
+        self.sumsq = torch.zeros(0, 0, dtype=torch.float64)  # (K, d)
+
+    def add(self, domain: str, embeddings: torch.Tensor) -> None:
+        """Set `domain`'s statistics from its embeddings (N, d); others stay as they are."""
+        e = embeddings.double()
+        stats = (torch.tensor(float(len(e))), e.sum(0), (e * e).sum(0))
+        if not self.domains:
+            self.sum = self.sumsq = torch.zeros(0, e.shape[1], dtype=torch.float64)
+        if domain in self.domains:
+            k = self.domains.index(domain)
+            self.count[k], self.sum[k], self.sumsq[k] = stats
+            return
+        self.domains.append(domain)
+        self.count = torch.cat([self.count, stats[0].view(1)])
+        self.sum = torch.cat([self.sum, stats[1].view(1, -1)])
+        self.sumsq = torch.cat([self.sumsq, stats[2].view(1, -1)])
+
+    def keep(self, domains: list[str]) -> None:
+        """Drop domains not in `domains` (written by a commit that never finished)."""
+        rows = [i for i, d in enumerate(self.domains) if d in domains]
+        self.domains = [self.domains[i] for i in rows]
+        self.count, self.sum, self.sumsq = self.count[rows], self.sum[rows], self.sumsq[rows]
+
+    def similarities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine of each embedding (N, d) to each prototype, after standardising: (N, K)."""
+        n = self.count.sum()
+        mean = self.sum.sum(0) / n  # (d,)
+        var = (self.sumsq.sum(0) / n - mean**2).clamp(min=0)
+        scale = (var + 1e-6 * var.mean() + 1e-12).sqrt()  # (d,)
+        protos = (self.sum / self.count[:, None] - mean) / scale  # (K, d)
+        z = (embeddings.double() - mean) / scale  # (N, d)
+        return (
+            torch.nn.functional.normalize(z, dim=-1)
+            @ torch.nn.functional.normalize(protos, dim=-1).T
+        )
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, stack: Stack) -> None:
+        """Write router.safetensors atomically and describe it in the (uncommitted) manifest."""
+        from safetensors.torch import save_file
+
+        tensors = {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
+        meta = {"domains": json.dumps(self.domains)}
+        with atomic_path(stack.path / ROUTER_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        s = self.settings
+        stack.manifest["router"] = {
+            "kind": "centroid",
+            "file": ROUTER_FILE,
+            "domains": list(self.domains),
+            "layer": s.layer,
+            "max_length": s.max_length,
+            "max_examples": s.max_examples,
+        }
+
+    @classmethod
+    def load(cls, stack: Stack) -> CentroidRouter:
+        """The stack's router, limited to the domains its manifest lists; empty if none yet."""
+        from safetensors import safe_open
+
+        entry = stack.manifest.get("router")
+        settings = CentroidSettings(
+            **{k: entry[k] for k in ("layer", "max_length", "max_examples")} if entry else {}
+        )
+        router = cls(settings)
+        path = stack.path / (entry or {}).get("file", ROUTER_FILE)
+        if entry is None or not path.is_file():
+            return router
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                router.domains = json.loads(fh.metadata()["domains"])
+                router.count, router.sum, router.sumsq = (
+                    fh.get_tensor(k) for k in ("count", "sum", "sumsq")
+                )
+        except Exception as exc:  # safetensors raises several kinds on damaged files
+            raise UserError(f"{path}: cannot read the router ({exc}); retrain a domain") from exc
+        router.keep(stack.domains)
+        return router
+
+
+def update_router(stack: Stack, engine: Engine, domain: str, examples: list[dict]) -> None:
+    """Add `domain`'s prototype from its training examples (called when a domain is committed)."""
+    router = CentroidRouter.load(stack)
+    s = router.settings
+    ids = [e["input_ids"] for e in examples[: s.max_examples]]
+    router.add(domain, embed(engine, ids, s.layer, s.max_length))
+    router.save(stack)
+
+
+# -- routing --------------------------------------------------------------------------------------
+class Router:
+    """Routes token ids or texts of a stack opened as a ContinualModel."""
+
+    def __init__(self, cm: ContinualModel, settings: RouteSettings | None = None):
+        self.cm, self.settings = cm, settings or RouteSettings()
+        if self.settings.router not in ROUTERS:
+            raise UserError(f"router {self.settings.router!r}: choose from {', '.join(ROUTERS)}")
+        self.domains = list(cm.stack.domains)
+        self._centroid: CentroidRouter | None = None
+        self._arrow: dict[str, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def temperature(self) -> float:
+        return self.settings.confidence_temperature or DEFAULT_TEMPERATURE[self.settings.router]
+
+    def route_texts(self, texts: list[str]) -> list[Route]:
+        tok = self.cm.engine.tokenizer
+        return self.route_ids([tok(t, add_special_tokens=True)["input_ids"] for t in texts])
+
+    def route_ids(self, ids_list: list[list[int]]) -> list[Route]:
+        """One route per token-id list."""
+        if not self.domains:
+            raise UserError(f"{self.cm.stack.path}: the stack has no domains to route to")
+        scores = self.scores(ids_list)  # (N, K), higher = better
+        conf = torch.softmax(scores / self.temperature, dim=-1)
+        routes = []
+        for row_scores, row_conf in zip(scores.tolist(), conf.tolist()):
+            k = max(range(len(row_conf)), key=row_conf.__getitem__)
+            ok = row_conf[k] >= self.settings.threshold
+            detail = dict(zip(self.domains, row_scores))
+            routes.append(
+                Route(self.domains[k] if ok else None, row_conf[k], self.domains[k], detail)
+            )
+        return routes
+
+    def scores(self, ids_list: list[list[int]]) -> torch.Tensor:
+        kind = self.settings.router
+        if kind == "centroid":
+            return self._centroid_scores(ids_list)
+        if kind == "arrow":
+            return self._arrow_scores(ids_list)
+        return self._loss_scores(ids_list)
+
+    def _centroid_scores(self, ids_list: list[list[int]]) -> torch.Tensor:
+        if self._centroid is None:
+            self._centroid = CentroidRouter.load(self.cm.stack)
+            missing = [d for d in self.domains if d not in self._centroid.domains]
+            if missing:
+                raise UserError(
+                    f"{self.cm.stack.path}: the centroid router lacks {', '.join(missing)} "
+                    "(stack trained before routing existed); use --router arrow or retrain"
+                )
+        c = self._centroid
+        if len(c.domains) == 1:
+            return torch.ones(len(ids_list), 1, dtype=torch.float64)
+        sims = c.similarities(
+            embed(self.cm.engine, ids_list, c.settings.layer, c.settings.max_length)
+        )
+        return sims[:, [c.domains.index(d) for d in self.domains]]
+
+    def _arrow_scores(self, ids_list: list[list[int]]) -> torch.Tensor:
+        if self._arrow is None:
+            self._arrow = arrow_vectors(self.cm.engine, self.domains, self.cm.method.adapter_name)
+        return arrow_scores(self.cm.engine, self._arrow, ids_list, self.domains)
+
+    def _loss_scores(self, ids_list: list[list[int]]) -> torch.Tensor:
+        cols = [
+            -prompt_losses(self.cm.engine, ids_list, self.cm.method.eval_adapters(d))
+            for d in self.domains
+        ]
+        return torch.stack(cols, dim=1).double()
+
+    def adapters_for(self, route: Route) -> str | list[str] | None:
+        """The adapters that answer a route (None: base + backbone)."""
+        return self.cm.method.eval_adapters(route.domain) if route.domain else None
+
+
+def adapter_key(adapters: str | list[str] | None) -> tuple[str, ...]:
+    """A hashable name for a set of active adapters (empty: none)."""
+    return tuple([adapters] if isinstance(adapters, str) else adapters or [])
+
+
+# -- arrow -------------------------------------------------------------------------------------------
+def arrow_vectors(
+    engine: Engine, domains: list[str], adapter_name
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per domain, per adapted module: the top right-singular vector of B·A, (d_in,)."""
+    from crma.methods.layouts import lora_matrices
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for domain in domains:
+            adapter = adapter_name(domain)
+            A = lora_matrices(engine, adapter, "lora_A")  # module -> (r, d_in)
+            if not A:
+                raise UserError(
+                    f"adapter {adapter!r} has no LoRA matrices; arrow routing needs LoRA adapters "
+                    "(use --router centroid)"
+                )
+            B = lora_matrices(engine, adapter, "lora_B")  # module -> (d_out, r)
+            vectors = {}
+            for module, a in A.items():
+                _, r_b = torch.linalg.qr(B[module].double())  # B = Q·R_b, so B·A ~ R_b·A
+                _, _, vh = torch.linalg.svd(r_b @ a.double(), full_matrices=False)
+                vectors[module] = vh[0]  # (d_in,)
+            out[domain] = vectors
+    return out
+
+
+@torch.no_grad()
+def arrow_scores(
+    engine: Engine,
+    vectors: dict[str, dict[str, torch.Tensor]],
+    ids_list: list[list[int]],
+    domains: list[str],
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Mean over tokens and modules of |cos(x, v_domain,module)|, x the module's input: (N, K)."""
+    modules = sorted(next(iter(vectors.values())))
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        engine.model.get_submodule(m).register_forward_pre_hook(
+            lambda _mod, args, m=m: captured.__setitem__(m, args[0])
+        )
+        for m in modules
+    ]
+    device = next(engine.model.parameters()).device
+    rows = []
+    try:
+        for start in range(0, len(ids_list), batch_size):
+            ids, mask = _pad(ids_list[start : start + batch_size], pad_id(engine.tokenizer), device)
+            model = engine.model
+            was_training = model.training
+            model.eval()
+            with engine.using(None):
+                model(input_ids=ids, attention_mask=mask)
+            model.train(was_training)
+            m = mask.double()  # (B, T)
+            score = torch.zeros(len(ids), len(domains), dtype=torch.float64)
+            for name in modules:
+                x = torch.nn.functional.normalize(captured[name].double(), dim=-1)  # (B, T, d_in)
+                V = torch.stack([vectors[d][name] for d in domains], dim=1).to(x)  # (d_in, K)
+                cos = (x @ V).abs()  # (B, T, K)
+                score += ((cos * m[..., None]).sum(1) / m.sum(1, keepdim=True)).cpu()
+            rows.append(score / len(modules))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(rows)
+
+
+# -- loss --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def prompt_losses(
+    engine: Engine,
+    ids_list: list[list[int]],
+    adapters: str | list[str] | None,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of each token list with `adapters` active: (N,)."""
+    device = next(engine.model.parameters()).device
+    out = []
+    model = engine.model
+    was_training = model.training
+    model.eval()
+    with engine.using(adapters):
+        for start in range(0, len(ids_list), batch_size):
+            chunk = [
+                ids if len(ids) > 1 else ids * 2 for ids in ids_list[start : start + batch_size]
+            ]
+            ids, mask = _pad(chunk, pad_id(engine.tokenizer), device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+            nll = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), ids[:, 1:], reduction="none"
+            )  # (B, T-1)
+            m = mask[:, 1:].float()
+            out.append(((nll * m).sum(1) / m.sum(1)).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+# -- routing metrics ---------------------------------------------------------------------------------
+def routing_metrics(router: Router, holdouts: dict[str, list[list[int]]]) -> dict[str, Any]:
+    """Top-1 accuracy per domain on its holdout texts and the confusion matrix.
+
+    `confusion[i][j]`: texts of domain i routed to label j; labels = domains + ["none"]
+    (fallback to no adapter).
+    """
+    labels = [*router.domains, FALLBACK]
+    confusion, top1, routes_by_domain = [], {}, {}
+    for domain, ids_list in holdouts.items():
+        routes = router.route_ids(ids_list)
+        row = [0] * len(labels)
+        for r in routes:
+            row[labels.index(r.domain or FALLBACK)] += 1
+        confusion.append(row)
+        top1[domain] = row[labels.index(domain)] / len(routes) if domain in labels else 0.0
+        routes_by_domain[domain] = [r.domain for r in routes]
+    return {
+        "router": router.settings.router,
+        "threshold": router.settings.threshold,
+        "domains": list(holdouts),
+        "labels": labels,
+        "top1": top1,
+        "top1_mean": sum(top1.values()) / max(1, len(top1)),
+        "confusion": confusion,
+        "routes": routes_by_domain,
+    }
+
+
+def plot_confusion(metrics: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Row-normalised confusion matrix (true domain × routed label) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [[v / max(1, sum(r)) for v in r] for r in metrics["confusion"]]
+    labels, domains = metrics["labels"], metrics["domains"]
+    fig, ax = plt.subplots(figsize=(1.0 * len(labels) + 2, 0.8 * len(domains) + 1.5))
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for i, row in enumerate(metrics["confusion"]):
+        for j, v in enumerate(row):
+            ax.text(
+                j,
+                i,
+                str(v),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rows[i][j] > 0.5 else "black",
+            )
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(domains)), domains, fontsize=7)
+    ax.set_xlabel("routed to")
+    ax.set_ylabel("holdout of")
+    ax.set_title(title or f"router: {metrics['router']}", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,136 @@
+"""QA evaluation: conditions, Wilson intervals, routed reuse, CLI, and the protocol/report hook."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from helpers import TINY_BASE, run_crma
+from stacks import build_stack, texts
+
+from crma.data.qa import make_probes, score_choices, wilson_interval
+from crma.qa_eval import QASettings, evaluate_qa, predict, write_eval
+from crma.route import Route, Router
+
+DOMAINS = ["medic", "money"]
+
+
+def test_wilson_interval_matches_the_published_ablation_values():
+    assert wilson_interval(98, 100) == pytest.approx((0.930, 0.994), abs=5e-4)
+    assert wilson_interval(38, 100) == pytest.approx((0.291, 0.478), abs=5e-4)
+
+
+def probe_items(domain: str, n: int = 6) -> list[dict]:
+    rows = [
+        {"id": f"{domain}-{i}", "domain": domain, "text": t + " " + t}
+        for i, t in enumerate(texts(domain, 12, seed=4))
+    ]
+    return make_probes(rows, n=n, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qa") / "stack"
+    return path, build_stack(path, DOMAINS)
+
+
+def test_conditions_match_independent_scoring(stack):
+    _, cm = stack
+    items = {d: {"probes": probe_items(d)} for d in DOMAINS}
+    result = evaluate_qa(cm, items)
+    assert result["conditions"] == ["base", "oracle", "routed", "backbone_off"]
+    assert cm.engine.backbone.enabled  # the ablation switched it back on
+
+    from crma.model import load_base
+
+    plain, tok = load_base(str(TINY_BASE))  # base condition = a base model with nothing attached
+    its = items["money"]["probes"]
+    expected = sum(p == i["answer"] for i, p in zip(its, score_choices(plain, tok, its)))
+    assert result["results"]["base"]["money"]["probes"]["correct"] == expected
+    with cm.engine.using("money"):
+        oracle = score_choices(cm.engine.model, tok, its)
+    assert result["results"]["oracle"]["money"]["probes"]["correct"] == sum(
+        p == i["answer"] for i, p in zip(its, oracle)
+    )
+    cell = result["results"]["oracle"]["money"]["probes"]
+    assert cell["total"] == 6 and cell["ci95"] == list(wilson_interval(cell["correct"], 6))
+
+
+def test_backbone_off_and_routed_use_other_weights(stack):
+    _, cm = stack
+    its = probe_items("medic")
+    s, cache = QASettings(), {}
+    predict(cm, its, "medic", True, s, cache)
+    predict(cm, its, "medic", False, s, cache)
+    assert len(cache) == 2, "backbone on and off must be distinct weights"
+    from crma.qa_eval import routed_predictions
+
+    router = Router(cm)
+    wrong = [Route("money", 1.0, "money")] * len(its)
+    got = routed_predictions(cm, its, wrong, router, (("medic",), [9] * len(its)), s, None)
+    assert got == predict(cm, its, "money", True, s)  # rescored with the routed adapter
+    right = [Route("medic", 1.0, "medic")] * len(its)
+    reused = routed_predictions(cm, its, right, router, (("medic",), [9] * len(its)), s, None)
+    assert reused == [9] * len(its)  # routed to the oracle's adapters: oracle answers reused
+
+
+def test_markdown_and_cli(stack, tmp_path):
+    path, cm = stack
+    result = evaluate_qa(cm, {"medic": {"probes": probe_items("medic")}})
+    j, md = write_eval(result, tmp_path)
+    text = md.read_text()
+    assert "| backbone_off |" in text and "medic probes" in text and "[" in text
+    probes = tmp_path / "medic.jsonl"
+    probes.write_text("".join(json.dumps(i) + "\n" for i in probe_items("medic", 4)))
+    out = tmp_path / "cli"
+    proc = run_crma("eval", str(path), "--probes", f"medic={probes}", "--out", str(out))
+    data = json.loads((out / "qa.json").read_text())
+    assert data["results"]["oracle"]["medic"]["probes"]["total"] == 4
+    assert "no QA items for money" in proc.stderr
+    bad = run_crma("eval", str(path), "--probes", f"nope={probes}", check=False)
+    assert bad.returncode == 2 and "medic, money" in bad.stderr
+
+
+def test_protocol_routing_section_in_report(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    domains = []
+    for d in ["medic", "money", "code"]:
+        for split, seed, n in (("train", 0, 24), ("holdout", 1, 8)):
+            (data / f"{d}.{split}.jsonl").write_text(
+                "".join(json.dumps({"text": t}) + "\n" for t in texts(d, n, seed))
+            )
+        domains.append(
+            {
+                "name": d,
+                "train": str(data / f"{d}.train.jsonl"),
+                "holdout": str(data / f"{d}.holdout.jsonl"),
+            }
+        )
+    config = {
+        "base": str(TINY_BASE),
+        "methods": ["naive", "crma"],
+        "seeds": [0],
+        "domains": domains,
+        "train": {
+            "lr": 0.03,
+            "batch_size": 8,
+            "max_steps": 4,
+            "max_length": 32,
+            "precision": "fp32",
+        },
+        "lora": {"r": 4, "alpha": 8},
+        "eval": {"routing": True, "routers": ["centroid", "arrow"]},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    run_crma("run", str(tmp_path / "c.yaml"), "--out", str(out))
+    report = json.loads((out / "report.json").read_text())
+    crma = report["routing"]["crma"]["centroid"]
+    assert crma["top1"] == {"medic": 1.0, "money": 1.0, "code": 1.0}
+    assert crma["drift_routed_mean"] == pytest.approx(crma["drift_oracle_mean"], abs=1e-9)
+    naive = report["routing"]["naive"]["centroid"]
+    assert naive["drift_routed_mean"] == pytest.approx(naive["drift_oracle_mean"], abs=1e-9)
+    assert "## Routing" in (out / "report.md").read_text()
+    assert (out / "plots" / "routing_crma_arrow.png").stat().st_size > 1000
