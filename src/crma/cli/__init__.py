@@ -7,11 +7,19 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from crma.errors import UserError
 
 # Sub-command modules, in the order `crma --help` lists them.
-COMMANDS = ["crma.cli.demo", "crma.cli.train", "crma.cli.run", "crma.cli.data"]
+COMMANDS = [
+    "crma.cli.demo",
+    "crma.cli.train",
+    "crma.cli.generate",
+    "crma.cli.eval",
+    "crma.cli.run",
+    "crma.cli.data",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # PEFT still calls this transformers API; the deprecation is not the user's to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     try:
         result = args.func(args)
     except UserError as exc:
