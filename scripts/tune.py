@@ -38,17 +38,25 @@ def score(report: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def grid_points(spec: dict) -> list[dict]:
+    """`grid: {key: [values]}` (every combination) or `points: [{key: value, ...}]` (as listed)."""
+    if "points" in spec:
+        return list(spec["points"])
+    keys = list(spec["grid"])
+    return [dict(zip(keys, values)) for values in itertools.product(*(spec["grid"][k] for k in keys))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("grid", type=Path, help="grid file: {config, set: {...}, grid: {key: [values]}}")
+    parser.add_argument(
+        "grid", type=Path, help="grid file: {config, set: {...}, grid: {key: [values]} or points: [...]}"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/tuning"))
     args = parser.parse_args()
     spec = yaml.safe_load(args.grid.read_text())
     fixed = [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()] + ["corpus.split=validation"]
-    keys = list(spec["grid"])
     trials = []
-    for values in itertools.product(*(spec["grid"][k] for k in keys)):
-        point = dict(zip(keys, values))
+    for point in grid_points(spec):
         overrides = fixed + [f"{k}={json.dumps(v)}" for k, v in point.items()]
         config = load_config(spec["config"], overrides)
         out = args.out / args.grid.stem / trial_name(point)
