@@ -71,3 +71,14 @@ def test_fingerprint_tracks_adapter_weights():
         engine.lora_parameters("a")[1].add_(1.0)
     assert engine.fingerprint("a") != fa and engine.fingerprint("b") == fb
     assert engine.fingerprint(None) == fnone
+
+
+@pytest.mark.parametrize("name", ["../etc", "a", "lora", "osf", "ewc", "subspace", "med.v2", ""])
+def test_domain_names_that_would_clash_are_refused(name):
+    with pytest.raises(UserError, match="domain name"):
+        check_domain_name(name)
+
+
+@pytest.mark.parametrize("name", ["medical", "a1", "code-py", "EU_law"])
+def test_plain_domain_names_are_accepted(name):
+    assert check_domain_name(name) == name

@@ -72,6 +72,9 @@ def test_replace_retrains_a_domain(tmp_path):
     before = (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes()
     train(stack, "alpha", method="frozen", extra=["--replace", "--seed", "1"])
     assert (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes() != before
+    # Same seed again: a fresh adapter retrained from scratch reproduces the first one exactly.
+    train(stack, "alpha", method="frozen", extra=["--replace"])
+    assert (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes() == before
     manifest = json.loads((stack / "manifest.json").read_text())
     assert [d["name"] for d in manifest["domains"]] == ["alpha"]
 

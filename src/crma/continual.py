@@ -128,6 +128,9 @@ class ContinualModel:
         index = stack.domains.index(domain) if domain in stack.domains else len(stack.domains)
         if replace and domain in method.trained:
             method.trained.remove(domain)
+            adapter = method.adapter_name(domain)
+            if adapter != method.adapter_name(f"{domain}\0") and adapter in engine.adapters:
+                engine.remove_adapter(adapter)  # a per-domain adapter is retrained from scratch
         task = Task(index=index, domain=domain, seed=seed)
         trainer = Trainer(engine, method, train_config, accelerator, run_info)
         result = trainer.train_task(

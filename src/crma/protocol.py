@@ -27,6 +27,7 @@ from crma.fileio import write_json, write_text
 from crma.methods import METHODS, make_method
 from crma.model import EMBEDDED, base_model_id, load_base
 from crma.settings import from_dict, setting
+from crma.stack import check_domain_name
 from crma.train import TrainConfig, mixed_precision
 
 log = logging.getLogger(__name__)
@@ -167,10 +168,14 @@ def parse_config(data: dict[str, Any], where: str) -> RunConfig:
         method_settings(config, spec)
     if not config.seeds:
         raise UserError(f"{where}: seeds: list at least one seed")
-    for spec in config.domains:
+    for i, spec in enumerate(config.domains):
         for field in ("name", "train", "holdout"):
             if not getattr(spec, field):
                 raise UserError(f"{where}: domains: every domain needs name, train and holdout")
+        try:
+            check_domain_name(spec.name)
+        except UserError as exc:
+            raise UserError(f"{where}: domains[{i}]: {exc}") from None
     return config
 
 

@@ -24,13 +24,23 @@ from crma.fileio import atomic_path, write_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': PEFT splits names on it
+# Names taken by something else: shared adapters (named after their method, or OSF's
+# "subspace"), PEFT's default adapter, the checkpoint folder.
+_RESERVED = {"checkpoint", "subspace", "default"}
+# PEFT matches adapter names inside parameter names; a name inside its prefixes ("a", "lora")
+# would match the wrong parameters.
+_PEFT_PREFIXES = ("lora_", "osf_")
 
 
 def check_domain_name(name: str) -> str:
-    if not _NAME.match(name) or name in ("naive", "checkpoint"):
+    from crma.methods import METHODS
+
+    taken = name in _RESERVED or name in METHODS or any(name in p for p in _PEFT_PREFIXES)
+    if not _NAME.match(name) or taken:
         raise UserError(
-            f"domain name {name!r}: use letters, digits, '_', '-', '.' (up to 64), not 'naive' or 'checkpoint'"
+            f"domain name {name!r}: use letters, digits, '_' and '-' (up to 64); not a method "
+            f"name, {', '.join(sorted(_RESERVED))}, nor part of {' or '.join(_PEFT_PREFIXES)}"
         )
     return name
 
