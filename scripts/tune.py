@@ -32,7 +32,9 @@ def score(report: dict) -> dict[str, dict[str, float]]:
         runs = list(m["per_seed"].values())
         out[label] = {
             "drift": m["drift_mean"],
-            "plasticity_loss": statistics.fmean(statistics.fmean(r["plasticity_loss"]) for r in runs),
+            "plasticity_loss": statistics.fmean(
+                statistics.fmean(r["plasticity_loss"]) for r in runs
+            ),
             "final_loss": statistics.fmean(statistics.fmean(r["loss_matrix"][-1]) for r in runs),
         }
     return out
@@ -43,28 +45,44 @@ def grid_points(spec: dict) -> list[dict]:
     if "points" in spec:
         return list(spec["points"])
     keys = list(spec["grid"])
-    return [dict(zip(keys, values)) for values in itertools.product(*(spec["grid"][k] for k in keys))]
+    return [
+        dict(zip(keys, values)) for values in itertools.product(*(spec["grid"][k] for k in keys))
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
-        "grid", type=Path, help="grid file: {config, set: {...}, grid: {key: [values]} or points: [...]}"
+        "grid",
+        type=Path,
+        help="grid file: {config, set: {...}, grid: {key: [values]} or points: [...]}",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/tuning"))
     args = parser.parse_args()
     spec = yaml.safe_load(args.grid.read_text())
-    fixed = [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()] + ["corpus.split=validation"]
+    fixed = [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()] + [
+        "corpus.split=validation"
+    ]
     trials = []
     for point in grid_points(spec):
         overrides = fixed + [f"{k}={json.dumps(v)}" for k, v in point.items()]
         config = load_config(spec["config"], overrides)
         out = args.out / args.grid.stem / trial_name(point)
-        report = ProtocolRun(config, out).run()
+        finished = out / "report.json"  # a trial finished earlier is read back, not rerun
+        report = (
+            json.loads(finished.read_text())
+            if finished.is_file()
+            else ProtocolRun(config, out).run()
+        )
         trials.append({"point": point, "scores": score(report), "run_dir": str(out)})
         print(f"trial {trial_name(point)}: {json.dumps(trials[-1]['scores'])}", flush=True)
     results = Path("results/tuning")
-    write_json(results / f"{args.grid.stem}.json", {"grid_file": str(args.grid), "fixed": fixed, "trials": trials})
+    write_json(
+        results / f"{args.grid.stem}.json",
+        {"grid_file": str(args.grid), "fixed": fixed, "trials": trials},
+    )
     lines = [
         f"# Tuning trials: {args.grid.stem}",
         "",

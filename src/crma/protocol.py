@@ -378,7 +378,9 @@ class ProtocolRun:
         if self.config.eval.routing or self.config.eval.qa:
             from crma.qa_eval import protocol_evals
 
-            protocol_evals(cm, domains, run_dir, self.config.eval, rows, cache, self.cache_path, acc)
+            protocol_evals(
+                cm, domains, run_dir, self.config.eval, rows, cache, self.cache_path, acc
+            )
 
 
 class _Clock:
