@@ -192,3 +192,24 @@ def test_bad_method_settings_fail_before_any_training(tmp_path, override, messag
     proc = run_crma("run", str(TINY_CONFIG), "--out", str(out), "--set", override, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
+    same = tmp_path / "same"
+    proc = run_crma(
+        "run", str(TINY_CONFIG), "--out", str(same), "--set", "methods=[naive]",
+        "--reuse", str(tiny_run),
+    )  # fmt: skip
+    assert "[naive seed 0] reused from" in proc.stdout
+    metrics = "naive/seed-0/metrics.jsonl"
+    assert (same / metrics).read_bytes() == (tiny_run / metrics).read_bytes()
+    naive = load(tiny_run / "report.json")["methods"]["naive"]["drift_mean"]
+    assert load(same / "report.json")["methods"]["naive"]["drift_mean"] == naive
+
+    other = tmp_path / "other-lr"
+    proc = run_crma(
+        "run", str(TINY_CONFIG), "--out", str(other), "--set", "methods=[naive]",
+        "--set", "train.max_steps=6", "--reuse", str(tiny_run),
+    )  # fmt: skip
+    assert "reused" not in proc.stdout
+    assert (other / metrics).read_text().count("\n") == 3 * 6

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from crma.continual import ContinualModel, StackSpec
 from crma.engine import LoraSettings
 from crma.errors import UserError
 from crma.evaluate import mean_token_loss
-from crma.fileio import write_json, write_text
+from crma.fileio import atomic_path, write_json, write_text
 from crma.methods import METHODS, make_method
 from crma.model import EMBEDDED, base_model_id, load_base
 from crma.settings import from_dict, setting
@@ -267,9 +268,30 @@ def load_domains(config: RunConfig, tokenizer) -> list[DomainData]:
 
 
 # -- the run ------------------------------------------------------------------------------------
+def unit_settings(config: RunConfig, spec: MethodSpec) -> dict[str, Any]:
+    """Everything that decides one method's results on a seed, whatever else the run holds."""
+    data = resolved(config)
+    for key in ("methods", "seeds", "train", "lora", "crma"):
+        del data[key]
+    stack_spec, train_cfg = method_settings(config, spec)
+    data["method"] = {
+        "name": spec.name,
+        "stack": stack_spec.to_manifest(),
+        "train": dataclasses.asdict(train_cfg),
+    }
+    return data
+
+
 class ProtocolRun:
-    def __init__(self, config: RunConfig, out: str | Path, model_loader=None):
+    def __init__(
+        self,
+        config: RunConfig,
+        out: str | Path,
+        model_loader=None,
+        reuse: list[str | Path] = (),
+    ):
         self.config, self.out = config, Path(out)
+        self.reuse = [Path(r) for r in reuse]
         self.model_loader = model_loader or (lambda: load_base(config.base))
         self.cache_path = self.out / "eval_cache.json"
 
@@ -287,12 +309,41 @@ class ProtocolRun:
         units = [(spec, seed) for seed in self.config.seeds for spec in self.config.methods]
         clock = _Clock(total=len(units) * len(domains))
         for spec, seed in units:
+            if acc.is_main_process:
+                self._reuse(spec, seed, len(domains))
+            acc.wait_for_everyone()
             self._run_one(spec, seed, domains, base_id, acc, cache, clock)
         report = None
         if acc.is_main_process:
             report = build_report(self.out)
         acc.wait_for_everyone()
         return report
+
+    def _reuse(self, spec: MethodSpec, seed: int, n_domains: int) -> None:
+        """Copy a finished (method, seed) from a `reuse` run whose settings for it are identical.
+
+        Same settings, seed and machine give the same numbers (the resume test checks this),
+        so rerunning it would only cost time.
+        """
+        target = self.out / spec.key / f"seed-{seed}"
+        if target.exists():
+            return
+        wanted = unit_settings(self.config, spec)
+        for other in self.reuse:
+            source = other / spec.key / f"seed-{seed}"
+            matrix = source / "loss_matrix.json"
+            if not matrix.is_file() or not (other / "config.yaml").is_file():
+                continue
+            if len(json.loads(matrix.read_text())["loss_matrix"]) != n_domains + 1:
+                continue  # not finished there
+            theirs = load_config(other / "config.yaml")
+            match = next((m for m in theirs.methods if m.key == spec.key), None)
+            if match is None or seed not in theirs.seeds or unit_settings(theirs, match) != wanted:
+                continue
+            with atomic_path(target) as tmp:
+                shutil.copytree(source, tmp)
+            print(f"[{spec.key} seed {seed}] reused from {source} (identical settings)", flush=True)
+            return
 
     def _check_out_dir(self, acc) -> None:
         text = yaml.safe_dump(resolved(self.config), sort_keys=False)

@@ -35,6 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.max_steps=10 --set seeds=[0,42]",
     )
+    p.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="RUN_DIR",
+        help="copy finished (method, seed) results from another run directory where that method's "
+        "settings, data and seed are identical, instead of training them again; repeatable",
+    )
     p.set_defaults(func=run)
 
     r = sub.add_parser(
@@ -73,7 +82,7 @@ def run(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.set)
     out = args.out or Path("runs") / args.config.stem
-    result = ProtocolRun(config, out).run()
+    result = ProtocolRun(config, out, reuse=args.reuse).run()
     if result is not None:
         print(f"\nDrift (%), positive = forgetting — {out / 'report.md'}\n")
         print(drift_table(result))
