@@ -1,10 +1,11 @@
 """Hyperparameter trials on the validation split (carved from `spare`), never on the holdout.
 
-    .venv/bin/python scripts/tune.py configs/tuning/crma.yaml [--out runs/tuning]
+    .venv/bin/python scripts/tune.py configs/tuning/paper-lr.yaml [--out runs/tuning]
 
-The grid file names a base run config, fixed overrides, and a grid of values; every point of
-the grid is one protocol run with `corpus.split=validation` (the trial cannot see the
-holdout). The trials and their scores are written to results/tuning/<name>.md and .json.
+The grid file names a base run config, fixed overrides, and a grid of values (or a list of
+points); every point is one protocol run with `corpus.split=validation` (the trial cannot see
+the holdout). Each method's setting is then chosen by one rule (see `select`). Trials, scores
+and choices go to results/tuning/<name>.md and .json; a finished trial is read back, not rerun.
 """
 
 from __future__ import annotations
@@ -38,6 +39,25 @@ def score(report: dict) -> dict[str, dict[str, float]]:
             "final_loss": statistics.fmean(statistics.fmean(r["loss_matrix"][-1]) for r in runs),
         }
     return out
+
+
+MAX_DRIFT = 0.5  # |drift| bound of the selection rule, in % (the paper target)
+
+
+def select(trials: list[dict]) -> dict[str, str]:
+    """One rule for every method, ours included: the lowest final validation loss among the
+    trials with |drift| <= MAX_DRIFT; if none is that stable, the lowest |drift|."""
+    chosen = {}
+    for label in trials[0]["scores"]:
+        runs = [(trial_name(t["point"]), t["scores"][label]) for t in trials]
+        stable = [r for r in runs if abs(r[1]["drift"]) <= MAX_DRIFT]
+        best = (
+            min(stable, key=lambda r: r[1]["final_loss"])
+            if stable
+            else min(runs, key=lambda r: abs(r[1]["drift"]))
+        )
+        chosen[label] = best[0]
+    return chosen
 
 
 def grid_points(spec: dict) -> list[dict]:
@@ -79,9 +99,10 @@ def main() -> None:
         trials.append({"point": point, "scores": score(report), "run_dir": str(out)})
         print(f"trial {trial_name(point)}: {json.dumps(trials[-1]['scores'])}", flush=True)
     results = Path("results/tuning")
+    chosen = select(trials)
     write_json(
         results / f"{args.grid.stem}.json",
-        {"grid_file": str(args.grid), "fixed": fixed, "trials": trials},
+        {"grid_file": str(args.grid), "fixed": fixed, "trials": trials, "selected": chosen},
     )
     lines = [
         f"# Tuning trials: {args.grid.stem}",
@@ -96,7 +117,14 @@ def main() -> None:
             lines.append(
                 f"| {trial_name(t['point'])} | {label} | {s['drift']:+.3f} | {s['plasticity_loss']:.4f} | {s['final_loss']:.4f} |"
             )
+    lines += [
+        "",
+        f"Selected (lowest final loss among |drift| <= {MAX_DRIFT} %, else lowest |drift|):",
+        "",
+        *(f"- {label}: {name}" for label, name in chosen.items()),
+    ]
     write_text(results / f"{args.grid.stem}.md", "\n".join(lines) + "\n")
+    print("selected: " + json.dumps(chosen), flush=True)
 
 
 if __name__ == "__main__":
