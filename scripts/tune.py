@@ -23,6 +23,9 @@ from crma.protocol import ProtocolRun, load_config
 
 
 def trial_name(point: dict) -> str:
+    """`trial:` if the point names itself (e.g. when it sets a whole method), else key=value,..."""
+    if "trial" in point:
+        return point["trial"]
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
 
 
@@ -87,7 +90,7 @@ def main() -> None:
     ]
     trials = []
     for point in grid_points(spec):
-        overrides = fixed + [f"{k}={json.dumps(v)}" for k, v in point.items()]
+        overrides = fixed + [f"{k}={json.dumps(v)}" for k, v in point.items() if k != "trial"]
         config = load_config(spec["config"], overrides)
         out = args.out / args.grid.stem / trial_name(point)
         finished = out / "report.json"  # a trial finished earlier is read back, not rerun
