@@ -63,6 +63,12 @@ def select(trials: list[dict]) -> dict[str, str]:
     return chosen
 
 
+def earlier_trials(root: Path) -> list[Path]:
+    """Trial run directories of every grid: a (method, seed) run with identical settings is
+    copied from them rather than trained again."""
+    return sorted(p.parent for p in root.glob("*/*/config.yaml"))
+
+
 def grid_points(spec: dict) -> list[dict]:
     """`grid: {key: [values]}` (every combination) or `points: [{key: value, ...}]` (as listed)."""
     if "points" in spec:
@@ -97,7 +103,7 @@ def main() -> None:
         report = (
             json.loads(finished.read_text())
             if finished.is_file()
-            else ProtocolRun(config, out).run()
+            else ProtocolRun(config, out, reuse=earlier_trials(args.out)).run()
         )
         trials.append({"point": point, "scores": score(report), "run_dir": str(out)})
         print(f"trial {trial_name(point)}: {json.dumps(trials[-1]['scores'])}", flush=True)

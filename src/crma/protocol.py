@@ -273,12 +273,13 @@ def unit_settings(config: RunConfig, spec: MethodSpec) -> dict[str, Any]:
     data = resolved(config)
     for key in ("methods", "seeds", "train", "lora", "crma"):
         del data[key]
+    # Routing and QA evaluations add files (made when missing); they change no loss.
+    data["eval"] = {k: data["eval"][k] for k in ("batch_size", "max_length", "future_domains")}
     stack_spec, train_cfg = method_settings(config, spec)
-    data["method"] = {
-        "name": spec.name,
-        "stack": stack_spec.to_manifest(),
-        "train": dataclasses.asdict(train_cfg),
-    }
+    stack = stack_spec.to_manifest()
+    if not METHODS[spec.name].uses_crma:
+        del stack["crma"]  # settings of a backbone the method does not have
+    data["method"] = {"name": spec.name, "stack": stack, "train": dataclasses.asdict(train_cfg)}
     return data
 
 
