@@ -213,3 +213,15 @@ def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
     )  # fmt: skip
     assert "reused" not in proc.stdout
     assert (other / metrics).read_text().count("\n") == 3 * 6
+
+
+def test_baselines_config_repeats_the_paper_conditions_exactly():
+    """So `crma run configs/baselines.yaml --reuse runs/paper` copies them instead of retraining."""
+    from crma.protocol import load_config, unit_settings
+
+    paper = load_config(ROOT / "configs" / "paper.yaml")
+    baselines = load_config(ROOT / "configs" / "baselines.yaml")
+    assert paper.seeds == baselines.seeds
+    for spec in paper.methods:
+        twin = next(m for m in baselines.methods if m.key == spec.key)
+        assert unit_settings(paper, spec) == unit_settings(baselines, twin), spec.key
