@@ -134,3 +134,13 @@ def test_protocol_routing_section_in_report(tmp_path):
     assert naive["drift_routed_mean"] == pytest.approx(naive["drift_oracle_mean"], abs=1e-9)
     assert "## Routing" in (out / "report.md").read_text()
     assert (out / "plots" / "routing_crma_arrow.png").stat().st_size > 1000
+
+    # A run that reuses these stacks with one more router adds just that router's section.
+    config["eval"]["routers"] = ["centroid", "arrow", "loss"]
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(config))
+    again = tmp_path / "again"
+    proc = run_crma("run", str(tmp_path / "more.yaml"), "--out", str(again), "--reuse", str(out))
+    assert "[crma seed 0] reused from" in proc.stdout
+    first = json.loads((out / "crma" / "seed-0" / "routing.json").read_text())
+    routing = json.loads((again / "crma" / "seed-0" / "routing.json").read_text())
+    assert routing["centroid"] == first["centroid"] and routing["loss"]["top1_mean"] > 0.5

@@ -15,6 +15,7 @@ routing metrics and QA accuracy to a `crma run`, and the report sections built f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -295,9 +296,16 @@ def protocol_evals(
     if accelerator is not None and not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
-    if getattr(eval_cfg, "routing", False) and not (run_dir / "routing.json").is_file():
-        write_json(run_dir / "routing.json", routing_section(cm, domains, eval_cfg, cache))
-        write_json(cache_path, cache)
+    if getattr(eval_cfg, "routing", False):
+        path = run_dir / "routing.json"
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        missing = [kind for kind in eval_cfg.routers if kind not in done]
+        if missing:  # a run reused from elsewhere may lack some of the configured routers
+            section = routing_section(
+                cm, domains, dataclasses.replace(eval_cfg, routers=missing), cache
+            )
+            write_json(path, {**done, **section})
+            write_json(cache_path, cache)
     if getattr(eval_cfg, "qa", False) and not (run_dir / "qa.json").is_file():
         settings = QASettings(probes_limit=eval_cfg.qa_probes, mmlu_limit=eval_cfg.qa_mmlu)
         items = corpus_items([d.name for d in domains], settings)
