@@ -320,13 +320,10 @@ def add(cm: ContinualModel, name: str, data, tmp_path) -> None:
     cm.add_domain(name, data, TRAIN, Accelerator(cpu=True), 0, tmp_path / "metrics.jsonl", {})
 
 
-@pytest.mark.parametrize("name", BASELINES)
-def test_resume_after_a_kill_mid_domain_is_exact(name, tmp_path):
-    ref = open_stack(tmp_path / "ref", name)
-    for d, data in (("alpha", A), ("beta", B)):
-        add(ref, d, data, tmp_path)
-
-    run = open_stack(tmp_path / "run", name)
+def killed_then_resumed(open_run, add, tmp_path) -> ContinualModel:
+    """Train alpha, get killed at step 7 of beta, reopen (a fresh model, as after a restart)
+    and finish beta; returns the reopened stack."""
+    run = open_run()
     add(run, "alpha", A, tmp_path)
     original = run.method.batch_examples
 
@@ -338,8 +335,18 @@ def test_resume_after_a_kill_mid_domain_is_exact(name, tmp_path):
     run.method.batch_examples = die_at_step_7
     with pytest.raises(Killed):
         add(run, "beta", B, tmp_path)
-    resumed = open_stack(tmp_path / "run", name)  # a fresh model, as after a restart
+    resumed = open_run()
     add(resumed, "beta", B, tmp_path)
+    return resumed
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_resume_after_a_kill_mid_domain_is_exact(name, tmp_path):
+    ref = open_stack(tmp_path / "ref", name)
+    for d, data in (("alpha", A), ("beta", B)):
+        add(ref, d, data, tmp_path)
+
+    resumed = killed_then_resumed(lambda: open_stack(tmp_path / "run", name), add, tmp_path)
 
     for adapter in dict.fromkeys(ref.method.adapter_name(d) for d in ("alpha", "beta")):
         want, got = ref.engine.lora_state(adapter), resumed.engine.lora_state(adapter)

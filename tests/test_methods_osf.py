@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from helpers import ROOT, crma_cmd, crma_env, run_crma
 from peft import PeftModel
-from test_methods import LORA, A, B, Killed
+from test_methods import LORA, A, B, killed_then_resumed
 from tiny import tiny_model, tiny_tokenizer
 
 from crma import UserError
@@ -175,20 +175,7 @@ def test_reopen_and_resume_after_a_kill_are_exact(tmp_path):
     with ref.engine.using(ADAPTER), reopened.engine.using(ADAPTER), torch.no_grad():
         assert torch.equal(ref.engine.model(**batch).logits, reopened.engine.model(**batch).logits)
 
-    run = osf_stack(tmp_path / "run")
-    add(run, "alpha", A, tmp_path)
-    original = run.method.batch_examples
-
-    def die_at_step_7(task, step, batch):
-        if step == 7:
-            raise Killed
-        return original(task, step, batch)
-
-    run.method.batch_examples = die_at_step_7
-    with pytest.raises(Killed):
-        add(run, "beta", B, tmp_path)
-    resumed = osf_stack(tmp_path / "run")  # a fresh model, as after a restart
-    add(resumed, "beta", B, tmp_path)
+    resumed = killed_then_resumed(lambda: osf_stack(tmp_path / "run"), add, tmp_path)
     assert_same(snapshot(ref.engine), snapshot(resumed.engine))
 
 
