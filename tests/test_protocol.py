@@ -205,6 +205,7 @@ def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
     assert (same / metrics).read_bytes() == (tiny_run / metrics).read_bytes()
     naive = load(tiny_run / "report.json")["methods"]["naive"]["drift_mean"]
     assert load(same / "report.json")["methods"]["naive"]["drift_mean"] == naive
+    assert load(same / "eval_cache.json").items() >= load(tiny_run / "eval_cache.json").items()
 
     other = tmp_path / "other-lr"
     proc = run_crma(

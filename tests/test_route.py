@@ -88,3 +88,64 @@ def test_router_state_leaves_model_as_it_was(stack):
     engine.model.train()
     Router(cm).route_texts(["heart blood fever"])
     assert engine.model.training and engine.backbone.enabled
+
+
+def test_logistic_head_is_the_regularised_optimum():
+    """Independent check of the fit: at the optimum of mean CE + l2/2·‖W‖² the gradient,
+    Zᵀ(P − Y)/N + l2·W for W and mean(P − Y) for b, vanishes."""
+    from crma.route import fit_logistic
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    labels = torch.arange(60) % 3
+    z[:, 0] += labels  # separable-ish along one axis
+    W, b = fit_logistic(z, labels, 3, l2=0.1)
+    P = torch.softmax(z @ W.T + b, dim=-1)
+    Y = torch.nn.functional.one_hot(labels, 3).double()
+    assert torch.allclose((P - Y).T @ z / 60 + 0.1 * W, torch.zeros_like(W), atol=1e-6)
+    assert torch.allclose((P - Y).mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-6)
+    assert (P.argmax(-1) == labels).double().mean() > 0.6
+
+
+def test_replacing_a_domain_keeps_the_other_domains_rows():
+    e = {
+        d: torch.randn(4, 6, generator=torch.Generator().manual_seed(i))
+        for i, d in enumerate("abc")
+    }
+    router = CentroidRouter()
+    for d in "abc":
+        router.add(d, e[d])
+    router.add("a", e["a"] + 1)  # replaced: moves to the end, the others keep their embeddings
+    assert router.domains == ["b", "c", "a"]
+    for k, d in enumerate(router.domains):
+        rows = router.embeddings[router.labels == k]
+        assert torch.equal(rows, e[d] + (d == "a")), d
+    assert torch.allclose(router.sum[2], (e["a"] + 1).double().sum(0))
+
+
+def test_router_without_stored_embeddings_is_rebuilt(tmp_path):
+    """Stacks written before the logistic head hold only count/sum/sumsq: they route with
+    prototypes until refresh_router rebuilds them from the training examples."""
+    from safetensors.torch import load_file, save_file
+
+    from crma.route import refresh_router
+
+    path = tmp_path / "stack"
+    cm = build_stack(path, DOMAINS)
+    tensors = load_file(str(path / "router.safetensors"))
+    meta = {"domains": json.dumps(DOMAINS)}
+    old = {k: tensors[k] for k in ("count", "sum", "sumsq")}
+    save_file(old, str(path / "router.safetensors"), metadata=meta)
+    assert Router(cm).centroid.head == "prototype"
+    from crma.data import tokenize_records
+
+    examples = {  # what build_stack trained on
+        d: tokenize_records([{"text": t} for t in texts(d, 40, seed=0)], cm.engine.tokenizer, 32)
+        for d in DOMAINS
+    }
+    assert refresh_router(cm, examples)
+    rebuilt = CentroidRouter.load(cm.stack)
+    assert rebuilt.head == "logistic" and torch.equal(rebuilt.labels.unique(), torch.arange(3))
+    assert torch.allclose(rebuilt.sum, tensors["sum"])  # same texts, same statistics
+    assert not refresh_router(cm, examples)  # already current
+    assert routing_metrics(Router(cm), holdout_ids(cm))["top1"] == {d: 1.0 for d in DOMAINS}

@@ -311,7 +311,7 @@ class ProtocolRun:
         clock = _Clock(total=len(units) * len(domains))
         for spec, seed in units:
             if acc.is_main_process:
-                self._reuse(spec, seed, len(domains))
+                self._reuse(spec, seed, len(domains), cache)
             acc.wait_for_everyone()
             self._run_one(spec, seed, domains, base_id, acc, cache, clock)
         report = None
@@ -320,8 +320,10 @@ class ProtocolRun:
         acc.wait_for_everyone()
         return report
 
-    def _reuse(self, spec: MethodSpec, seed: int, n_domains: int) -> None:
-        """Copy a finished (method, seed) from a `reuse` run whose settings for it are identical.
+    def _reuse(self, spec: MethodSpec, seed: int, n_domains: int, cache: dict[str, Any]) -> None:
+        """Copy a finished (method, seed) from a `reuse` run whose settings for it are identical,
+        and that run's evaluation cache (keyed by weight fingerprints, valid under the same
+        data and eval settings, which identical settings imply).
 
         Same settings, seed and machine give the same numbers (the resume test checks this),
         so rerunning it would only cost time.
@@ -343,6 +345,10 @@ class ProtocolRun:
                 continue
             with atomic_path(target) as tmp:
                 shutil.copytree(source, tmp)
+            if (other / "eval_cache.json").is_file():
+                theirs_cache = json.loads((other / "eval_cache.json").read_text())
+                cache.update({k: v for k, v in theirs_cache.items() if k not in cache})
+                write_json(self.cache_path, cache)
             print(f"[{spec.key} seed {seed}] reused from {source} (identical settings)", flush=True)
             return
 

@@ -35,6 +35,7 @@ from crma.route import (
     RouteSettings,
     adapter_key,
     plot_confusion,
+    refresh_router,
     routing_metrics,
 )
 from crma.settings import setting
@@ -299,6 +300,10 @@ def protocol_evals(
     if getattr(eval_cfg, "routing", False):
         path = run_dir / "routing.json"
         done = json.loads(path.read_text()) if path.is_file() else {}
+        if "centroid" in eval_cfg.routers and refresh_router(
+            cm, {d.name: d.train for d in domains}
+        ):
+            done.pop("centroid", None)  # measured with the older router
         missing = [kind for kind in eval_cfg.routers if kind not in done]
         if missing:  # a run reused from elsewhere may lack some of the configured routers
             section = routing_section(

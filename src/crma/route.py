@@ -3,10 +3,12 @@
 Three routers, each returning a domain and a confidence per prompt:
 
 - `centroid` (default, stored in the stack): the frozen base's mean-pooled hidden states of a
-  domain's training texts give one prototype per domain; a prompt goes to the nearest prototype
-  by cosine, after standardising every dimension with the pooled statistics of all domains (a
-  few outlier dimensions of LLM hidden states would otherwise decide every cosine). Only sums
-  are stored, so adding a domain never recomputes, retrains or touches earlier ones.
+  domain's training texts, standardised with the pooled statistics of all domains (a few outlier
+  dimensions of LLM hidden states would otherwise decide every distance). Its `head` scores a
+  prompt: `logistic` (default), a small L2-regularised multinomial logistic regression fitted on
+  the stored embeddings when the router is loaded (convex, so the fit is deterministic), or
+  `prototype`, the cosine to each domain's mean. Adding a domain stores its embeddings and
+  leaves earlier domains' entries, and every adapter, as they are.
 - `arrow` (data-free, Ostapenko et al. 2024): the top right-singular vector of each adapter's
   B·A per adapted module; a prompt scores |cos(h, v)| averaged over tokens and modules, h being
   the module's input. Works on adapters imported from elsewhere.
@@ -17,6 +19,7 @@ Below `threshold` confidence, a route falls back to no adapter (base + CRMA back
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -38,7 +41,9 @@ if TYPE_CHECKING:
 ROUTER_FILE = "router.safetensors"
 ROUTERS = ("centroid", "arrow", "loss")
 FALLBACK = "none"  # label of "no adapter" in confusion matrices
-DEFAULT_TEMPERATURE = {"centroid": 0.05, "arrow": 0.01, "loss": 0.1}
+# Softmax temperatures that turn scores into confidences; the logistic head's scores are
+# already log-probabilities.
+DEFAULT_TEMPERATURE = {"prototype": 0.05, "logistic": 1.0, "arrow": 0.01, "loss": 0.1}
 
 
 @dataclass
@@ -52,7 +57,9 @@ class RouteSettings:
         0.0, "below this confidence, answer without adapter (base + CRMA backbone)"
     )
     confidence_temperature: float | None = setting(
-        None, "softmax temperature of the confidence (default: 0.05 centroid, 0.01 arrow, 0.1 loss)"
+        None,
+        "softmax temperature of the confidence (default: 1 logistic head, 0.05 prototype head, "
+        "0.01 arrow, 0.1 loss)",
     )
 
 
@@ -66,6 +73,8 @@ class CentroidSettings:
     layer: int | None = 4
     max_length: int = 128  # tokens per text (the start of it)
     max_examples: int = 128  # training texts per domain (the first ones)
+    head: Literal["logistic", "prototype"] = "logistic"
+    l2: float = 1e-3  # ridge penalty of the logistic head on standardised embeddings
 
 
 @dataclass
@@ -167,7 +176,8 @@ def embed(
 
 # -- the stored centroid router -----------------------------------------------------------------
 class CentroidRouter:
-    """Per-domain count, sum and sum of squares of embeddings; prototypes are their means."""
+    """Per domain: its training texts' embeddings (stored) and their count, sum and sum of squares
+    (the prototypes and the pooled standardisation)."""
 
     def __init__(self, settings: CentroidSettings | None = None):
         self.settings = settings or CentroidSettings()
@@ -175,58 +185,92 @@ class CentroidRouter:
         self.count = torch.zeros(0, dtype=torch.float64)  # (K,)
         self.sum = torch.zeros(0, 0, dtype=torch.float64)  # (K, d)
         self.sumsq = torch.zeros(0, 0, dtype=torch.float64)  # (K, d)
+        self.embeddings = torch.zeros(0, 0, dtype=torch.float32)  # (N, d), the head's data
+        self.labels = torch.zeros(0, dtype=torch.long)  # (N,), index into domains
+        self._head: tuple[torch.Tensor, torch.Tensor] | None = None  # fitted (W, b)
 
     def add(self, domain: str, embeddings: torch.Tensor) -> None:
-        """Set `domain`'s statistics from its embeddings (N, d); others stay as they are."""
+        """Set `domain`'s entry from its embeddings (N, d); others stay as they are."""
         e = embeddings.double()
         stats = (torch.tensor(float(len(e))), e.sum(0), (e * e).sum(0))
         if not self.domains:
             self.sum = self.sumsq = torch.zeros(0, e.shape[1], dtype=torch.float64)
+            self.embeddings = torch.zeros(0, e.shape[1], dtype=torch.float32)
         if domain in self.domains:
-            k = self.domains.index(domain)
-            self.count[k], self.sum[k], self.sumsq[k] = stats
-            return
+            self.keep([d for d in self.domains if d != domain])
         self.domains.append(domain)
         self.count = torch.cat([self.count, stats[0].view(1)])
         self.sum = torch.cat([self.sum, stats[1].view(1, -1)])
         self.sumsq = torch.cat([self.sumsq, stats[2].view(1, -1)])
+        self.embeddings = torch.cat([self.embeddings, e.float()])
+        self.labels = torch.cat([self.labels, torch.full((len(e),), len(self.domains) - 1)])
+        self._head = None
 
     def keep(self, domains: list[str]) -> None:
-        """Drop domains not in `domains` (written by a commit that never finished)."""
+        """Drop domains not in `domains` (one being replaced, or written by a commit that never
+        finished); the order of the rest is kept."""
         rows = [i for i, d in enumerate(self.domains) if d in domains]
         self.domains = [self.domains[i] for i in rows]
         self.count, self.sum, self.sumsq = self.count[rows], self.sum[rows], self.sumsq[rows]
+        if len(self.labels):
+            remap = torch.full((int(self.labels.max()) + 1,), -1)
+            remap[rows] = torch.arange(len(rows))
+            new = remap[self.labels]
+            self.embeddings, self.labels = self.embeddings[new >= 0], new[new >= 0]
+        self._head = None
 
-    def similarities(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Cosine of each embedding (N, d) to each prototype, after standardising: (N, K)."""
+    @property
+    def head(self) -> str:
+        """The head in use: `logistic` needs stored embeddings (routers written before crma
+        stored them have only the statistics, and use prototypes)."""
+        return "logistic" if self.settings.head == "logistic" and len(self.labels) else "prototype"
+
+    def _standardise(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(x − pooled mean) / pooled std, per dimension, over all domains' texts."""
         n = self.count.sum()
         mean = self.sum.sum(0) / n  # (d,)
         var = (self.sumsq.sum(0) / n - mean**2).clamp(min=0)
-        scale = (var + 1e-6 * var.mean() + 1e-12).sqrt()  # (d,)
-        protos = (self.sum / self.count[:, None] - mean) / scale  # (K, d)
-        z = (embeddings.double() - mean) / scale  # (N, d)
+        return (embeddings.double() - mean) / (var + 1e-6 * var.mean() + 1e-12).sqrt()
+
+    def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Higher = closer, (N, K): the head's log-probabilities, or cosines to the prototypes."""
+        z = self._standardise(embeddings)  # (N, d)
+        if self.head == "logistic":
+            W, b = self._fitted_head()
+            return torch.log_softmax(z @ W.T + b, dim=-1)
+        protos = self._standardise(self.sum / self.count[:, None])  # (K, d)
         return (
             torch.nn.functional.normalize(z, dim=-1)
             @ torch.nn.functional.normalize(protos, dim=-1).T
         )
+
+    def _fitted_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._head is None:
+            self._head = fit_logistic(
+                self._standardise(self.embeddings), self.labels, len(self.domains), self.settings.l2
+            )
+        return self._head
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, stack: Stack) -> None:
         """Write router.safetensors atomically and describe it in the (uncommitted) manifest."""
         from safetensors.torch import save_file
 
-        tensors = {"count": self.count, "sum": self.sum, "sumsq": self.sumsq}
+        tensors = {
+            "count": self.count,
+            "sum": self.sum,
+            "sumsq": self.sumsq,
+            "embeddings": self.embeddings,
+            "labels": self.labels,
+        }
         meta = {"domains": json.dumps(self.domains)}
         with atomic_path(stack.path / ROUTER_FILE) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        s = self.settings
         stack.manifest["router"] = {
             "kind": "centroid",
             "file": ROUTER_FILE,
             "domains": list(self.domains),
-            "layer": s.layer,
-            "max_length": s.max_length,
-            "max_examples": s.max_examples,
+            **dataclasses.asdict(self.settings),
         }
 
     @classmethod
@@ -234,33 +278,74 @@ class CentroidRouter:
         """The stack's router, limited to the domains its manifest lists; empty if none yet."""
         from safetensors import safe_open
 
-        entry = stack.manifest.get("router")
-        settings = CentroidSettings(
-            **{k: entry[k] for k in ("layer", "max_length", "max_examples")} if entry else {}
-        )
-        router = cls(settings)
-        path = stack.path / (entry or {}).get("file", ROUTER_FILE)
-        if entry is None or not path.is_file():
+        entry = stack.manifest.get("router") or {}
+        fields = [f.name for f in dataclasses.fields(CentroidSettings)]
+        router = cls(CentroidSettings(**{k: entry[k] for k in fields if k in entry}))
+        path = stack.path / entry.get("file", ROUTER_FILE)
+        if not entry or not path.is_file():
             return router
         try:
             with safe_open(str(path), framework="pt") as fh:
                 router.domains = json.loads(fh.metadata()["domains"])
-                router.count, router.sum, router.sumsq = (
-                    fh.get_tensor(k) for k in ("count", "sum", "sumsq")
-                )
+                names = set(fh.keys())
+                for name in ("count", "sum", "sumsq", "embeddings", "labels"):
+                    if name in names:
+                        setattr(router, name, fh.get_tensor(name))
         except Exception as exc:  # safetensors raises several kinds on damaged files
             raise UserError(f"{path}: cannot read the router ({exc}); retrain a domain") from exc
         router.keep(stack.domains)
         return router
 
 
+def fit_logistic(
+    z: torch.Tensor, labels: torch.Tensor, classes: int, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression: mean cross-entropy + l2/2·‖W‖², by L-BFGS (convex, so
+    the optimum does not depend on the start). z (N, d) → W (K, d), b (K,)."""
+    W = torch.zeros(classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [W, b],
+        max_iter=500,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
+
+    def objective() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z @ W.T + b, labels) + 0.5 * l2 * (W * W).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(objective)
+    return W.detach(), b.detach()
+
+
 def update_router(stack: Stack, engine: Engine, domain: str, examples: list[dict]) -> None:
-    """Add `domain`'s prototype from its training examples (called when a domain is committed)."""
+    """Add `domain`'s entry from its training examples (called when a domain is committed)."""
     router = CentroidRouter.load(stack)
     s = router.settings
     ids = [e["input_ids"] for e in examples[: s.max_examples]]
     router.add(domain, embed(engine, ids, s.layer, s.max_length))
     router.save(stack)
+
+
+def refresh_router(cm: ContinualModel, examples: dict[str, list[dict]]) -> bool:
+    """Rebuild a router written by crma before it stored embeddings (prototypes only), from each
+    domain's training `examples`, so it gets the configured head; True if it was rebuilt."""
+    old = CentroidRouter.load(cm.stack)
+    if old.head == old.settings.head and old.domains == cm.stack.domains:
+        return False
+    router = CentroidRouter(old.settings)
+    s = router.settings
+    for domain in cm.stack.domains:
+        ids = [e["input_ids"] for e in examples[domain][: s.max_examples]]
+        router.add(domain, embed(cm.engine, ids, s.layer, s.max_length))
+    router.save(cm.stack)
+    cm.stack.commit()
+    return True
 
 
 # -- routing --------------------------------------------------------------------------------------
@@ -277,7 +362,11 @@ class Router:
 
     @property
     def temperature(self) -> float:
-        return self.settings.confidence_temperature or DEFAULT_TEMPERATURE[self.settings.router]
+        kind = self.settings.router
+        return (
+            self.settings.confidence_temperature
+            or DEFAULT_TEMPERATURE[self.centroid.head if kind == "centroid" else kind]
+        )
 
     def route_texts(self, texts: list[str]) -> list[Route]:
         tok = self.cm.engine.tokenizer
@@ -307,7 +396,9 @@ class Router:
             return self._arrow_scores(ids_list)
         return self._loss_scores(ids_list)
 
-    def _centroid_scores(self, ids_list: list[list[int]]) -> torch.Tensor:
+    @property
+    def centroid(self) -> CentroidRouter:
+        """The stack's stored centroid router (loaded once)."""
         if self._centroid is None:
             self._centroid = CentroidRouter.load(self.cm.stack)
             missing = [d for d in self.domains if d not in self._centroid.domains]
@@ -316,13 +407,14 @@ class Router:
                     f"{self.cm.stack.path}: the centroid router lacks {', '.join(missing)} "
                     "(stack trained before routing existed); use --router arrow or retrain"
                 )
-        c = self._centroid
+        return self._centroid
+
+    def _centroid_scores(self, ids_list: list[list[int]]) -> torch.Tensor:
+        c = self.centroid
         if len(c.domains) == 1:
-            return torch.ones(len(ids_list), 1, dtype=torch.float64)
-        sims = c.similarities(
-            embed(self.cm.engine, ids_list, c.settings.layer, c.settings.max_length)
-        )
-        return sims[:, [c.domains.index(d) for d in self.domains]]
+            return torch.zeros(len(ids_list), 1, dtype=torch.float64)
+        scores = c.scores(embed(self.cm.engine, ids_list, c.settings.layer, c.settings.max_length))
+        return scores[:, [c.domains.index(d) for d in self.domains]]
 
     def _arrow_scores(self, ids_list: list[list[int]]) -> torch.Tensor:
         if self._arrow is None:
@@ -462,8 +554,10 @@ def routing_metrics(router: Router, holdouts: dict[str, list[list[int]]]) -> dic
         confusion.append(row)
         top1[domain] = row[labels.index(domain)] / len(routes) if domain in labels else 0.0
         routes_by_domain[domain] = [r.domain for r in routes]
+    kind = router.settings.router
     return {
-        "router": router.settings.router,
+        "router": kind,
+        **({"head": router.centroid.head} if kind == "centroid" else {}),
         "threshold": router.settings.threshold,
         "domains": list(holdouts),
         "labels": labels,
