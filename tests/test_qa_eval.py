@@ -134,6 +134,7 @@ def test_protocol_routing_section_in_report(tmp_path):
     assert naive["drift_routed_mean"] == pytest.approx(naive["drift_oracle_mean"], abs=1e-9)
     assert "## Routing" in (out / "report.md").read_text()
     assert (out / "plots" / "routing_crma_arrow.png").stat().st_size > 1000
+    assert "arrow" not in report["routing"]["naive"]  # one shared adapter: nothing to choose
 
     # A run that reuses these stacks with one more router adds just that router's section.
     config["eval"]["routers"] = ["centroid", "arrow", "loss"]

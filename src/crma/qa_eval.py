@@ -304,7 +304,9 @@ def protocol_evals(
             cm, {d.name: d.train for d in domains}
         ):
             done.pop("centroid", None)  # measured with the older router
-        missing = [kind for kind in eval_cfg.routers if kind not in done]
+        # arrow and loss compare per-domain adapters: nothing to compare with one shared adapter
+        wanted = [k for k in eval_cfg.routers if cm.method.needs_task_id or k == "centroid"]
+        missing = [kind for kind in wanted if kind not in done]
         if missing:  # a run reused from elsewhere may lack some of the configured routers
             section = routing_section(
                 cm, domains, dataclasses.replace(eval_cfg, routers=missing), cache
