@@ -129,8 +129,8 @@ class ContinualModel:
         if replace and domain in method.trained:
             method.trained.remove(domain)
             adapter = method.adapter_name(domain)
-            if adapter != method.adapter_name(f"{domain}\0") and adapter in engine.adapters:
-                engine.remove_adapter(adapter)  # a per-domain adapter is retrained from scratch
+            if method.per_domain_adapter and adapter in engine.adapters:
+                engine.remove_adapter(adapter)  # retrained from scratch
         task = Task(index=index, domain=domain, seed=seed)
         trainer = Trainer(engine, method, train_config, accelerator, run_info)
         result = trainer.train_task(

@@ -22,6 +22,7 @@ from crma.methods.base import Example, Method, Task
 
 class SharedLora(Method):
     needs_task_id = False
+    per_domain_adapter = False
 
     def adapter_name(self, domain: str) -> str:
         return self.name

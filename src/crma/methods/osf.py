@@ -84,6 +84,7 @@ class Osf(Method):
     name = "osf"
     Options = OsfOptions
     needs_task_id = False
+    per_domain_adapter = False
 
     def __init__(self, options: OsfOptions | None = None):
         super().__init__(options)
