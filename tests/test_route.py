@@ -149,3 +149,17 @@ def test_router_without_stored_embeddings_is_rebuilt(tmp_path):
     assert torch.allclose(rebuilt.sum, tensors["sum"])  # same texts, same statistics
     assert not refresh_router(cm, examples)  # already current
     assert routing_metrics(Router(cm), holdout_ids(cm))["top1"] == {d: 1.0 for d in DOMAINS}
+
+
+def test_stats_only_router_given_a_new_domain_keeps_prototypes():
+    """An old router (statistics only) that gains a domain with embeddings must not fit a
+    logistic head on that one domain's rows: it stays on prototypes until rebuilt."""
+    router = CentroidRouter()
+    g = torch.Generator().manual_seed(0)
+    for d in "ab":
+        router.add(d, torch.randn(4, 6, generator=g))
+    router.embeddings, router.labels = router.embeddings[:0], router.labels[:0]  # as loaded
+    router.add("c", torch.randn(4, 6, generator=g))
+    assert router.head == "prototype"
+    router.keep(["a", "c"])
+    assert router.domains == ["a", "c"] and router.labels.tolist() == [1] * 4

@@ -211,20 +211,21 @@ class CentroidRouter:
         """Drop domains not in `domains` (one being replaced, or written by a commit that never
         finished); the order of the rest is kept."""
         rows = [i for i, d in enumerate(self.domains) if d in domains]
+        remap = torch.full((len(self.domains),), -1)  # old domain index -> new, -1: dropped
+        remap[rows] = torch.arange(len(rows))
         self.domains = [self.domains[i] for i in rows]
         self.count, self.sum, self.sumsq = self.count[rows], self.sum[rows], self.sumsq[rows]
         if len(self.labels):
-            remap = torch.full((int(self.labels.max()) + 1,), -1)
-            remap[rows] = torch.arange(len(rows))
             new = remap[self.labels]
             self.embeddings, self.labels = self.embeddings[new >= 0], new[new >= 0]
         self._head = None
 
     @property
     def head(self) -> str:
-        """The head in use: `logistic` needs stored embeddings (routers written before crma
-        stored them have only the statistics, and use prototypes)."""
-        return "logistic" if self.settings.head == "logistic" and len(self.labels) else "prototype"
+        """The head in use: `logistic` needs stored embeddings of every domain (routers written
+        before crma stored them have only the statistics, and use prototypes)."""
+        complete = self.labels.unique().numel() == len(self.domains) > 0
+        return "logistic" if self.settings.head == "logistic" and complete else "prototype"
 
     def _standardise(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(x − pooled mean) / pooled std, per dimension, over all domains' texts."""
