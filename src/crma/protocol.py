@@ -293,6 +293,7 @@ class ProtocolRun:
     ):
         self.config, self.out = config, Path(out)
         self.reuse = [Path(r) for r in reuse]
+        self._caches_merged: set[Path] = set()  # reuse runs whose eval cache is merged already
         self.model_loader = model_loader or (lambda: load_base(config.base))
         self.cache_path = self.out / "eval_cache.json"
 
@@ -345,10 +346,11 @@ class ProtocolRun:
                 continue
             with atomic_path(target) as tmp:
                 shutil.copytree(source, tmp)
-            if (other / "eval_cache.json").is_file():
+            if other not in self._caches_merged and (other / "eval_cache.json").is_file():
                 theirs_cache = json.loads((other / "eval_cache.json").read_text())
                 cache.update({k: v for k, v in theirs_cache.items() if k not in cache})
                 write_json(self.cache_path, cache)
+                self._caches_merged.add(other)
             print(f"[{spec.key} seed {seed}] reused from {source} (identical settings)", flush=True)
             return
 

@@ -207,6 +207,12 @@ class CentroidRouter:
         self.labels = torch.cat([self.labels, torch.full((len(e),), len(self.domains) - 1)])
         self._head = None
 
+    def add_examples(self, engine: Engine, domain: str, examples: list[dict]) -> None:
+        """Set `domain`'s entry from the embeddings of its first `max_examples` examples."""
+        s = self.settings
+        ids = [e["input_ids"] for e in examples[: s.max_examples]]
+        self.add(domain, embed(engine, ids, s.layer, s.max_length))
+
     def keep(self, domains: list[str]) -> None:
         """Drop domains not in `domains` (one being replaced, or written by a commit that never
         finished); the order of the rest is kept."""
@@ -328,9 +334,7 @@ def fit_logistic(
 def update_router(stack: Stack, engine: Engine, domain: str, examples: list[dict]) -> None:
     """Add `domain`'s entry from its training examples (called when a domain is committed)."""
     router = CentroidRouter.load(stack)
-    s = router.settings
-    ids = [e["input_ids"] for e in examples[: s.max_examples]]
-    router.add(domain, embed(engine, ids, s.layer, s.max_length))
+    router.add_examples(engine, domain, examples)
     router.save(stack)
 
 
@@ -338,13 +342,11 @@ def refresh_router(cm: ContinualModel, examples: dict[str, list[dict]]) -> bool:
     """Rebuild a router written by crma before it stored embeddings (prototypes only), with the
     current default settings, from each domain's training `examples`; True if rebuilt."""
     old = CentroidRouter.load(cm.stack)
-    if old.head == old.settings.head and old.domains == cm.stack.domains:
+    if old.head == old.settings.head and set(old.domains) == set(cm.stack.domains):
         return False
     router = CentroidRouter()
-    s = router.settings
     for domain in cm.stack.domains:
-        ids = [e["input_ids"] for e in examples[domain][: s.max_examples]]
-        router.add(domain, embed(cm.engine, ids, s.layer, s.max_length))
+        router.add_examples(cm.engine, domain, examples[domain])
     router.save(cm.stack)
     cm.stack.commit()
     return True
