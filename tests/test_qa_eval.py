@@ -75,6 +75,16 @@ def test_backbone_off_and_routed_use_other_weights(stack):
     assert reused == [9] * len(its)  # routed to the oracle's adapters: oracle answers reused
 
 
+def test_cache_is_handed_over_after_each_domain(stack):
+    """A killed QA run resumes from the last finished domain: the hook sees its cache grow."""
+    _, cm = stack
+    cache: dict = {}
+    sizes: list[int] = []
+    items = {d: {"probes": probe_items(d, 3)} for d in DOMAINS}
+    evaluate_qa(cm, items, cache=cache, on_domain_done=lambda: sizes.append(len(cache)))
+    assert len(sizes) == len(DOMAINS) and 0 < sizes[0] < sizes[1] == len(cache)
+
+
 def test_markdown_and_cli(stack, tmp_path):
     path, cm = stack
     result = evaluate_qa(cm, {"medic": {"probes": probe_items("medic")}})

@@ -16,10 +16,11 @@ routing metrics and QA accuracy to a `crma run`, and the report sections built f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,8 +193,12 @@ def evaluate_qa(
     route: RouteSettings | None = None,
     settings: QASettings | None = None,
     cache: dict[str, Any] | None = None,
+    on_domain_done: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy per condition, domain and item kind: {conditions, results[c][d][kind], routes}."""
+    """Accuracy per condition, domain and item kind: {conditions, results[c][d][kind], routes}.
+
+    `on_domain_done` runs after each domain (e.g. to save `cache`, so a killed run resumes).
+    """
     from crma.data.qa import prompt_and_options
 
     s = settings or QASettings()
@@ -229,6 +234,8 @@ def evaluate_qa(
                     "to_own_domain": sum(r.domain == domain for r in routes) / len(routes),
                     "fallback": sum(r.domain is None for r in routes) / len(routes),
                 }
+        if on_domain_done is not None:
+            on_domain_done()
     return {
         "method": method.name,
         "domains": list(items),
@@ -317,8 +324,8 @@ def protocol_evals(
         settings = QASettings(probes_limit=eval_cfg.qa_probes, mmlu_limit=eval_cfg.qa_mmlu)
         items = corpus_items([d.name for d in domains], settings)
         if items:
-            write_eval(evaluate_qa(cm, items, RouteSettings(), settings, cache), run_dir)
-            write_json(cache_path, cache)
+            save = functools.partial(write_json, cache_path, cache)
+            write_eval(evaluate_qa(cm, items, RouteSettings(), settings, cache, save), run_dir)
     if accelerator is not None:
         accelerator.wait_for_everyone()
 
