@@ -1,0 +1,90 @@
+"""scripts/head_to_head.py: forgetting numbers from the run, costs from the benchmark, one table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import ROOT, crma_env
+
+DOMAINS = ["a", "b", "c"]
+SCRIPT = ROOT / "scripts" / "head_to_head.py"
+
+
+def matrix(final_a: float) -> list[list[float | None]]:
+    """Rows: before training, after a, b, c. Just-trained losses fixed at 2.0."""
+    return [
+        [3.0, 3.0, 3.0],
+        [2.0, None, None],
+        [2.1, 2.0, None],
+        [final_a, 2.2, 2.0],
+    ]
+
+
+def cost(task_id: bool, extra: int) -> dict:
+    return {
+        "needs_task_id": task_id,
+        "extra_trainable": extra,
+        "extra_memory": 4 * extra,
+        "step_x": 1.0 + extra / 1e6,
+        "domain_x": 1.5,
+    }
+
+
+@pytest.fixture
+def run(tmp_path):
+    methods = [{"name": "naive", "label": None}, {"name": "crma", "label": "crma-tied"}]
+    methods.append({"name": "ewc", "label": None})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"methods": methods, "seeds": [0, 1]}))
+    finals = {"naive": (2.4, 2.6), "crma-tied": (2.0, 2.0), "ewc": (2.2, 2.2)}
+    for label, per_seed in finals.items():
+        for seed, final_a in enumerate(per_seed):
+            d = run_dir / label / f"seed-{seed}"
+            d.mkdir(parents=True)
+            body = {"domains": DOMAINS, "seed": seed, "loss_matrix": matrix(final_a)}
+            (d / "loss_matrix.json").write_text(json.dumps(body))
+    costs = tmp_path / "costs.json"
+    settings = {"rounds": 2, "steps": 4, "batch_size": 8, "max_length": 64, "threads": 2}
+    body = {"naive": cost(False, 0), "crma": cost(True, 1000)}  # no ewc row: a gap, not a crash
+    costs.write_text(json.dumps({"settings": settings, "methods": body}))
+    return run_dir, costs
+
+
+def head_to_head(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), *args]
+    return subprocess.run(cmd, env=crma_env(), capture_output=True, text=True)
+
+
+def test_table_joins_drift_with_the_costs_of_the_method_a_label_runs(run, tmp_path):
+    run_dir, costs = run
+    out = tmp_path / "out"
+    proc = head_to_head(str(run_dir), "--costs", str(costs), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["head_to_head"]}
+    # drift of a = 100·(final − 2.0)/2.0, of b = 100·(2.2 − 2.0)/2.0; c is last: the mean of two
+    expected = {s: (100 * (a - 2.0) / 2.0 + 10.0) / 2 for s, a in enumerate((2.4, 2.6))}
+    assert rows["naive"]["drift_mean"] == pytest.approx(sum(expected.values()) / 2)
+    assert rows["naive"]["drift_range"] == pytest.approx([expected[0], expected[1]])
+    assert rows["crma-tied"]["extra_trainable"] == 1000 and rows["crma-tied"]["needs_task_id"]
+    assert rows["ewc"]["step_x"] is None
+    text = (out / "report.md").read_text()
+    assert "| crma-tied | " in text and "+1,000 | 3.9 KiB | 1.00 | 1.50 | yes |" in text
+    assert "| ewc |" in text and "| – | – | – |" in text
+    assert (out / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
+
+
+def test_missing_cost_file_is_a_one_line_error(run, tmp_path):
+    run_dir, _ = run
+    out = tmp_path / "out"
+    proc = head_to_head(str(run_dir), "--costs", str(tmp_path / "nope.json"), "--out", str(out))
+    assert (
+        proc.returncode == 2
+        and "nope.json" in proc.stderr
+        and "benchmarks/methods.py" in proc.stderr
+    )
+    assert not out.exists()
