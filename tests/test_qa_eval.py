@@ -81,7 +81,7 @@ def test_cache_is_handed_over_after_each_domain(stack):
     cache: dict = {}
     sizes: list[int] = []
     items = {d: {"probes": probe_items(d, 3)} for d in DOMAINS}
-    evaluate_qa(cm, items, cache=cache, on_domain_done=lambda: sizes.append(len(cache)))
+    evaluate_qa(cm, items, cache=cache, on_domain_done=lambda d: sizes.append(len(cache)))
     assert len(sizes) == len(DOMAINS) and 0 < sizes[0] < sizes[1] == len(cache)
 
 
@@ -97,7 +97,7 @@ def test_markdown_and_cli(stack, tmp_path):
     proc = run_crma("eval", str(path), "--probes", f"medic={probes}", "--out", str(out))
     data = json.loads((out / "qa.json").read_text())
     assert data["results"]["oracle"]["medic"]["probes"]["total"] == 4
-    assert "no QA items for money" in proc.stderr
+    assert "no QA items for money" in proc.stderr and "QA: medic scored (1/1)" in proc.stderr
     bad = run_crma("eval", str(path), "--probes", f"nope={probes}", check=False)
     assert bad.returncode == 2 and "medic, money" in bad.stderr
 

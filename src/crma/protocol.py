@@ -438,8 +438,9 @@ class ProtocolRun:
         if self.config.eval.routing or self.config.eval.qa:
             from crma.qa_eval import protocol_evals
 
+            tag = f"[{spec.key} seed {seed}]"
             protocol_evals(
-                cm, domains, run_dir, self.config.eval, rows, cache, self.cache_path, acc
+                cm, domains, run_dir, self.config.eval, rows, cache, self.cache_path, acc, tag
             )
 
 

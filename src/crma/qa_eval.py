@@ -16,10 +16,10 @@ routing metrics and QA accuracy to a `crma run`, and the report sections built f
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -193,11 +193,12 @@ def evaluate_qa(
     route: RouteSettings | None = None,
     settings: QASettings | None = None,
     cache: dict[str, Any] | None = None,
-    on_domain_done: Callable[[], None] | None = None,
+    on_domain_done: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Accuracy per condition, domain and item kind: {conditions, results[c][d][kind], routes}.
 
-    `on_domain_done` runs after each domain (e.g. to save `cache`, so a killed run resumes).
+    `on_domain_done(domain)` runs after each domain (e.g. to save `cache`, so a killed run
+    resumes, and to report progress).
     """
     from crma.data.qa import prompt_and_options
 
@@ -235,7 +236,7 @@ def evaluate_qa(
                     "fallback": sum(r.domain is None for r in routes) / len(routes),
                 }
         if on_domain_done is not None:
-            on_domain_done()
+            on_domain_done(domain)
     return {
         "method": method.name,
         "domains": list(items),
@@ -296,10 +297,12 @@ def protocol_evals(
     cache: dict[str, Any],
     cache_path: Path,
     accelerator: Any = None,
+    tag: str = "",
 ) -> None:
     """After a method/seed run: routing.json (eval.routing) and qa.json (eval.qa) in `run_dir`.
 
-    Runs on the main process only; files already there are kept (the run resumes).
+    Runs on the main process only; files already there are kept (the run resumes). Progress
+    lines start with `tag`.
     """
     if accelerator is not None and not accelerator.is_main_process:
         accelerator.wait_for_everyone()
@@ -315,6 +318,7 @@ def protocol_evals(
         wanted = [k for k in eval_cfg.routers if cm.method.needs_task_id or k == "centroid"]
         missing = [kind for kind in wanted if kind not in done]
         if missing:  # a run reused from elsewhere may lack some of the configured routers
+            print(f"{tag} routing: evaluating {', '.join(missing)}", flush=True)
             section = routing_section(
                 cm, domains, dataclasses.replace(eval_cfg, routers=missing), cache
             )
@@ -324,8 +328,16 @@ def protocol_evals(
         settings = QASettings(probes_limit=eval_cfg.qa_probes, mmlu_limit=eval_cfg.qa_mmlu)
         items = corpus_items([d.name for d in domains], settings)
         if items:
-            save = functools.partial(write_json, cache_path, cache)
-            write_eval(evaluate_qa(cm, items, RouteSettings(), settings, cache, save), run_dir)
+            start = time.perf_counter()
+
+            def domain_done(domain: str) -> None:
+                write_json(cache_path, cache)
+                took = time.perf_counter() - start
+                print(f"{tag} QA: {domain} scored ({took:.0f} s so far)", flush=True)
+
+            write_eval(
+                evaluate_qa(cm, items, RouteSettings(), settings, cache, domain_done), run_dir
+            )
     if accelerator is not None:
         accelerator.wait_for_everyone()
 

@@ -78,7 +78,13 @@ def run(args: argparse.Namespace) -> None:
             f"{args.stack}: no QA items for any domain; give them with --probes NAME=FILE"
         )
     items = {d: items[d] for d in domains if d in items}
-    result = evaluate_qa(model.cm, items, from_args(RouteSettings, args), settings)
+    done: list[str] = []
+
+    def progress(domain: str) -> None:
+        done.append(domain)
+        print(f"QA: {domain} scored ({len(done)}/{len(items)})", file=sys.stderr, flush=True)
+
+    result = evaluate_qa(model.cm, items, from_args(RouteSettings, args), settings, None, progress)
     json_path, _ = write_eval(result, args.out or args.stack / "eval")
     print(markdown_table(result))
     print(f"\n{json_path}")
