@@ -15,6 +15,7 @@ import itertools
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -23,10 +24,11 @@ from crma.protocol import ProtocolRun, load_config
 
 
 def trial_name(point: dict) -> str:
-    """`trial:` if the point names itself (e.g. when it sets a whole method), else key=value,..."""
+    """`trial:` if the point names itself (e.g. when it sets a whole method), else key=value,...
+    over its settings (a `methods:` list, choosing who runs, is not part of the name)."""
     if "trial" in point:
         return point["trial"]
-    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items() if k != "methods")
 
 
 def score(report: dict) -> dict[str, dict[str, float]]:
@@ -51,8 +53,11 @@ def select(trials: list[dict]) -> dict[str, str]:
     """One rule for every method, ours included: the lowest final validation loss among the
     trials with |drift| <= MAX_DRIFT; if none is that stable, the lowest |drift|."""
     chosen = {}
-    for label in trials[0]["scores"]:
-        runs = [(trial_name(t["point"]), t["scores"][label]) for t in trials]
+    labels = dict.fromkeys(label for t in trials for label in t["scores"])
+    for label in labels:  # a trial may run only some of the methods
+        runs = [
+            (trial_name(t["point"]), t["scores"][label]) for t in trials if label in t["scores"]
+        ]
         stable = [r for r in runs if abs(r[1]["drift"]) <= MAX_DRIFT]
         best = (
             min(stable, key=lambda r: r[1]["final_loss"])
@@ -79,6 +84,21 @@ def grid_points(spec: dict) -> list[dict]:
     ]
 
 
+def fixed(spec: dict) -> list[str]:
+    """Overrides shared by every trial; the split is always validation."""
+    shared = [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()]
+    return shared + ["corpus.split=validation"]
+
+
+def trial_configs(spec: dict) -> list[tuple[dict, Any]]:
+    """(point, resolved run config) per trial; a bad key or option fails here, before any run."""
+    out = []
+    for point in grid_points(spec):
+        own = [f"{k}={json.dumps(v)}" for k, v in point.items() if k != "trial"]
+        out.append((point, load_config(spec["config"], fixed(spec) + own)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,13 +111,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/tuning"))
     args = parser.parse_args()
     spec = yaml.safe_load(args.grid.read_text())
-    fixed = [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()] + [
-        "corpus.split=validation"
-    ]
     trials = []
-    for point in grid_points(spec):
-        overrides = fixed + [f"{k}={json.dumps(v)}" for k, v in point.items() if k != "trial"]
-        config = load_config(spec["config"], overrides)
+    for point, config in trial_configs(spec):
         out = args.out / args.grid.stem / trial_name(point)
         finished = out / "report.json"  # a trial finished earlier is read back, not rerun
         report = (
@@ -111,7 +126,7 @@ def main() -> None:
     chosen = select(trials)
     write_json(
         results / f"{args.grid.stem}.json",
-        {"grid_file": str(args.grid), "fixed": fixed, "trials": trials, "selected": chosen},
+        {"grid_file": str(args.grid), "fixed": fixed(spec), "trials": trials, "selected": chosen},
     )
     lines = [
         f"# Tuning trials: {args.grid.stem}",

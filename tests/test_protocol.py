@@ -185,6 +185,7 @@ def test_lower_triangle_only_matches_the_full_matrix(tiny_run, tmp_path):
         ("methods=[{name: ewc, options: {lamda: 5}}]", "methods[ewc] options: unknown key 'lamda'"),
         ("methods=[{name: crma, crma: {variant: loose}}]", "'loose' is not one of untied, tied"),
         ("methods=[sgd]", "unknown method 'sgd'"),
+        ("train.lr=fast", "train: lr: expected a number, got 'fast'"),
     ],
 )
 def test_bad_method_settings_fail_before_any_training(tmp_path, override, message):
@@ -192,6 +193,20 @@ def test_bad_method_settings_fail_before_any_training(tmp_path, override, messag
     proc = run_crma("run", str(TINY_CONFIG), "--out", str(out), "--set", override, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_exponent_notation_is_a_number_even_where_yaml_reads_a_string():
+    """YAML 1.1 reads `1e-4` (no dot) as a string; a learning rate must still be a float."""
+    from crma.protocol import load_config
+
+    config = load_config(
+        TINY_CONFIG, ["train.lr=1e-4", "methods=[{name: osf, options: {lr: 3e-5}}]"]
+    )
+    assert config.train.lr == 1e-4
+    assert config.methods[0].options["lr"] == "3e-5"  # kept as written; the method parses it
+    from crma.methods import make_method
+
+    assert make_method("osf", config.methods[0].options).options.lr == 3e-5
 
 
 def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):

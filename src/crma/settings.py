@@ -108,8 +108,13 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if value not in choices:
             raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
-    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+    if base is float and not isinstance(value, bool | list | dict):
+        try:  # a string too: YAML 1.1 reads 1e-4 (no dot) as one
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if base is float:
+        raise UserError(f"{where}: expected a number, got {value!r}")
     if base in (int, str, bool) and not isinstance(value, base):
         raise UserError(f"{where}: expected {base.__name__}, got {value!r}")
     if base is int and isinstance(value, bool):
