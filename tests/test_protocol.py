@@ -186,6 +186,11 @@ def test_lower_triangle_only_matches_the_full_matrix(tiny_run, tmp_path):
         ("methods=[{name: crma, crma: {variant: loose}}]", "'loose' is not one of untied, tied"),
         ("methods=[sgd]", "unknown method 'sgd'"),
         ("train.lr=fast", "train: lr: expected a number, got 'fast'"),
+        (
+            "domains=[{name: alpha, train: tests/assets/tiny-domains/alpha.train.jsonl, "
+            "holdout: tests/assets/tiny-domains/alpha.holdout.jsonl}]",
+            "domains: list at least two domains",
+        ),
     ],
 )
 def test_bad_method_settings_fail_before_any_training(tmp_path, override, message):

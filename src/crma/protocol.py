@@ -169,6 +169,12 @@ def parse_config(data: dict[str, Any], where: str) -> RunConfig:
         method_settings(config, spec)
     if not config.seeds:
         raise UserError(f"{where}: seeds: list at least one seed")
+    n_domains = len(config.domains) or len(config.corpus.order)
+    if n_domains < 2:
+        key = "domains" if config.domains else "corpus.order"
+        raise UserError(
+            f"{where}: {key}: list at least two domains (drift is measured on the earlier ones)"
+        )
     for i, spec in enumerate(config.domains):
         for field in ("name", "train", "holdout"):
             if not getattr(spec, field):
