@@ -151,6 +151,26 @@ def test_router_without_stored_embeddings_is_rebuilt(tmp_path):
     assert routing_metrics(Router(cm), holdout_ids(cm))["top1"] == {d: 1.0 for d in DOMAINS}
 
 
+def test_router_with_older_default_settings_is_rebuilt_with_todays(tmp_path):
+    from crma.data import tokenize_records
+    from crma.route import CentroidSettings, refresh_router
+
+    path = tmp_path / "stack"
+    cm = build_stack(path, DOMAINS)
+    examples = {
+        d: tokenize_records([{"text": t} for t in texts(d, 40, seed=0)], cm.engine.tokenizer, 32)
+        for d in DOMAINS
+    }
+    older = CentroidRouter(CentroidSettings(layer=1, l2=0.5))
+    for d in DOMAINS:
+        older.add_examples(cm.engine, d, examples[d])
+    older.save(cm.stack)
+    assert CentroidRouter.load(cm.stack).settings.layer == 1
+    assert refresh_router(cm, examples)
+    assert CentroidRouter.load(cm.stack).settings == CentroidSettings()
+    assert not refresh_router(cm, examples)
+
+
 def test_stats_only_router_given_a_new_domain_keeps_prototypes():
     """An old router (statistics only) that gains a domain with embeddings must not fit a
     logistic head on that one domain's rows: it stays on prototypes until rebuilt."""
