@@ -23,6 +23,7 @@ import yaml
 
 from crma.errors import UserError
 from crma.fileio import atomic_path, write_json, write_text
+from crma.report import _pm as plus_minus
 from crma.report import build_report, render_markdown
 
 COLUMNS = {
@@ -47,10 +48,7 @@ def _size(n: float) -> str:
 
 
 def _pm(summary: dict[str, Any] | None) -> str:
-    if not summary:
-        return "–"
-    sd = summary.get("sd")
-    return f"{summary['mean']:+.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
+    return plus_minus(summary["mean"], summary.get("sd")) if summary else "–"
 
 
 def rows(report: dict[str, Any], costs: dict[str, Any], names: dict[str, str]) -> list[dict]:
