@@ -227,6 +227,15 @@ def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
     assert load(same / "report.json")["methods"]["naive"]["drift_mean"] == naive
     assert load(same / "eval_cache.json").items() >= load(tiny_run / "eval_cache.json").items()
 
+    relabelled = tmp_path / "relabelled"  # a label names a condition; settings decide reuse
+    proc = run_crma(
+        "run", str(TINY_CONFIG), "--out", str(relabelled), "--set",
+        "methods=[{name: naive, label: naive-again}]", "--reuse", str(tiny_run),
+    )  # fmt: skip
+    assert "[naive-again seed 0] reused from" in proc.stdout
+    copied = relabelled / "naive-again/seed-0/metrics.jsonl"
+    assert copied.read_bytes() == (tiny_run / metrics).read_bytes()
+
     other = tmp_path / "other-lr"
     proc = run_crma(
         "run", str(TINY_CONFIG), "--out", str(other), "--set", "methods=[naive]",

@@ -333,32 +333,44 @@ class ProtocolRun:
         data and eval settings, which identical settings imply).
 
         Same settings, seed and machine give the same numbers (the resume test checks this),
-        so rerunning it would only cost time.
+        so rerunning it would only cost time. A label only names a condition: a unit stored
+        there under another label with identical settings is copied too (same label first).
         """
         target = self.out / spec.key / f"seed-{seed}"
         if target.exists():
             return
         wanted = unit_settings(self.config, spec)
         for other in self.reuse:
-            source = other / spec.key / f"seed-{seed}"
-            matrix = source / "loss_matrix.json"
-            if not matrix.is_file() or not (other / "config.yaml").is_file():
+            if not (other / "config.yaml").is_file():
                 continue
-            if len(json.loads(matrix.read_text())["loss_matrix"]) != n_domains + 1:
-                continue  # not finished there
             theirs = load_config(other / "config.yaml")
-            match = next((m for m in theirs.methods if m.key == spec.key), None)
-            if match is None or seed not in theirs.seeds or unit_settings(theirs, match) != wanted:
+            if seed not in theirs.seeds:
                 continue
-            with atomic_path(target) as tmp:
-                shutil.copytree(source, tmp)
-            if other not in self._caches_merged and (other / "eval_cache.json").is_file():
-                theirs_cache = json.loads((other / "eval_cache.json").read_text())
-                cache.update({k: v for k, v in theirs_cache.items() if k not in cache})
-                write_json(self.cache_path, cache)
-                self._caches_merged.add(other)
-            print(f"[{spec.key} seed {seed}] reused from {source} (identical settings)", flush=True)
-            return
+            twins = [m.key for m in theirs.methods if unit_settings(theirs, m) == wanted]
+            for key in sorted(twins, key=lambda k: k != spec.key):
+                source = other / key / f"seed-{seed}"
+                if self._finished(source, n_domains):
+                    self._copy(source, target, other, cache)
+                    print(
+                        f"[{spec.key} seed {seed}] reused from {source} (same settings)", flush=True
+                    )
+                    return
+
+    @staticmethod
+    def _finished(unit: Path, n_domains: int) -> bool:
+        matrix = unit / "loss_matrix.json"
+        return (
+            matrix.is_file() and len(json.loads(matrix.read_text())["loss_matrix"]) == n_domains + 1
+        )
+
+    def _copy(self, source: Path, target: Path, other: Path, cache: dict[str, Any]) -> None:
+        with atomic_path(target) as tmp:
+            shutil.copytree(source, tmp)
+        if other not in self._caches_merged and (other / "eval_cache.json").is_file():
+            theirs_cache = json.loads((other / "eval_cache.json").read_text())
+            cache.update({k: v for k, v in theirs_cache.items() if k not in cache})
+            write_json(self.cache_path, cache)
+            self._caches_merged.add(other)
 
     def _check_out_dir(self, acc) -> None:
         text = yaml.safe_dump(resolved(self.config), sort_keys=False)
