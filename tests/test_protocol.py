@@ -245,6 +245,20 @@ def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
     assert (other / metrics).read_text().count("\n") == 3 * 6
 
 
+def test_unit_settings_compare_options_as_the_method_reads_them():
+    from crma.protocol import load_config, unit_settings
+
+    def settings(method: str) -> dict:
+        config = load_config(TINY_CONFIG, [f"methods=[{method}]"])
+        return unit_settings(config, config.methods[0])
+
+    assert settings("ewc") == settings("{name: ewc, options: {ewc_lambda: 1.0}}")  # the default
+    assert settings("ewc") != settings("{name: ewc, options: {ewc_lambda: 2.0}}")
+    assert settings("{name: osf, options: {lr: 3e-5}}") == settings(
+        "{name: osf, options: {lr: 0.00003}}"
+    )
+
+
 def test_baselines_config_repeats_the_paper_conditions_exactly():
     """So `crma run configs/baselines.yaml --reuse runs/paper` copies them instead of retraining."""
     from crma.protocol import load_config, unit_settings

@@ -285,6 +285,8 @@ def unit_settings(config: RunConfig, spec: MethodSpec) -> dict[str, Any]:
     stack = stack_spec.to_manifest()
     if not METHODS[spec.name].uses_crma:
         del stack["crma"]  # settings of a backbone the method does not have
+    # Options as the method reads them: an option left out equals its default written out.
+    stack["method_options"] = dataclasses.asdict(make_method(spec.name, spec.options).options)
     data["method"] = {"name": spec.name, "stack": stack, "train": dataclasses.asdict(train_cfg)}
     return data
 
