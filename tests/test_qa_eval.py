@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
 from helpers import TINY_BASE, run_crma
 from stacks import build_stack, texts
 
-from crma.data.qa import make_probes, score_choices, wilson_interval
-from crma.qa_eval import QASettings, evaluate_qa, predict, write_eval
+from crma.data.qa import make_probes, paired_difference, score_choices, wilson_interval
+from crma.qa_eval import (
+    QASettings,
+    answer_markdown,
+    answer_report,
+    evaluate_qa,
+    predict,
+    tally,
+    write_eval,
+)
 from crma.route import Route, Router
 
 DOMAINS = ["medic", "money"]
@@ -19,6 +28,55 @@ DOMAINS = ["medic", "money"]
 def test_wilson_interval_matches_the_published_ablation_values():
     assert wilson_interval(98, 100) == pytest.approx((0.930, 0.994), abs=5e-4)
     assert wilson_interval(38, 100) == pytest.approx((0.291, 0.478), abs=5e-4)
+
+
+def test_paired_difference_matches_the_textbook_adjusted_wald_interval():
+    a, b = "1101101110", "1001110100"  # 3 items right only with a, 1 only with b, of 10
+    # Agresti & Min: a half count added to each of the 2×2 cells (n = 10 + 4 × 1/2)
+    p10, p01 = 3.5 / 12, 1.5 / 12
+    half = 1.96 * math.sqrt((p10 + p01 - (p10 - p01) ** 2) / 12)
+    r = paired_difference(a, b)
+    assert r["difference"] == pytest.approx(0.2)
+    assert r["ci95"] == pytest.approx([p10 - p01 - half, p10 - p01 + half])
+    assert (r["only_a"], r["only_b"], r["n"]) == (3, 1, 10)
+    same = paired_difference(a, a)["ci95"]  # no disagreement still leaves an interval
+    assert same[0] < 0 < same[1]
+    with pytest.raises(ValueError):
+        paired_difference(a, b[:-1])
+
+
+def test_report_pairs_each_method_with_frozen_on_the_same_items(tmp_path):
+    """Seeds are pooled item by item; each method is compared as deployed (routed)."""
+    items = [{"answer": 0}] * 4
+    preds = {  # (method, seed) -> routed predictions; oracle answers differ on purpose
+        ("crma", 0): [0, 0, 1, 0],
+        ("crma", 1): [0, 1, 1, 1],
+        ("frozen", 0): [0, 1, 1, 0],
+        ("frozen", 1): [0, 0, 0, 1],
+    }
+    for (label, seed), routed in preds.items():
+        conditions = ["base", "oracle", "routed"] + (["backbone_off"] if label == "crma" else [])
+        results = {c: {"medic": {"probes": tally(items, [1] * 4)}} for c in conditions}
+        results["routed"]["medic"]["probes"] = tally(items, routed)
+        unit = tmp_path / label / f"seed-{seed}"
+        unit.mkdir(parents=True)
+        qa = {"domains": ["medic"], "conditions": conditions, "results": results}
+        (unit / "qa.json").write_text(json.dumps(qa))
+    report = {
+        "domains": ["medic"],
+        "methods": {m: {"per_seed": {"0": {}, "1": {}}} for m in ("crma", "frozen")},
+    }
+    report.update(answer_report(tmp_path, report))
+    (pair,) = report["qa_paired"]
+    assert (pair["method"], pair["minus"]) == ("crma", "frozen")
+    assert pair["conditions"] == ["routed", "routed"]  # as deployed: both route to a domain
+    hits = {k: "".join("1" if p == 0 else "0" for p in v) for k, v in preds.items()}
+    expected = paired_difference(
+        hits["crma", 0] + hits["crma", 1], hits["frozen", 0] + hits["frozen", 1]
+    )
+    assert pair["results"]["medic"]["probes"] == expected
+    assert expected["difference"] == pytest.approx(-1 / 8)  # 4 of 8 right vs 5 of 8
+    assert "| crma | frozen | routed − routed | -12.5 [" in "\n".join(answer_markdown(report))
 
 
 def probe_items(domain: str, n: int = 6) -> list[dict]:

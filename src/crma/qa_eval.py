@@ -151,13 +151,15 @@ def predict(
 def tally(items: list[dict[str, Any]], preds: list[int]) -> dict[str, Any]:
     from crma.data.qa import wilson_interval
 
-    correct = sum(p == i["answer"] for i, p in zip(items, preds))
+    hits = "".join("1" if p == i["answer"] else "0" for i, p in zip(items, preds))
+    correct = hits.count("1")
     lo, hi = wilson_interval(correct, len(items))
     return {
         "correct": correct,
         "total": len(items),
         "accuracy": correct / max(1, len(items)),
         "ci95": [lo, hi],
+        "hits": hits,  # per item, for paired comparisons between methods
     }
 
 
@@ -416,6 +418,58 @@ def answer_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
         out["routing"] = routing
     if qa:
         out["qa"] = qa
+        paired = _qa_paired(report, run_dir)
+        if paired:
+            out["qa_paired"] = paired
+    return out
+
+
+QA_REFERENCES = ("frozen", "naive")  # the issue's QA targets compare against these
+
+
+def _qa_paired(report: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+    """Each method minus frozen and naive on the same QA items (seeds pooled), each side as
+    deployed: routed where the method needs a task id, else its one model (oracle)."""
+    from crma.data.qa import paired_difference
+
+    def load(label: str) -> dict[str, Any]:
+        units = {
+            s: run_dir / label / f"seed-{s}" / "qa.json"
+            for s in report["methods"][label]["per_seed"]
+        }
+        return {s: json.loads(p.read_text()) for s, p in units.items() if p.is_file()}
+
+    def deployed(runs: dict[str, Any]) -> str:
+        return "routed" if "routed" in next(iter(runs.values()))["conditions"] else "oracle"
+
+    def hits(runs: dict[str, Any], seeds: list[str], d: str, kind: str) -> str | None:
+        cells = [runs[s]["results"][deployed(runs)][d].get(kind) for s in seeds]
+        return "".join(c["hits"] for c in cells) if all(c and "hits" in c for c in cells) else None
+
+    runs = {label: r for label in report["methods"] if (r := load(label))}
+    out = []
+    for ref in (r for r in QA_REFERENCES if r in runs):
+        for label, mine in runs.items():
+            seeds = sorted(set(mine) & set(runs[ref]))
+            if label == ref or not seeds:
+                continue
+            cells: dict[str, Any] = {}
+            for d in mine[seeds[0]]["domains"]:
+                for kind in KINDS:
+                    a, b = hits(mine, seeds, d, kind), hits(runs[ref], seeds, d, kind)
+                    if a and b:
+                        cells.setdefault(d, {})[kind] = paired_difference(a, b)
+            if cells:
+                conditions = [deployed(mine), deployed(runs[ref])]
+                out.append(
+                    {
+                        "method": label,
+                        "minus": ref,
+                        "conditions": conditions,
+                        "seeds": seeds,
+                        "results": cells,
+                    }
+                )
     return out
 
 
@@ -505,7 +559,29 @@ def answer_markdown(report: dict[str, Any]) -> list[str]:
         out += ["", "## QA accuracy (%) [Wilson 95%], counts pooled over seeds", ""]
         for label, q in report["qa"].items():
             out += [f"**{label}**", "", markdown_table(q), ""]
+    if report.get("qa_paired"):
+        out += [
+            "## QA paired differences (points, 95% interval on the same items)",
+            "",
+            "| method | minus | conditions | "
+            + " | ".join(f"{d} {k}" for d in report["domains"] for k in KINDS)
+            + " |",
+            "|" + "---|" * (3 + len(report["domains"]) * len(KINDS)),
+        ]
+        for p in report["qa_paired"]:
+            cells = []
+            for d in report["domains"]:
+                for k in KINDS:
+                    r = p["results"].get(d, {}).get(k)
+                    cells.append("–" if r is None else _paired_cell(r))
+            versus = " − ".join(p["conditions"])
+            out.append(f"| {p['method']} | {p['minus']} | {versus} | " + " | ".join(cells) + " |")
     return out
+
+
+def _paired_cell(r: dict[str, Any]) -> str:
+    lo, hi = r["ci95"]
+    return f"{100 * r['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
 def plot_answers(run_dir: Path, report: dict[str, Any]) -> None:
