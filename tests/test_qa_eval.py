@@ -45,37 +45,48 @@ def test_paired_difference_matches_the_textbook_adjusted_wald_interval():
         paired_difference(a, b[:-1])
 
 
-def test_report_pairs_each_method_with_frozen_on_the_same_items(tmp_path):
-    """Seeds are pooled item by item; each method is compared as deployed (routed)."""
+def test_report_pairs_each_method_with_frozen_and_naive_on_the_same_items(tmp_path):
+    """Seeds are pooled item by item; each method is compared as deployed: routed where it
+    needs a task id, its one model (oracle) where it has a single shared adapter."""
     items = [{"answer": 0}] * 4
-    preds = {  # (method, seed) -> routed predictions; oracle answers differ on purpose
+    preds = {  # (method, seed) -> predictions as deployed; other conditions all wrong
         ("crma", 0): [0, 0, 1, 0],
         ("crma", 1): [0, 1, 1, 1],
         ("frozen", 0): [0, 1, 1, 0],
         ("frozen", 1): [0, 0, 0, 1],
+        ("naive", 0): [1, 0, 0, 0],
+        ("naive", 1): [1, 1, 0, 0],
     }
-    for (label, seed), routed in preds.items():
-        conditions = ["base", "oracle", "routed"] + (["backbone_off"] if label == "crma" else [])
+    for (label, seed), deployed in preds.items():
+        shared = label == "naive"  # one adapter for every domain: nothing to route
+        conditions = ["base", "oracle"] + ([] if shared else ["routed"])
         results = {c: {"medic": {"probes": tally(items, [1] * 4)}} for c in conditions}
-        results["routed"]["medic"]["probes"] = tally(items, routed)
+        results["oracle" if shared else "routed"]["medic"]["probes"] = tally(items, deployed)
         unit = tmp_path / label / f"seed-{seed}"
         unit.mkdir(parents=True)
         qa = {"domains": ["medic"], "conditions": conditions, "results": results}
         (unit / "qa.json").write_text(json.dumps(qa))
+    labels = ("crma", "frozen", "naive")
     report = {
         "domains": ["medic"],
-        "methods": {m: {"per_seed": {"0": {}, "1": {}}} for m in ("crma", "frozen")},
+        "methods": {m: {"per_seed": {"0": {}, "1": {}}} for m in labels},
     }
     report.update(answer_report(tmp_path, report))
-    (pair,) = report["qa_paired"]
-    assert (pair["method"], pair["minus"]) == ("crma", "frozen")
-    assert pair["conditions"] == ["routed", "routed"]  # as deployed: both route to a domain
+    pairs = {(p["method"], p["minus"]): p for p in report["qa_paired"]}
+    assert set(pairs) == {
+        ("crma", "frozen"),
+        ("naive", "frozen"),
+        ("crma", "naive"),
+        ("frozen", "naive"),
+    }
+    assert pairs["crma", "frozen"]["conditions"] == ["routed", "routed"]
+    assert pairs["crma", "naive"]["conditions"] == ["routed", "oracle"]
     hits = {k: "".join("1" if p == 0 else "0" for p in v) for k, v in preds.items()}
-    expected = paired_difference(
-        hits["crma", 0] + hits["crma", 1], hits["frozen", 0] + hits["frozen", 1]
-    )
-    assert pair["results"]["medic"]["probes"] == expected
-    assert expected["difference"] == pytest.approx(-1 / 8)  # 4 of 8 right vs 5 of 8
+    for a, b in pairs:
+        expected = paired_difference(hits[a, 0] + hits[a, 1], hits[b, 0] + hits[b, 1])
+        assert pairs[a, b]["results"]["medic"]["probes"] == expected, (a, b)
+    assert pairs["crma", "frozen"]["results"]["medic"]["probes"]["difference"] == -1 / 8
+    assert pairs["naive", "frozen"]["results"]["medic"]["probes"]["difference"] == 0.0
     assert "| crma | frozen | routed − routed | -12.5 [" in "\n".join(answer_markdown(report))
 
 
