@@ -77,7 +77,6 @@ def test_report_pairs_each_method_with_frozen_and_naive_on_the_same_items(tmp_pa
         ("crma", "frozen"),
         ("naive", "frozen"),
         ("crma", "naive"),
-        ("frozen", "naive"),
     }
     assert pairs["crma", "frozen"]["conditions"] == ["routed", "routed"]
     assert pairs["crma", "naive"]["conditions"] == ["routed", "oracle"]

@@ -447,12 +447,13 @@ def _qa_paired(report: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
         return "".join(c["hits"] for c in cells) if all(c and "hits" in c for c in cells) else None
 
     runs = {label: r for label in report["methods"] if (r := load(label))}
-    out = []
+    out, done = [], set()
     for ref in (r for r in QA_REFERENCES if r in runs):
         for label, mine in runs.items():
             seeds = sorted(set(mine) & set(runs[ref]))
-            if label == ref or not seeds:
-                continue
+            if label == ref or not seeds or (ref, label) in done:
+                continue  # frozen − naive is shown, naive − frozen would only flip its sign
+            done.add((label, ref))
             cells: dict[str, Any] = {}
             for d in mine[seeds[0]]["domains"]:
                 for kind in KINDS:
