@@ -23,8 +23,7 @@ import yaml
 
 from crma.errors import UserError
 from crma.fileio import atomic_path, write_json, write_text
-from crma.report import _pm as plus_minus
-from crma.report import build_report, render_markdown
+from crma.report import build_report, plus_minus, render_markdown
 
 COLUMNS = {
     "drift": "mean ± SD over seeds of the drift (%), positive = forgetting",

@@ -397,7 +397,7 @@ def _rows_id(rows: list[int]) -> str:
 def answer_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
     """`routing` and `qa` sections of report.json from the runs' routing.json / qa.json files."""
     domains, out = report["domains"], {}
-    routing, qa = {}, {}
+    routing, qa, qa_runs = {}, {}, {}
     for label, m in report["methods"].items():
         per_seed = {s: run_dir / label / f"seed-{s}" for s in m["per_seed"]}
         r = {
@@ -413,12 +413,12 @@ def answer_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
             if (p / "qa.json").is_file()
         }
         if q:
-            qa[label] = _qa_summary(q)
+            qa[label], qa_runs[label] = _qa_summary(q), q
     if routing:
         out["routing"] = routing
     if qa:
         out["qa"] = qa
-        paired = _qa_paired(report, run_dir)
+        paired = _qa_paired(qa_runs)
         if paired:
             out["qa_paired"] = paired
     return out
@@ -427,26 +427,22 @@ def answer_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
 QA_REFERENCES = ("frozen", "naive")  # the issue's QA targets compare against these
 
 
-def _qa_paired(report: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+def _qa_paired(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each method minus frozen and naive on the same QA items (seeds pooled), each side as
-    deployed: routed where the method needs a task id, else its one model (oracle)."""
+    deployed: routed where the method needs a task id, else its one model (oracle).
+
+    runs: method label -> seed -> that unit's qa.json.
+    """
     from crma.data.qa import paired_difference
 
-    def load(label: str) -> dict[str, Any]:
-        units = {
-            s: run_dir / label / f"seed-{s}" / "qa.json"
-            for s in report["methods"][label]["per_seed"]
-        }
-        return {s: json.loads(p.read_text()) for s, p in units.items() if p.is_file()}
+    def deployed(method: dict[str, Any]) -> str:
+        return "routed" if "routed" in next(iter(method.values()))["conditions"] else "oracle"
 
-    def deployed(runs: dict[str, Any]) -> str:
-        return "routed" if "routed" in next(iter(runs.values()))["conditions"] else "oracle"
-
-    def hits(runs: dict[str, Any], seeds: list[str], d: str, kind: str) -> str | None:
-        cells = [runs[s]["results"][deployed(runs)][d].get(kind) for s in seeds]
+    def hits(method: dict[str, Any], seeds: list[str], d: str, kind: str) -> str | None:
+        condition = deployed(method)
+        cells = [method[s]["results"][condition][d].get(kind) for s in seeds]
         return "".join(c["hits"] for c in cells) if all(c and "hits" in c for c in cells) else None
 
-    runs = {label: r for label in report["methods"] if (r := load(label))}
     out, done = [], set()
     for ref in (r for r in QA_REFERENCES if r in runs):
         for label, mine in runs.items():

@@ -191,7 +191,7 @@ def write_outputs(run_dir: Path, report: dict[str, Any]) -> None:
 # -- markdown ----------------------------------------------------------------------------------------
 
 
-def _pm(mean: float | None, sd: float | None, digits: int = 2) -> str:
+def plus_minus(mean: float | None, sd: float | None, digits: int = 2) -> str:
     if mean is None:
         return "–"
     return f"{mean:+.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
@@ -203,13 +203,15 @@ def drift_table(report: dict[str, Any]) -> str:
     head = "| method | " + " | ".join(domains) + " | drift mean ± SD | per seed | range |"
     lines = [head, "|" + "---|" * (len(domains) + 4)]
     for label, m in report["methods"].items():
-        cells = [_pm(m["drift_per_domain_mean"][d], m["drift_per_domain_sd"][d]) for d in domains]
+        cells = [
+            plus_minus(m["drift_per_domain_mean"][d], m["drift_per_domain_sd"][d]) for d in domains
+        ]
         per_seed = ", ".join(f"{e['drift']:+.2f}" for e in m["per_seed"].values())
         lo, hi = m["drift_range"]
         lines.append(
             f"| {label} | "
             + " | ".join(cells)
-            + f" | **{_pm(m['drift_mean'], m['drift_sd'])}** | {per_seed} | [{lo:+.2f}, {hi:+.2f}] |"
+            + f" | **{plus_minus(m['drift_mean'], m['drift_sd'])}** | {per_seed} | [{lo:+.2f}, {hi:+.2f}] |"
         )
     return "\n".join(lines)
 
@@ -242,9 +244,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             for k in range(len(domains))
         ]
         out.append(
-            f"| {label} | {_pm(adv['mean'], adv['sd']) if adv else '–'} | "
+            f"| {label} | {plus_minus(adv['mean'], adv['sd']) if adv else '–'} | "
             f"{', '.join(f'{v:+.2f}' for v in adv['values']) if adv else '–'} | "
-            f"{_pm(pla['mean'], pla['sd']) if pla else '–'} | {', '.join(f'{v:.3f}' for v in mean_pl)} |"
+            f"{plus_minus(pla['mean'], pla['sd']) if pla else '–'} | {', '.join(f'{v:.3f}' for v in mean_pl)} |"
         )
     if report["comparisons"]:
         out += [
