@@ -33,7 +33,8 @@ COLUMNS = {
     "+trainable": "trainable parameters beyond naive's LoRA",
     "extra memory": "bytes kept beyond the adapters and the base (state + copies + backbone)",
     "step x": "optimizer-step time relative to naive, measured side by side",
-    "domain x": "time to add one domain relative to naive (includes Fisher, SVD, ...)",
+    "domain x": "time to add one domain relative to naive (includes Fisher, SVD, ...); EWC's "
+    "and InfLoRA's end-of-domain work grows with the domain's examples: see the cost line",
     "task id": "inference must be told (or route to) the domain",
 }
 
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     s = costs["settings"]
     source = (
         f"Costs: `{args.costs}` (benchmarks/methods.py: {s['rounds']} rounds × {s['steps']} "
-        f"steps, batch {s['batch_size']} × {s['max_length']} tokens, {s['threads']} threads)."
+        f"steps, batch {s['batch_size']} × {s['max_length']} tokens, {s['examples']} examples "
+        f"per domain, {s['threads']} threads)."
     )
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "report.json", {**report, "head_to_head": table, "costs": source})

@@ -49,7 +49,14 @@ def run(tmp_path):
             body = {"domains": DOMAINS, "seed": seed, "loss_matrix": matrix(final_a)}
             (d / "loss_matrix.json").write_text(json.dumps(body))
     costs = tmp_path / "costs.json"
-    settings = {"rounds": 2, "steps": 4, "batch_size": 8, "max_length": 64, "threads": 2}
+    settings = {
+        "rounds": 2,
+        "steps": 4,
+        "batch_size": 8,
+        "max_length": 64,
+        "threads": 2,
+        "examples": 32,
+    }
     body = {"naive": cost(False, 0), "crma": cost(True, 1000)}  # no ewc row: a gap, not a crash
     costs.write_text(json.dumps({"settings": settings, "methods": body}))
     return run_dir, costs
@@ -75,6 +82,7 @@ def test_table_joins_drift_with_the_costs_of_the_method_a_label_runs(run, tmp_pa
     text = (out / "report.md").read_text()
     assert "| crma-tied | " in text and "+1,000 | 3.9 KiB | 1.00 | 1.50 | yes |" in text
     assert "| ewc |" in text and "| – | – | – |" in text
+    assert "2 rounds × 4 steps, batch 8 × 64 tokens, 32 examples per domain" in text
     assert (out / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
 
 
