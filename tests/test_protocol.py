@@ -245,6 +245,40 @@ def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
     assert (other / metrics).read_text().count("\n") == 3 * 6
 
 
+def test_export_keeps_results_without_weights_and_reuse_takes_them(tiny_run, tmp_path):
+    source = tmp_path / "source"  # a copy of the run with one unit cut back to unfinished
+    shutil.copytree(tiny_run, source)
+    cut = source / "crma/seed-0/loss_matrix.json"
+    cut.write_text(json.dumps({**load(cut), "loss_matrix": load(cut)["loss_matrix"][:2]}))
+    exported = tmp_path / "exported"
+    proc = run_crma("export", str(source), str(exported))
+    assert "2 finished" in proc.stdout
+    assert sorted(p.parent.parent.name for p in exported.glob("*/seed-0/loss_matrix.json")) == [
+        "frozen",
+        "naive",
+    ]
+    assert not list(exported.rglob("stack")) and not (exported / "crma").exists()
+    for name in ("naive/seed-0/loss_matrix.json", "naive/seed-0/metrics.jsonl", "eval_cache.json"):
+        assert (exported / name).read_bytes() == (tiny_run / name).read_bytes()
+
+    again = tmp_path / "again"
+    proc = run_crma(
+        "run", str(TINY_CONFIG), "--out", str(again), "--set", "methods=[naive, frozen]",
+        "--reuse", str(exported),
+    )  # fmt: skip
+    assert "[naive seed 0] reused from" in proc.stdout and "1/3 alpha" not in proc.stdout
+    theirs = load(tiny_run / "report.json")["methods"]
+    assert load(again / "report.json")["methods"]["naive"] == theirs["naive"]
+
+    routed = tmp_path / "routed"  # routing needs the weights the export left behind
+    proc = run_crma(
+        "run", str(TINY_CONFIG), "--out", str(routed), "--set", "methods=[naive]",
+        "--set", "eval.routing=true", "--reuse", str(exported), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "lacks routing.json:centroid" in proc.stderr and "stack/" in proc.stderr
+
+
 def test_unit_settings_compare_options_as_the_method_reads_them():
     from crma.protocol import load_config, unit_settings
 

@@ -374,6 +374,22 @@ class ProtocolRun:
             write_json(self.cache_path, cache)
             self._caches_merged.add(other)
 
+    def _check_exported(self, spec: MethodSpec, run_dir: Path) -> None:
+        """A finished unit without its weights (`crma export`) must hold every configured eval."""
+        missing = []
+        if self.config.eval.routing:
+            done = json.loads(p.read_text()) if (p := run_dir / "routing.json").is_file() else {}
+            task_id = METHODS[spec.name].needs_task_id
+            routers = [k for k in self.config.eval.routers if task_id or k == "centroid"]
+            missing += [f"routing.json:{k}" for k in routers if k not in done]
+        if self.config.eval.qa and not (run_dir / "qa.json").is_file():
+            missing.append("qa.json")
+        if missing:
+            raise UserError(
+                f"{run_dir}: finished without its weights (stack/) and lacks {', '.join(missing)}; "
+                "evaluating those needs the weights: reuse the full run, or delete this folder to retrain"
+            )
+
     def _check_out_dir(self, acc) -> None:
         text = yaml.safe_dump(resolved(self.config), sort_keys=False)
         path = self.out / "config.yaml"
@@ -389,6 +405,11 @@ class ProtocolRun:
         self, spec: MethodSpec, seed: int, domains: list[DomainData], base_id, acc, cache, clock
     ) -> None:
         run_dir = self.out / spec.key / f"seed-{seed}"
+        if not (run_dir / "stack").exists() and self._finished(run_dir, len(domains)):
+            self._check_exported(spec, run_dir)  # results without weights: reported as they are
+            for _ in domains:
+                clock.skip()
+            return
         stack_spec, train_cfg = method_settings(self.config, spec)
         cm = ContinualModel.open_or_create(
             run_dir / "stack", self.model_loader, base_id, stack_spec
@@ -462,6 +483,40 @@ class ProtocolRun:
             protocol_evals(
                 cm, domains, run_dir, self.config.eval, rows, cache, self.cache_path, acc, tag
             )
+
+
+RESULT_FILES = ("loss_matrix.json", "metrics.jsonl", "routing.json", "qa.json")
+
+
+def export_results(run_dir: str | Path, dest: str | Path) -> list[str]:
+    """Copy a run's results without its weights into `dest` (replaced whole, atomically).
+
+    Keeps config.yaml, eval_cache.json and, for each finished (method, seed), RESULT_FILES:
+    a few hundred KiB, small enough to commit, so a long run outlives the machine it ran on.
+    `crma run --reuse DEST` copies those units instead of retraining them, and `crma report
+    DEST` rebuilds the report. Unfinished units are left out: resuming them needs weights.
+    Returns the exported units as "label/seed-N".
+    """
+    run_dir, dest = Path(run_dir), Path(dest)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml); give `crma run`'s --out")
+    units = sorted(
+        m.parent
+        for m in run_dir.glob("*/seed-*/loss_matrix.json")
+        if ProtocolRun._finished(m.parent, len(json.loads(m.read_text())["domains"]))
+    )
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        for name in ("config.yaml", "eval_cache.json"):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, tmp / name)
+        for unit in units:
+            target = tmp / unit.relative_to(run_dir)
+            target.mkdir(parents=True)
+            for name in RESULT_FILES:
+                if (unit / name).is_file():
+                    shutil.copy2(unit / name, target / name)
+    return [str(u.relative_to(run_dir)) for u in units]
 
 
 class _Clock:

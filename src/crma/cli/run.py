@@ -8,7 +8,14 @@ from pathlib import Path
 
 from crma.errors import UserError
 from crma.methods import METHODS
-from crma.protocol import DomainSpec, MethodSpec, ProtocolRun, RunConfig, load_config
+from crma.protocol import (
+    DomainSpec,
+    MethodSpec,
+    ProtocolRun,
+    RunConfig,
+    export_results,
+    load_config,
+)
 from crma.settings import describe
 
 
@@ -45,6 +52,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "settings, data and seed are identical, instead of training them again; repeatable",
     )
     p.set_defaults(func=run)
+
+    e = sub.add_parser(
+        "export",
+        help="copy a run's results without weights (small enough to commit; --reuse takes them)",
+        description=(
+            "Copy config.yaml, eval_cache.json and every finished (method, seed)'s loss matrix, "
+            "metrics and routing/QA results of a run directory into DEST, without the weights. "
+            "`crma run CONFIG --reuse DEST` then copies those units instead of retraining them, "
+            "and `crma report DEST` rebuilds the report. Unfinished units are not exported."
+        ),
+    )
+    e.add_argument("run_dir", type=Path, help="run directory written by `crma run`")
+    e.add_argument("dest", type=Path, help="folder to write (replaced if it exists)")
+    e.set_defaults(func=export)
 
     r = sub.add_parser(
         "report", help="rebuild report.json, report.md and plots/ of a run directory"
@@ -94,3 +115,11 @@ def report(args: argparse.Namespace) -> None:
     if not args.run_dir.is_dir():
         raise UserError(f"{args.run_dir}: run directory not found")
     print(drift_table(build_report(args.run_dir)))
+
+
+def export(args: argparse.Namespace) -> None:
+    units = export_results(args.run_dir, args.dest)
+    print(
+        f"{args.dest}: {len(units)} finished method/seed results"
+        + "".join(f"\n  {u}" for u in units)
+    )
