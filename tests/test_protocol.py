@@ -270,6 +270,10 @@ def test_export_keeps_results_without_weights_and_reuse_takes_them(tiny_run, tmp
     theirs = load(tiny_run / "report.json")["methods"]
     assert load(again / "report.json")["methods"]["naive"] == theirs["naive"]
 
+    config = source / "config.yaml"  # a unit whose configured evaluations are not done yet
+    config.write_text(config.read_text().replace("routing: false", "routing: true"))
+    assert "0 finished" in run_crma("export", str(source), str(tmp_path / "none")).stdout
+
     routed = tmp_path / "routed"  # routing needs the weights the export left behind
     proc = run_crma(
         "run", str(TINY_CONFIG), "--out", str(routed), "--set", "methods=[naive]",

@@ -376,15 +376,7 @@ class ProtocolRun:
 
     def _check_exported(self, spec: MethodSpec, run_dir: Path) -> None:
         """A finished unit without its weights (`crma export`) must hold every configured eval."""
-        missing = []
-        if self.config.eval.routing:
-            done = json.loads(p.read_text()) if (p := run_dir / "routing.json").is_file() else {}
-            task_id = METHODS[spec.name].needs_task_id
-            routers = [k for k in self.config.eval.routers if task_id or k == "centroid"]
-            missing += [f"routing.json:{k}" for k in routers if k not in done]
-        if self.config.eval.qa and not (run_dir / "qa.json").is_file():
-            missing.append("qa.json")
-        if missing:
+        if missing := missing_evals(self.config, spec, run_dir):
             raise UserError(
                 f"{run_dir}: finished without its weights (stack/) and lacks {', '.join(missing)}; "
                 "evaluating those needs the weights: reuse the full run, or delete this folder to retrain"
@@ -485,13 +477,27 @@ class ProtocolRun:
             )
 
 
+def missing_evals(config: RunConfig, spec: MethodSpec, unit: Path) -> list[str]:
+    """The configured after-run evaluations a (method, seed) folder does not hold yet."""
+    missing = []
+    if config.eval.routing:
+        done = json.loads(p.read_text()) if (p := unit / "routing.json").is_file() else {}
+        task_id = METHODS[spec.name].needs_task_id
+        routers = [k for k in config.eval.routers if task_id or k == "centroid"]
+        missing += [f"routing.json:{k}" for k in routers if k not in done]
+    if config.eval.qa and not (unit / "qa.json").is_file():
+        missing.append("qa.json")
+    return missing
+
+
 RESULT_FILES = ("loss_matrix.json", "metrics.jsonl", "routing.json", "qa.json")
 
 
 def export_results(run_dir: str | Path, dest: str | Path) -> list[str]:
     """Copy a run's results without its weights into `dest` (replaced whole, atomically).
 
-    Keeps config.yaml, eval_cache.json and, for each finished (method, seed), RESULT_FILES:
+    Keeps config.yaml, eval_cache.json and, for each finished (method, seed) whose configured
+    evaluations are done too, RESULT_FILES:
     a few hundred KiB, small enough to commit, so a long run outlives the machine it ran on.
     `crma run --reuse DEST` copies those units instead of retraining them, and `crma report
     DEST` rebuilds the report. Unfinished units are left out: resuming them needs weights.
@@ -500,10 +506,14 @@ def export_results(run_dir: str | Path, dest: str | Path) -> list[str]:
     run_dir, dest = Path(run_dir), Path(dest)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml); give `crma run`'s --out")
+    config = load_config(run_dir / "config.yaml")
+    specs = {spec.key: spec for spec in config.methods}
     units = sorted(
         m.parent
         for m in run_dir.glob("*/seed-*/loss_matrix.json")
-        if ProtocolRun._finished(m.parent, len(json.loads(m.read_text())["domains"]))
+        if m.parent.parent.name in specs
+        and ProtocolRun._finished(m.parent, len(json.loads(m.read_text())["domains"]))
+        and not missing_evals(config, specs[m.parent.parent.name], m.parent)
     )
     with atomic_path(dest) as tmp:
         tmp.mkdir()
