@@ -482,8 +482,9 @@ def missing_evals(config: RunConfig, spec: MethodSpec, unit: Path) -> list[str]:
     missing = []
     if config.eval.routing:
         done = json.loads(p.read_text()) if (p := unit / "routing.json").is_file() else {}
-        task_id = METHODS[spec.name].needs_task_id
-        routers = [k for k in config.eval.routers if task_id or k == "centroid"]
+        from crma.qa_eval import routers_to_compare
+
+        routers = routers_to_compare(config.eval.routers, METHODS[spec.name].needs_task_id)
         missing += [f"routing.json:{k}" for k in routers if k not in done]
     if config.eval.qa and not (unit / "qa.json").is_file():
         missing.append("qa.json")

@@ -290,6 +290,11 @@ def write_eval(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]
 
 
 # -- inside `crma run` ---------------------------------------------------------------------------------
+def routers_to_compare(routers: list[str], needs_task_id: bool) -> list[str]:
+    """The configured routers worth evaluating: arrow and loss compare per-domain adapters."""
+    return [k for k in routers if needs_task_id or k == "centroid"]
+
+
 def protocol_evals(
     cm: ContinualModel,
     domains: list[Any],
@@ -316,8 +321,7 @@ def protocol_evals(
             cm, {d.name: d.train for d in domains}
         ):
             done.pop("centroid", None)  # measured with the older router
-        # arrow and loss compare per-domain adapters: nothing to compare with one shared adapter
-        wanted = [k for k in eval_cfg.routers if cm.method.needs_task_id or k == "centroid"]
+        wanted = routers_to_compare(eval_cfg.routers, cm.method.needs_task_id)
         missing = [kind for kind in wanted if kind not in done]
         if missing:  # a run reused from elsewhere may lack some of the configured routers
             print(f"{tag} routing: evaluating {', '.join(missing)}", flush=True)
