@@ -1,20 +1,26 @@
 """The head-to-head table of issue 5: a protocol run's forgetting numbers beside each method's costs.
 
     .venv/bin/python scripts/head_to_head.py runs/baselines \
-        --costs results/benchmarks/methods.json --out results/baselines
+        --costs results/benchmarks/methods.json --out results/baselines \
+        [--logs results/baselines/runs/logs/*.log]
 
 Reads the run's loss matrices (through `crma.report.build_report`, so the run's own report.md,
 report.json and plots are refreshed too) and the cost columns measured by
 `benchmarks/methods.py`, and writes OUT/report.json (the run's report plus a `head_to_head`
 section), OUT/report.md (the table first, then the run's report), OUT/config.yaml and
 OUT/plots/. A labelled variant (crma-tied) takes the costs of the method it runs (crma).
+`--logs` adds the time each method took per domain in the run itself, read from what
+`crma run` printed ("[label seed N] k/K domain: S steps in X s"): the benchmark's domains are
+small, and EWC's Fisher and InfLoRA's input statistics grow with a domain's examples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,10 +39,34 @@ COLUMNS = {
     "+trainable": "trainable parameters beyond naive's LoRA",
     "extra memory": "bytes kept beyond the adapters and the base (state + copies + backbone)",
     "step x": "optimizer-step time relative to naive, measured side by side",
-    "domain x": "time to add one domain relative to naive (includes Fisher, SVD, ...); EWC's "
-    "and InfLoRA's end-of-domain work grows with the domain's examples: see the cost line",
+    "domain x": "time to add one domain relative to naive (includes Fisher, SVD, ...), in the "
+    "benchmark; EWC's and InfLoRA's end-of-domain work grows with the domain's examples",
     "task id": "inference must be told (or route to) the domain",
 }
+RUN_TIME = (
+    "train s/domain",
+    "median wall seconds to train one domain in this run, end-of-domain work included "
+    "(crma run's log; one process per core); in brackets, relative to naive",
+)
+TRAINED = re.compile(r"^\[(\S+) seed (\d+)\] \d+/\d+ (\S+): \d+ steps in (\d+) s,")
+
+
+def train_seconds(logs: list[Path]) -> dict[str, float]:
+    """Median training seconds per domain for each label, from `crma run` logs.
+
+    A domain that was already trained when a run resumed prints 0 s and is left out; a
+    (label, seed, domain) printed twice keeps its last time.
+    """
+    times: dict[tuple[str, str, str], int] = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if m := TRAINED.match(line):
+                times[m.group(1, 2, 3)] = int(m.group(4))
+    per_label: dict[str, list[int]] = {}
+    for (label, _, _), seconds in times.items():
+        if seconds > 0:
+            per_label.setdefault(label, []).append(seconds)
+    return {label: statistics.median(v) for label, v in per_label.items()}
 
 
 def _size(n: float) -> str:
@@ -75,9 +105,20 @@ def rows(report: dict[str, Any], costs: dict[str, Any], names: dict[str, str]) -
     return out
 
 
+def _run_time(r: dict, naive: float | None) -> str:
+    s = r.get("train_s_per_domain")
+    if s is None:
+        return "–"
+    return f"{s:.0f} ({s / naive:.1f}×)" if naive else f"{s:.0f}"
+
+
 def markdown(table: list[dict]) -> str:
-    head = "| method | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|---|" + "---:|" * len(COLUMNS)]
+    columns = dict(COLUMNS)
+    if any("train_s_per_domain" in r for r in table):
+        columns[RUN_TIME[0]] = RUN_TIME[1]
+    naive = next((r.get("train_s_per_domain") for r in table if r["method"] == "naive"), None)
+    head = "| method | " + " | ".join(columns) + " |"
+    lines = [head, "|---|" + "---:|" * len(columns)]
     for r in table:
         drift = _pm({"mean": r["drift_mean"], "sd": r["drift_sd"]})
         lo, hi = r["drift_range"]
@@ -93,8 +134,10 @@ def markdown(table: list[dict]) -> str:
             f"{r['domain_x']:.2f}" if known else "–",
             ("yes" if r["needs_task_id"] else "no") if known else "–",
         ]
+        if RUN_TIME[0] in columns:
+            cells.append(_run_time(r, naive))
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    notes = [f"- **{k}**: {v}" for k, v in COLUMNS.items()]
+    notes = [f"- **{k}**: {v}" for k, v in columns.items()]
     return "\n".join(lines + [""] + notes)
 
 
@@ -103,14 +146,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", type=Path, help="a `crma run` output folder")
     parser.add_argument("--costs", type=Path, required=True, help="benchmarks/methods.py JSON")
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md/json")
+    parser.add_argument(
+        "--logs", type=Path, nargs="+", default=[], help="what `crma run` printed, for run times"
+    )
     args = parser.parse_args(argv)
     if not args.costs.is_file():
         raise UserError(f"{args.costs}: no such cost file; run benchmarks/methods.py first")
+    missing = [str(p) for p in args.logs if not p.is_file()]
+    if missing:
+        raise UserError(f"{', '.join(missing)}: no such log; pass what `crma run` printed")
     costs = json.loads(args.costs.read_text())
     report = build_report(args.run)
     config = yaml.safe_load((args.run / "config.yaml").read_text())
     names = {m["label"] or m["name"]: m["name"] for m in config["methods"]}
     table = rows(report, costs["methods"], names)
+    if args.logs:
+        seconds = train_seconds(args.logs)
+        for r in table:
+            r["train_s_per_domain"] = seconds.get(r["method"])
     s = costs["settings"]
     source = (
         f"Costs: `{args.costs}` (benchmarks/methods.py: {s['rounds']} rounds × {s['steps']} "

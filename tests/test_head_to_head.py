@@ -96,3 +96,40 @@ def test_missing_cost_file_is_a_one_line_error(run, tmp_path):
         and "benchmarks/methods.py" in proc.stderr
     )
     assert not out.exists()
+
+
+def test_logs_add_the_median_time_per_domain_the_run_printed(run, tmp_path):
+    run_dir, costs = run
+    line = "[{} seed {}] {}/3 {}: 16 steps in {} s, eval 9 s, holdout loss 2.0 | run 1/9 stages"
+    first = tmp_path / "seed-0.log"
+    first.write_text(
+        "\n".join(
+            [
+                line.format("naive", 0, 1, "a", 0),  # resumed: already trained, left out
+                line.format("naive", 0, 2, "b", 60),
+                line.format("ewc", 0, 1, "a", 100),
+                "[ewc seed 0] routing: evaluating centroid",
+                line.format("ewc", 0, 1, "a", 300),  # printed again: the last time counts
+            ]
+        )
+    )
+    second = tmp_path / "seed-1.log"
+    second.write_text(
+        line.format("naive", 1, 1, "a", 80) + "\n" + line.format("ewc", 1, 2, "b", 500)
+    )
+    out = tmp_path / "out"
+    proc = head_to_head(
+        str(run_dir), "--costs", str(costs), "--out", str(out), "--logs", str(first), str(second)
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["head_to_head"]}
+    assert rows["naive"]["train_s_per_domain"] == 70  # median of 60 and 80
+    assert rows["ewc"]["train_s_per_domain"] == 400  # median of 300 and 500
+    assert rows["crma-tied"]["train_s_per_domain"] is None
+    text = (out / "report.md").read_text()
+    assert "| 70 (1.0×) |" in text and "| 400 (5.7×) |" in text and "train s/domain" in text
+
+    proc = head_to_head(
+        str(run_dir), "--costs", str(costs), "--out", str(tmp_path / "o2"), "--logs", "gone.log"
+    )
+    assert proc.returncode == 2 and "gone.log" in proc.stderr and "crma run" in proc.stderr
