@@ -307,3 +307,28 @@ def test_baselines_config_repeats_the_paper_conditions_exactly():
     for spec in paper.methods:
         twin = next(m for m in baselines.methods if m.key == spec.key)
         assert unit_settings(paper, spec) == unit_settings(baselines, twin), spec.key
+
+
+def test_plots_of_many_methods_wrap_and_stay_readable(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.image import imread
+
+    from crma.report import plot_all
+
+    domains = ["a", "b", "c"]
+    matrix = [[3.0, 3.0, 3.0], [2.5, None, None], [2.6, 2.4, None], [2.7, 2.5, 2.3]]
+    seed = {"loss_matrix": matrix, "drift_per_domain": {"a": 1.0, "b": 2.0}}
+    methods = {
+        f"m{j}": {"per_seed": {"0": seed}, "drift_per_domain_mean": {"a": 1.0, "b": 2.0}}
+        for j in range(12)
+    }
+    plot_all(tmp_path, {"domains": domains, "methods": methods})
+    height, width = imread(tmp_path / "plots" / "loss_matrix.png").shape[:2]
+    # twelve panels in three rows of four (3.2 in each + 1 in, 3.4 in a row, at 110 dpi)
+    assert (width, height) == (round(13.8 * 110), round(3 * 3.4 * 110))
+    drift = imread(tmp_path / "plots" / "drift.png")
+    assert drift.shape[1] <= 16 * 110
+    pixels = (drift[..., :3].reshape(-1, 3) * 255).round()
+    palette = [tuple(round(255 * c) for c in rgb) for rgb in plt.get_cmap("tab20").colors]
+    used = {rgb for rgb in palette if ((pixels == rgb).all(axis=1)).sum() >= 20}
+    assert set(palette[:12]) <= used  # tab10 (tab20's even colours) would repeat two

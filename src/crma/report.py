@@ -308,8 +308,13 @@ def plot_all(run_dir: Path, report: dict[str, Any]) -> None:
     plots.mkdir(exist_ok=True)
     domains, methods = report["domains"], report["methods"]
 
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 3.4), squeeze=False)
-    for ax, (label, m) in zip(axes[0], methods.items()):
+    # at most four panels a row, so a twelve-method comparison stays readable
+    ncols = min(4, len(methods))
+    nrows = -(-len(methods) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 1, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(methods) :]:
+        ax.axis("off")
+    for ax, (label, m) in zip(axes.flat, methods.items()):
         Ls = [e["loss_matrix"] for e in m["per_seed"].values()]
         mean = [[float("nan") if v is None else v for v in row] for row in mean_matrix(Ls)]
         im = ax.imshow(mean, cmap="viridis", aspect="auto")  # not-evaluated cells stay blank
@@ -318,21 +323,25 @@ def plot_all(run_dir: Path, report: dict[str, Any]) -> None:
         ax.set_yticks(range(len(domains) + 1), ["base"] + [d[:4] for d in domains], fontsize=7)
         ax.set_xlabel("evaluated domain")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    axes[0][0].set_ylabel("after stage")
+    for row in axes:
+        row[0].set_ylabel("after stage")
     _save(fig, plots / "loss_matrix.png")
 
     prior = domains[:-1]
-    fig, ax = plt.subplots(figsize=(1.6 * len(prior) * max(1, len(methods)) / 2 + 3, 3.6))
+    fig, ax = plt.subplots(figsize=(min(16, 3 + len(prior) * (0.8 + 0.25 * len(methods))), 3.6))
     width = 0.8 / len(methods)
+    # tab10 repeats after ten methods; tab20 keeps up to twenty apart
+    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
     for j, (label, m) in enumerate(methods.items()):
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(prior))]
-        ax.bar(xs, [m["drift_per_domain_mean"][d] for d in prior], width, label=label)
+        means = [m["drift_per_domain_mean"][d] for d in prior]
+        ax.bar(xs, means, width, label=label, color=colors[j % len(colors)])
         for e in m["per_seed"].values():
             ax.scatter(xs, [e["drift_per_domain"][d] for d in prior], color="black", s=8, zorder=3)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(prior)), prior)
     ax.set_ylabel("drift (%)  (+ = forgetting)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncols=2 if len(methods) > 6 else 1)
     ax.set_title("Per-domain drift: bars = seed mean, dots = seeds")
     _save(fig, plots / "drift.png")
 
@@ -346,15 +355,16 @@ def plot_all(run_dir: Path, report: dict[str, Any]) -> None:
         ax.set_ylabel("max over layers abs(‖M‖₂ − 1)")
         ax.legend(fontsize=7)
         _save(fig, plots / "spectral_norm.png")
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    for label, (xs, raw, clipped) in traces["grad"].items():
-        line = ax.plot(xs, raw, lw=0.6, alpha=0.5, label=f"{label} raw")[0]
-        ax.plot(xs, clipped, lw=0.9, color=line.get_color(), label=f"{label} after ZClip")
-    ax.set_yscale("log")
-    ax.set_xlabel("global step (first seed)")
-    ax.set_ylabel("gradient norm")
-    ax.legend(fontsize=6, ncol=2)
-    _save(fig, plots / "grad_norm.png")
+    if traces["grad"]:
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        for label, (xs, raw, clipped) in traces["grad"].items():
+            line = ax.plot(xs, raw, lw=0.6, alpha=0.5, label=f"{label} raw")[0]
+            ax.plot(xs, clipped, lw=0.9, color=line.get_color(), label=f"{label} after ZClip")
+        ax.set_yscale("log")
+        ax.set_xlabel("global step (first seed)")
+        ax.set_ylabel("gradient norm")
+        ax.legend(fontsize=6, ncol=2)
+        _save(fig, plots / "grad_norm.png")
     from crma.qa_eval import plot_answers
 
     plot_answers(run_dir, report)
