@@ -46,6 +46,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=CleanConfig.near_dup_threshold,
         help="Jaccard similarity (word 3-grams) that counts as a near duplicate (default: 0.7)",
     )
+    check.add_argument(
+        "--containment-threshold",
+        type=float,
+        default=CleanConfig.containment_threshold,
+        help="share of a holdout row's word n-grams found in one training row, or in all of "
+        "them together, that counts as contamination (default: 0.5)",
+    )
+    check.add_argument(
+        "--ngram",
+        type=int,
+        default=CleanConfig.containment_ngram,
+        help="word n-gram length of the containment measure (default: 8)",
+    )
     check.add_argument("--report", type=Path, help="write every leak as JSON")
     check.set_defaults(func=run_check)
 
@@ -101,7 +114,11 @@ def run_check(args: argparse.Namespace) -> int:
     from crma.fileio import write_json
 
     train, holdout = _check_inputs(args)
-    cfg = CleanConfig(near_dup_threshold=args.near_dup_threshold)
+    cfg = CleanConfig(
+        near_dup_threshold=args.near_dup_threshold,
+        containment_threshold=args.containment_threshold,
+        containment_ngram=args.ngram,
+    )
     leaks = find_contamination([r[:2] for r in train], [r[:2] for r in holdout], cfg)
     for leak in leaks:
         leak["holdout_row"] = holdout[leak["holdout_row"]][2]
@@ -110,8 +127,9 @@ def run_check(args: argparse.Namespace) -> int:
     print(_check_summary(leaks, len(holdout), share))
     for leak in leaks[:10]:
         print(
-            f"  {leak['holdout_row']} ~ {leak['train_row']}: {leak['kind']} "
-            f"{leak['similarity']:.2f}, {leak['scope'].replace('_', ' ')}"
+            f"  {leak['holdout_row']} ~ {leak['train_row']}: {leak['kind']}, "
+            f"Jaccard {leak['similarity']:.2f}, contained {leak['containment']:.2f} in one "
+            f"row and {leak['containment_all']:.2f} in all, {leak['scope'].replace('_', ' ')}"
         )
     if args.report:
         write_json(args.report, {"holdout_rows": len(holdout), "share": share, "leaks": leaks})
@@ -155,7 +173,8 @@ def _check_summary(leaks: list[dict], total: int, share: float) -> str:
 
     return (
         f"{total} holdout rows, {len(leaks)} contaminated ({share:.2%}): "
-        f"{count('kind', 'exact')} exact, {count('kind', 'near')} near; "
+        f"{count('kind', 'exact')} exact, {count('kind', 'near')} near, "
+        f"{count('kind', 'contained')} contained; "
         f"{count('scope', 'within_domain')} within a domain, "
         f"{count('scope', 'cross_domain')} across domains"
     )
