@@ -26,7 +26,7 @@ from crma.errors import UserError
 from crma.evaluate import mean_token_loss
 from crma.fileio import atomic_path, write_json, write_text
 from crma.methods import METHODS, make_method
-from crma.model import EMBEDDED, base_model_id, load_base
+from crma.model import EMBEDDED, base_model_id, file_sha256, load_base
 from crma.settings import from_dict, setting
 from crma.stack import check_domain_name
 from crma.train import TrainConfig, mixed_precision
@@ -273,6 +273,33 @@ def load_domains(config: RunConfig, tokenizer) -> list[DomainData]:
     return out
 
 
+# Embedded-corpus results written before the corpus recorded its tag (format 1: the holdout was
+# not yet filtered for templated near-duplicates).
+LEGACY_CORPUS = "v1"
+
+
+def data_identity(config: RunConfig) -> dict[str, Any]:
+    """What the run's numbers were computed on: the embedded corpus's tag (it changes with any
+    package, Python or builder version), or the sha256 of the user's files."""
+    if not config.domains:
+        from crma.data.corpus import corpus_tag
+
+        return {"corpus": corpus_tag()}
+    return {
+        "files": {
+            d.name: {"train": file_sha256(d.train), "holdout": file_sha256(d.holdout)}
+            for d in config.domains
+        }
+    }
+
+
+def recorded_data(unit: Path, config: RunConfig) -> dict[str, Any] | None:
+    """The data identity a (method, seed) folder's loss matrix was computed on; units from
+    before it was recorded: the legacy corpus, or None (unknown) for user files."""
+    data = json.loads((unit / "loss_matrix.json").read_text())
+    return data.get("data") or (None if config.domains else {"corpus": LEGACY_CORPUS})
+
+
 # -- the run ------------------------------------------------------------------------------------
 def unit_settings(config: RunConfig, spec: MethodSpec) -> dict[str, Any]:
     """Everything that decides one method's results on a seed, whatever else the run holds."""
@@ -304,6 +331,7 @@ class ProtocolRun:
         self._caches_merged: set[Path] = set()  # reuse runs whose eval cache is merged already
         self.model_loader = model_loader or (lambda: load_base(config.base))
         self.cache_path = self.out / "eval_cache.json"
+        self.data = data_identity(config)
 
     def run(self) -> dict[str, Any]:
         from accelerate import Accelerator
@@ -351,12 +379,18 @@ class ProtocolRun:
             twins = [m.key for m in theirs.methods if unit_settings(theirs, m) == wanted]
             for key in sorted(twins, key=lambda k: k != spec.key):
                 source = other / key / f"seed-{seed}"
-                if self._finished(source, n_domains):
-                    self._copy(source, target, other, cache)
+                if not self._finished(source, n_domains):
+                    continue
+                if recorded_data(source, theirs) not in (self.data, None):
                     print(
-                        f"[{spec.key} seed {seed}] reused from {source} (same settings)", flush=True
+                        f"[{spec.key} seed {seed}] not reused from {source}: other data "
+                        f"({json.dumps(recorded_data(source, theirs))})",
+                        flush=True,
                     )
-                    return
+                    continue
+                self._copy(source, target, other, cache)
+                print(f"[{spec.key} seed {seed}] reused from {source} (same settings)", flush=True)
+                return
 
     @staticmethod
     def _finished(unit: Path, n_domains: int) -> bool:
@@ -409,6 +443,11 @@ class ProtocolRun:
         names = [d.name for d in domains]
         matrix_path = run_dir / "loss_matrix.json"
         rows = json.loads(matrix_path.read_text())["loss_matrix"] if matrix_path.is_file() else []
+        if rows and recorded_data(run_dir, self.config) not in (self.data, None):
+            raise UserError(
+                f"{matrix_path}: computed on other data ({json.dumps(recorded_data(run_dir, self.config))}, "
+                f"now {json.dumps(self.data)}); use another --out"
+            )
         run_info = {"method": spec.key, "seed": seed}
 
         def evaluate_row(trained: int) -> list[float | None]:
@@ -433,7 +472,13 @@ class ProtocolRun:
             if acc.is_main_process:
                 write_json(
                     matrix_path,
-                    {"domains": names, "seed": seed, "method": spec.key, "loss_matrix": rows},
+                    {
+                        "domains": names,
+                        "seed": seed,
+                        "method": spec.key,
+                        "data": self.data,
+                        "loss_matrix": rows,
+                    },
                 )
 
         if not rows:
