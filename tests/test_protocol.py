@@ -271,16 +271,16 @@ def test_units_record_their_data_and_reuse_takes_only_the_same(tiny_run, tmp_pat
 
 
 def test_units_from_before_the_corpus_tag_are_labelled_legacy(tmp_path):
-    from crma.protocol import LEGACY_CORPUS, data_identity, load_config, recorded_data
-    from crma.report import describe_data
+    from crma.protocol import load_config
+    from crma.provenance import LEGACY_CORPUS, data_identity, describe_data, recorded_data
 
     config = load_config(ROOT / "configs/paper.yaml")
     unit = tmp_path / "naive/seed-0"
     unit.mkdir(parents=True)
     (unit / "loss_matrix.json").write_text(json.dumps({"domains": [], "loss_matrix": []}))
-    assert recorded_data(unit, config) == {"corpus": LEGACY_CORPUS}
-    assert "format 1" in describe_data([recorded_data(unit, config)])
-    assert data_identity(config)["corpus"].startswith("v2-")
+    assert recorded_data(unit, embedded=not config.domains) == {"corpus": LEGACY_CORPUS}
+    assert "format 1" in describe_data([recorded_data(unit, embedded=True)])
+    assert data_identity(config.domains)["corpus"].startswith("v2-")
 
 
 def test_report_learning_equals_independent_recomputation(tiny_run):

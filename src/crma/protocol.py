@@ -26,7 +26,8 @@ from crma.errors import UserError
 from crma.evaluate import mean_token_loss
 from crma.fileio import atomic_path, write_json, write_text
 from crma.methods import METHODS, make_method
-from crma.model import EMBEDDED, base_model_id, file_sha256, load_base
+from crma.model import EMBEDDED, base_model_id, load_base
+from crma.provenance import data_identity, recorded_data
 from crma.settings import from_dict, setting
 from crma.stack import check_domain_name
 from crma.train import TrainConfig, mixed_precision
@@ -273,33 +274,6 @@ def load_domains(config: RunConfig, tokenizer) -> list[DomainData]:
     return out
 
 
-# Embedded-corpus results written before the corpus recorded its tag (format 1: the holdout was
-# not yet filtered for templated near-duplicates).
-LEGACY_CORPUS = "v1"
-
-
-def data_identity(config: RunConfig) -> dict[str, Any]:
-    """What the run's numbers were computed on: the embedded corpus's tag (it changes with any
-    package, Python or builder version), or the sha256 of the user's files."""
-    if not config.domains:
-        from crma.data.corpus import corpus_tag
-
-        return {"corpus": corpus_tag()}
-    return {
-        "files": {
-            d.name: {"train": file_sha256(d.train), "holdout": file_sha256(d.holdout)}
-            for d in config.domains
-        }
-    }
-
-
-def recorded_data(unit: Path, config: RunConfig) -> dict[str, Any] | None:
-    """The data identity a (method, seed) folder's loss matrix was computed on; units from
-    before it was recorded: the legacy corpus, or None (unknown) for user files."""
-    data = json.loads((unit / "loss_matrix.json").read_text())
-    return data.get("data") or (None if config.domains else {"corpus": LEGACY_CORPUS})
-
-
 # -- the run ------------------------------------------------------------------------------------
 def unit_settings(config: RunConfig, spec: MethodSpec) -> dict[str, Any]:
     """Everything that decides one method's results on a seed, whatever else the run holds."""
@@ -331,7 +305,7 @@ class ProtocolRun:
         self._caches_merged: set[Path] = set()  # reuse runs whose eval cache is merged already
         self.model_loader = model_loader or (lambda: load_base(config.base))
         self.cache_path = self.out / "eval_cache.json"
-        self.data = data_identity(config)
+        self.data = data_identity(config.domains)
 
     def run(self) -> dict[str, Any]:
         from accelerate import Accelerator
@@ -381,10 +355,10 @@ class ProtocolRun:
                 source = other / key / f"seed-{seed}"
                 if not self._finished(source, n_domains):
                     continue
-                if recorded_data(source, theirs) not in (self.data, None):
+                if (data := recorded_data(source, not theirs.domains)) not in (self.data, None):
                     print(
                         f"[{spec.key} seed {seed}] not reused from {source}: other data "
-                        f"({json.dumps(recorded_data(source, theirs))})",
+                        f"({json.dumps(data)})",
                         flush=True,
                     )
                     continue
@@ -443,10 +417,11 @@ class ProtocolRun:
         names = [d.name for d in domains]
         matrix_path = run_dir / "loss_matrix.json"
         rows = json.loads(matrix_path.read_text())["loss_matrix"] if matrix_path.is_file() else []
-        if rows and recorded_data(run_dir, self.config) not in (self.data, None):
+        data = recorded_data(run_dir, not self.config.domains) if rows else None
+        if data not in (self.data, None):
             raise UserError(
-                f"{matrix_path}: computed on other data ({json.dumps(recorded_data(run_dir, self.config))}, "
-                f"now {json.dumps(self.data)}); use another --out"
+                f"{matrix_path}: computed on other data ({json.dumps(data)}, now "
+                f"{json.dumps(self.data)}); use another --out"
             )
         run_info = {"method": spec.key, "seed": seed}
 

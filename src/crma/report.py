@@ -15,6 +15,7 @@ import yaml
 
 from crma.errors import UserError
 from crma.fileio import atomic_path, write_json, write_text
+from crma.provenance import describe_data, recorded_data
 
 # -- the metrics of DESIGN §4 -----------------------------------------------------------------
 
@@ -90,35 +91,17 @@ def collect(run_dir: Path) -> tuple[list[str], list[int], dict[str, dict[int, li
 
 
 def data_used(run_dir: Path) -> list[dict[str, Any]]:
-    """The distinct data identities the reported units were computed on (`data_identity`)."""
-    from crma.protocol import load_config, recorded_data
-
-    config = load_config(run_dir / "config.yaml")
+    """The distinct data identities the reported units were computed on."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     found: list[dict[str, Any]] = []
-    for spec in config.methods:
-        for seed in config.seeds:
-            unit = run_dir / spec.key / f"seed-{seed}"
+    for label in (m["label"] or m["name"] for m in config["methods"]):
+        for seed in config["seeds"]:
+            unit = run_dir / label / f"seed-{seed}"
             if (unit / "loss_matrix.json").is_file():
-                data = recorded_data(unit, config) or {"files": "not recorded"}
-                if data not in found:
+                data = recorded_data(unit, embedded=not config.get("domains"))
+                if (data := data or {"files": "not recorded"}) not in found:
                     found.append(data)
     return found
-
-
-def describe_data(data: list[dict[str, Any]]) -> str:
-    from crma.protocol import LEGACY_CORPUS
-
-    def one(d: dict[str, Any]) -> str:
-        if d.get("corpus") == LEGACY_CORPUS:
-            return (
-                "embedded corpus format 1 (its holdout not yet filtered for templated "
-                "near-duplicates; tag not recorded)"
-            )
-        if "corpus" in d:
-            return f"embedded corpus {d['corpus']}"
-        return "the user's files (sha256 in report.json)"
-
-    return "; ".join(one(d) for d in data)
 
 
 def spectral_log(metrics_path: Path) -> dict[str, Any] | None:
