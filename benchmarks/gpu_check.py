@@ -8,7 +8,7 @@ largest |‖M‖₂ − 1| over every step. Then the same with a 4-bit base (bit
 compute), when bitsandbytes is installed. Prints one markdown table (and writes it to --out).
 
     python benchmarks/gpu_check.py [--steps 50] [--batch 4] [--seq 1024] [--out FILE]
-    python benchmarks/gpu_check.py --tiny --steps 3    # a 2-layer model on the CPU: a smoke run
+    python benchmarks/gpu_check.py --tiny --steps 3    # the tests' 2-layer Llama on the CPU
 """
 
 from __future__ import annotations
@@ -19,34 +19,27 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, MistralConfig
+from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
 from crma import CRMAConfig, attach_crma
 
 # Mistral-7B-v0.1's shape (config.json of mistralai/Mistral-7B-v0.1), written out: no download.
-MISTRAL_7B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=32000,
-    max_position_embeddings=32768,
-    rope_theta=10000.0,
-    sliding_window=None,
-)
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-    max_position_embeddings=256,
-)
+MISTRAL_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "rope_theta": 10000.0,
+    "sliding_window": None,
+}
+TINY = Path(__file__).resolve().parents[1] / "tests/assets/tiny-llama"  # the tests' 2-layer Llama
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -56,9 +49,9 @@ class Arm:
     peak_bytes: int = 0
 
 
-def build(shape: dict, device: torch.device, dtype: torch.dtype, four_bit: bool):
+def build(tiny: bool, device: torch.device, dtype: torch.dtype, four_bit: bool):
     """The random base (4-bit through a save/load round trip: bitsandbytes quantizes on load)."""
-    config = MistralConfig(**shape, torch_dtype=dtype)
+    config = AutoConfig.from_pretrained(TINY) if tiny else MistralConfig(**MISTRAL_7B)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -124,9 +117,8 @@ def run_arms(model, backbone, args, device) -> tuple[Arm, Arm, float]:
 
 
 def measure(args, device: torch.device, four_bit: bool) -> dict:
-    shape = TINY if args.tiny else MISTRAL_7B
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    model = build(shape, device, dtype, four_bit)
+    model = build(args.tiny, device, dtype, four_bit)
     backbone = attach_crma(model, CRMAConfig(n_streams=4))
     backbone.to(device)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
@@ -157,7 +149,7 @@ def measure(args, device: torch.device, four_bit: bool) -> dict:
 
 
 def table(rows: list[dict], args) -> str:
-    shape = "tiny 2-layer" if args.tiny else "Mistral-7B-shaped (random init)"
+    shape = "tiny 2-layer Llama" if args.tiny else "Mistral-7B-shaped (random init)"
     lines = [
         f"{shape}, LoRA r=16 on {', '.join(TARGETS)}, CRMA n=4; batch {args.batch} × "
         f"{args.seq} tokens; medians over {args.steps} interleaved steps per arm after "
