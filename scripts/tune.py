@@ -125,7 +125,8 @@ class Axis:
             scale_keys=spec.get("scale_keys"),
         )
         if not axis.name or axis.scale not in SCALES or len(set(axis.values)) < 2:
-            raise UserError(f"{where}: needs a name, two values or more and a scale in {SCALES}")
+            scales = ", ".join(SCALES)
+            raise UserError(f"{where}: needs a name, two values or more and a scale: {scales}")
         try:
             for v in axis.values:
                 SCALES[axis.scale][0](v)
@@ -173,6 +174,41 @@ def next_beyond(axis: Axis, tried: list[float], chosen: float) -> float | None:
 RunTrial = Callable[[str, dict, dict], Scores]  # (label, method entry, point) -> its scores
 
 
+def configured(entry: dict, axes: list[Axis], point: dict[str, float]) -> dict:
+    """A copy of a method entry with the point's value set on each of its axes."""
+    out = copy.deepcopy(entry)
+    for axis in axes:
+        if axis.name in point:
+            axis.apply(out, point[axis.name])
+    return out
+
+
+def tune_axis(
+    label: str, entry: dict, axes: list[Axis], axis: Axis, point: dict[str, float], run: RunTrial
+) -> tuple[list[dict], float]:
+    """One axis at `point` (the earlier axes' choices): its trials, extended past the edge
+    while the choice sits there and the limits allow, and the value chosen."""
+    trials: list[dict] = []
+    pending = list(axis.values)
+    while pending:
+        for value in pending:
+            at = {**point, axis.name: value}
+            method = configured(entry, axes, at)
+            extension = value not in axis.values
+            trials.append(
+                {"method": label, "axis": axis.name, "extension": extension, "point": at}
+                | {"entry": method, "scores": {label: run(label, method, at)}}
+            )
+        name = select(trials)[label]
+        chosen = next(t["point"][axis.name] for t in trials if trial_name(t["point"]) == name)
+        beyond = next_beyond(axis, [t["point"][axis.name] for t in trials], chosen)
+        pending = [] if beyond is None else [beyond]
+    tried = [t["point"][axis.name] for t in trials]
+    if chosen in (min(tried), max(tried)):  # the limits stopped the extension: say so
+        next(t for t in trials if t["point"][axis.name] == chosen)["at_limit"] = True
+    return trials, chosen
+
+
 def tune_method(
     label: str, entry: dict, axes: list[Axis], run: RunTrial
 ) -> tuple[list[dict], dict[str, float]]:
@@ -180,31 +216,7 @@ def tune_method(
     trials: list[dict] = []
     point: dict[str, float] = {}
     for axis in axes:
-        pending, tried, mine = list(axis.values), [], []
-        while pending:
-            for value in pending:
-                trial_point = {**point, axis.name: value}
-                configured = copy.deepcopy(entry)
-                for a in axes:
-                    if a.name in trial_point:
-                        a.apply(configured, trial_point[a.name])
-                scores = run(label, configured, trial_point)
-                mine.append(
-                    {
-                        "method": label,
-                        "axis": axis.name,
-                        "extension": value not in axis.values,
-                        "point": trial_point,
-                        "entry": configured,
-                        "scores": {label: scores},
-                    }
-                )
-            tried += pending
-            name = select(mine)[label]
-            chosen = next(t["point"][axis.name] for t in mine if trial_name(t["point"]) == name)
-            beyond = next_beyond(axis, tried, chosen)
-            pending = [] if beyond is None else [beyond]
-        point[axis.name] = chosen
+        mine, point[axis.name] = tune_axis(label, entry, axes, axis, point, run)
         trials += mine
     return trials, point
 
@@ -326,13 +338,15 @@ def write_results(grid: Path, spec: dict, trials: list[dict], chosen: dict, entr
         f"# Tuning trials: {grid.stem}",
         "",
         f"Grid file `{grid}`; every trial evaluates on the validation split (from `spare`).",
-        "Trials marked *(extension)* were added because the choice sat at an edge of the grid.",
+        "Trials marked *(extension)* were added because the choice sat at an edge of the grid;",
+        "*(chosen at the … limit)*: the axis's declared limits stopped the extension there.",
         "",
         "| trial | method | drift (%) | loss just after training (mean) | final loss (mean) |",
         "|---|---|---|---|---|",
     ]
     for t in trials:
         name = trial_name(t["point"]) + (" *(extension)*" if t.get("extension") else "")
+        name += f" *(chosen at the {t['axis']} limit)*" if t.get("at_limit") else ""
         for label, s in t["scores"].items():
             lines.append(
                 f"| {name} | {label} | {s['drift']:+.3f} | {s['plasticity_loss']:.4f} | "

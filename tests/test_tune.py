@@ -204,6 +204,7 @@ def test_when_nothing_is_stable_the_least_drift_is_extended_up_to_the_limit():
     trials, chosen, entries = tune.tune_axes(spec, run)
     assert [t["point"]["lr"] for t in trials] == pytest.approx([1e-3, 1e-2, 1e-4, 1e-5])
     assert entries["m"] == {"name": "m", "train": {"lr": 1e-5}}
+    assert [t.get("at_limit", False) for t in trials] == [False] * 3 + [True]
 
 
 def test_every_method_is_tuned_on_its_own_and_scaled_keys_move_together():
@@ -232,6 +233,7 @@ def test_results_mark_extensions_and_give_the_chosen_entries(tmp_path, monkeypat
     tune.write_results(Path("configs/tuning/g.yaml"), spec, trials, chosen, entries)
     md = (tmp_path / "results" / "tuning" / "g.md").read_text()
     assert md.count("*(extension)*") == 3, "two rows, one note"
+    assert "at the lr limit" not in md, "the choice is interior"
     assert "| lr=0.01 | m |" in md and "| lr=0.0333333 *(extension)* | m |" in md
     assert '- m: lr=0.0333333 → `{"name": "m", "train": {"lr": 0.0333333}}`' in md
     saved = json.loads((tmp_path / "results" / "tuning" / "g.json").read_text())

@@ -113,24 +113,19 @@ class Osf(Method):
 
     def peft_config(self, engine: Engine, index: int) -> OSFConfig:
         o = self.options
+        shared = {"target_modules": o.target_modules or None, "task_type": "CAUSAL_LM"}
         if o.trainable_rank is None:
-            frozen, pattern = o.frozen_fraction(index), None
-        else:  # PEFT counts the frozen rank: all but the bottom r of each matrix
-            frozen, pattern = (
-                None,
-                frozen_ranks(engine.base, self.targets(engine), o.trainable_rank),
-            )
-        return OSFConfig(
-            effective_rank=frozen,
-            rank_pattern=pattern,
-            target_modules=o.target_modules or None,
-            task_type="CAUSAL_LM",
-        )
+            return OSFConfig(effective_rank=o.frozen_fraction(index), **shared)
+        # PEFT counts the frozen rank: all but the bottom r of each matrix, on every domain
+        ranks = frozen_ranks(engine.base, self.targets(engine), o.trainable_rank)
+        return OSFConfig(rank_pattern=ranks, **shared)
 
     def targets(self, engine: Engine) -> list[str]:
         """The target module names: the option, else PEFT's OSF default for the architecture."""
         model_type = engine.base.config.model_type
-        return self.options.target_modules or OSF_TARGETS[model_type]
+        if not (targets := self.options.target_modules or OSF_TARGETS.get(model_type)):
+            raise UserError(f"osf: no default target modules for {model_type!r}; set them")
+        return targets
 
     def begin_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
         if self._projector is not None:  # a domain left unfinished in this process
