@@ -338,7 +338,7 @@ def test_unit_settings_compare_options_as_the_method_reads_them():
         config = load_config(TINY_CONFIG, [f"methods=[{method}]"])
         return unit_settings(config, config.methods[0])
 
-    assert settings("ewc") == settings("{name: ewc, options: {ewc_lambda: 1.0}}")  # the default
+    assert settings("ewc") == settings("{name: ewc, options: {ewc_lambda: 1e4}}")  # the default
     assert settings("ewc") != settings("{name: ewc, options: {ewc_lambda: 2.0}}")
     assert settings("{name: osf, options: {lr: 3e-5}}") == settings(
         "{name: osf, options: {lr: 0.00003}}"
