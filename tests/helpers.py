@@ -23,6 +23,23 @@ def crma_env() -> dict[str, str]:
     }
 
 
+def committed(stack: Path, key: str) -> Path:
+    """A stack's committed `backbone`, `router`, ... file, found through its manifest (a commit
+    writes a rewritten file under a new name)."""
+    from crma.stack import Stack
+
+    path = Stack.open(stack).component(key)
+    assert path is not None, f"{stack}: no {key}"
+    return path
+
+
+def adapter_file(stack: Path, domain: str) -> Path:
+    """The committed adapter_model.safetensors that answers `domain`."""
+    from crma.stack import Stack
+
+    return Stack.open(stack).adapter_dir(domain) / "adapter_model.safetensors"
+
+
 def crma_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "crma", *args]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from helpers import TINY_BASE, TINY_DATA, run_crma
+from helpers import TINY_BASE, TINY_DATA, adapter_file, committed, run_crma
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -35,12 +35,10 @@ def test_second_call_adds_a_domain_and_keeps_earlier_adapters(tmp_path):
     train(stack, "alpha")
     alpha = stack / "adapters" / "alpha" / "adapter_model.safetensors"
     before = alpha.read_bytes()
-    backbone_before = (stack / "crma_backbone.safetensors").read_bytes()
+    backbone_before = committed(stack, "backbone").read_bytes()
     train(stack, "beta")
-    assert alpha.read_bytes() == before
-    assert (stack / "crma_backbone.safetensors").read_bytes() != backbone_before, (
-        "backbone keeps training"
-    )
+    assert adapter_file(stack, "alpha") == alpha and alpha.read_bytes() == before
+    assert committed(stack, "backbone").read_bytes() != backbone_before, "backbone keeps training"
     manifest = json.loads((stack / "manifest.json").read_text())
     assert [d["name"] for d in manifest["domains"]] == ["alpha", "beta"]
     assert manifest["method"] == "crma" and manifest["base_model"]["sha256"]
@@ -51,7 +49,10 @@ def test_second_call_adds_a_domain_and_keeps_earlier_adapters(tmp_path):
 def test_duplicate_domain_and_other_base_are_refused(tmp_path):
     stack = tmp_path / "stack"
     train(stack, "alpha")
-    proc = train(stack, "alpha", check=False)
+    manifest = (stack / "manifest.json").read_bytes()
+    proc = train(stack, "alpha")  # the same command again (after a kill): nothing to do
+    assert "already trained" in proc.stdout and (stack / "manifest.json").read_bytes() == manifest
+    proc = train(stack, "alpha", check=False, extra=["--seed", "1"])
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--replace" in proc.stderr
 
     other = tmp_path / "other-base"
@@ -69,12 +70,12 @@ def test_duplicate_domain_and_other_base_are_refused(tmp_path):
 def test_replace_retrains_a_domain(tmp_path):
     stack = tmp_path / "stack"
     train(stack, "alpha", method="frozen")
-    before = (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes()
+    before = adapter_file(stack, "alpha").read_bytes()
     train(stack, "alpha", method="frozen", extra=["--replace", "--seed", "1"])
-    assert (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes() != before
+    assert adapter_file(stack, "alpha").read_bytes() != before
     # Same seed again: a fresh adapter retrained from scratch reproduces the first one exactly.
     train(stack, "alpha", method="frozen", extra=["--replace"])
-    assert (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes() == before
+    assert adapter_file(stack, "alpha").read_bytes() == before
     manifest = json.loads((stack / "manifest.json").read_text())
     assert [d["name"] for d in manifest["domains"]] == ["alpha"]
 

@@ -9,6 +9,7 @@ evaluation fingerprints and written next to the adapter, so a reopened stack is 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -139,6 +140,7 @@ class Engine:
             self.peft.save_pretrained(scratch, selected_adapters=[name])
             for file in (Path(scratch) / name).iterdir():  # PEFT nests non-default adapters
                 os.replace(file, folder / file.name)
+        _sort_target_modules(folder / "adapter_config.json")
         extra = self._engine_state(name)
         if extra:
             save_file(extra, str(folder / ENGINE_STATE))
@@ -275,6 +277,15 @@ class Engine:
             for key, tensor in extra.items():
                 if key.startswith(_BUFFER):
                     buffers[key.removeprefix(_BUFFER)].copy_(tensor)
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """PEFT writes `target_modules` from a set, in the order of this process's string hashes:
+    sorted, the same adapter gives the same bytes in every process (resumed runs included)."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))  # PEFT's layout
 
 
 def _belongs_to(param_name: str, adapter: str, kinds: set[str]) -> bool:

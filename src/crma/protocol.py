@@ -26,8 +26,8 @@ from crma.data.corpus import DOMAINS as CORPUS_DOMAINS
 from crma.engine import LoraSettings
 from crma.errors import UserError
 from crma.evaluate import mean_token_loss
-from crma.fileio import atomic_path, write_json, write_text
-from crma.lock import WriterLock
+from crma.fileio import atomic_path, is_temporary, write_json, write_text
+from crma.lock import LOCK_FILE, WriterLock
 from crma.methods import METHODS, make_method
 from crma.model import EMBEDDED, base_model_id, load_base
 from crma.settings import Settings, from_dict, setting
@@ -405,11 +405,22 @@ class ProtocolRun:
             )
 
     def _refuse_other_config(self) -> None:
+        """The run directory must be this run's (same config), or new: nothing else in it."""
         path = self.out / "config.yaml"
         ours = yaml.safe_load(yaml.safe_dump(resolved(self.config), sort_keys=False))
         if path.is_file() and yaml.safe_load(path.read_text()) != ours:
             raise UserError(
                 f"{path}: this run directory holds a different config; use another --out or the same config"
+            )
+        other = (
+            [p.name for p in self.out.iterdir() if p.name != LOCK_FILE and not is_temporary(p.name)]
+            if self.out.is_dir() and not path.is_file()
+            else []
+        )
+        if other:
+            raise UserError(
+                f"{self.out}: exists and is not a crma run directory (no config.yaml, holds "
+                f"{sorted(other)[0]!r}); use a new or empty --out"
             )
 
     def _write_config(self, acc) -> None:

@@ -113,9 +113,10 @@ def run(args: argparse.Namespace) -> None:
 
     domains = parse_domains(args.domain)
     options = parse_options(args.option)
-    make_method(args.method or "crma", options, "--option")  # a typo fails before any work
+    method = args.method or "crma"
+    make_method(method, options, f"--method {method}")  # a typo fails before any work
     spec = StackSpec(
-        method=args.method or "crma",
+        method=method,
         method_options=options,
         lora=from_args(LoraSettings, args, prefix="lora_"),
         crma=from_args(CRMAConfig, args, prefix="crma_"),
