@@ -13,6 +13,16 @@ TINY_DATA = ROOT / "tests" / "assets" / "tiny-domains"
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 
+def kill_harness():
+    """benchmarks/kill_trials.py as a module: kill points, trials, tree comparison."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kill_trials", ROOT / "benchmarks/kill_trials.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def crma_env() -> dict[str, str]:
     """One thread everywhere, so two runs of the same command give bit-identical numbers."""
     return {

@@ -286,3 +286,55 @@ def test_check_command_reports_every_component(tmp_path):
     router.write_bytes(bytes(data))
     proc = run_crma("check", str(stack), check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and router.name in proc.stderr
+
+
+def test_a_non_finite_loss_stops_the_domain_and_commits_nothing(tmp_path, monkeypatch):
+    """NaN at step 4: a one-line error naming domain and step, no stack, the step-3 checkpoint
+    kept, metrics of the good steps only (strict JSON); a retry with other settings starts
+    afresh and its metrics replace the failed attempt's."""
+    import torch
+    from accelerate import Accelerator
+    from stacks import texts
+
+    from crma.adapter import CRMAConfig
+    from crma.continual import ContinualModel, StackSpec
+    from crma.data import tokenize_records
+    from crma.engine import LoraSettings
+    from crma.methods.frozen import Frozen
+    from crma.model import base_model_id, load_base
+    from crma.train import TrainConfig
+
+    steps = []
+
+    def nan_at_step_4(self, engine, batch, outputs):
+        steps.append(1)
+        return torch.tensor(float("nan")) if len(steps) == 4 else None
+
+    def attempt(lr: float) -> None:
+        spec = StackSpec("frozen", {}, LoraSettings(r=4, alpha=8), CRMAConfig())
+        cm = ContinualModel.open_or_create(
+            path, lambda: load_base(str(TINY_BASE)), base_model_id(str(TINY_BASE)), spec
+        )
+        examples = tokenize_records(
+            [{"text": t} for t in texts("medic", 40, 0)], cm.engine.tokenizer, 32
+        )
+        cfg = TrainConfig(lr=lr, max_steps=6, max_length=32, checkpoint_every=3, precision="fp32")
+        cm.add_domain("medic", examples, cfg, Accelerator(cpu=True), 0, path / "metrics.jsonl", {})
+
+    path = tmp_path / "s"
+    monkeypatch.setattr(Frozen, "extra_loss", nan_at_step_4)
+    message = "domain 'medic': non-finite loss at step 4; nothing was committed (the checkpoint at step 3 is kept)"
+    with pytest.raises(UserError, match=re.escape(message)):
+        attempt(lr=0.03)
+    assert not Stack.exists(path) and (path / "checkpoint" / "state.safetensors").is_file()
+    text = (path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and [json.loads(line)["step"] for line in text.splitlines()] == [
+        1,
+        2,
+        3,
+    ]
+    monkeypatch.undo()
+    attempt(lr=0.01)
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert Stack.open(path).domains == ["medic"] and not (path / "checkpoint").exists()

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 
 import torch
-from helpers import TINY_BASE, TINY_DATA, adapter_file, committed, run_crma
+from helpers import (
+    ROOT,
+    TINY_BASE,
+    TINY_DATA,
+    adapter_file,
+    committed,
+    crma_cmd,
+    crma_env,
+    run_crma,
+)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -125,3 +136,29 @@ def test_method_options_are_stored_checked_and_fixed(tmp_path):
     }
     proc = train(stack, "beta", method="ewc", check=False, extra=["--option", "ewc_lambda=4"])
     assert proc.returncode == 2 and "fixed when a stack is created" in proc.stderr
+
+
+def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_path):
+    """Two `crma train` on one stack: the second is refused at once, naming the first; the
+    first killed (SIGKILL, no cleanup), the next writer takes the stack over and commits."""
+    stack = tmp_path / "stack"
+    args = ["train", str(stack), "--base", str(TINY_BASE), *FAST, "--max-steps", "100000"]
+    first = subprocess.Popen(
+        crma_cmd(*args, "--domain", f"alpha={TINY_DATA / 'alpha.train.jsonl'}"),
+        cwd=ROOT, env=crma_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    lock = stack / "writer.lock"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (lock.is_file() and lock.read_text()):
+        time.sleep(0.05)
+    try:
+        proc = train(stack, "beta", check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+        assert f"another crma process is writing here (pid {first.pid} " in proc.stderr
+        assert "`crma train " in proc.stderr and "since 20" in proc.stderr
+    finally:
+        first.kill()
+        first.wait()
+    train(stack, "beta")
+    assert json.loads((stack / "manifest.json").read_text())["domains"][0]["name"] == "beta"
+    assert run_crma("check", str(stack)).returncode == 0

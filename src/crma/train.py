@@ -145,7 +145,7 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
-        last_loss, tokens, t0 = float("nan"), 0, time.perf_counter()
+        tokens, t0 = 0, time.perf_counter()
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(
@@ -160,7 +160,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             weights = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
             _stop_unless_finite(task, step, ckpt, {"weight": weights})
-            last_loss, tokens = loss_value, tokens + n_tokens
+            ckpt.last_loss, tokens = loss_value, tokens + n_tokens
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 line = self._metrics_line(
                     task, step, global_step_offset, loss_value, stats, optimizer, tokens, t0
@@ -176,7 +176,7 @@ class Trainer:
         if writer is not None:
             writer.close()
         self.method.end_task(engine, task, examples)
-        return {"steps": steps, "final_train_loss": last_loss, "examples": len(examples)}
+        return {"steps": steps, "final_train_loss": ckpt.last_loss, "examples": len(examples)}
 
     # -- one optimizer step -----------------------------------------------------------------
     def _step(self, model, chosen: list[Example], params) -> tuple[float, int]:
@@ -266,7 +266,9 @@ class Trainer:
             "generation": ckpt.generation,
             "optimizer_groups": opt_state["param_groups"],
             "zclip": zclip.state_dict() if zclip else None,
-            "metrics_bytes": ckpt.metrics.stat().st_size if ckpt.metrics.exists() else 0,
+            "metrics_bytes": _size(ckpt.metrics),
+            "metrics_start": ckpt.metrics_start,
+            "last_loss": ckpt.last_loss,
         }
         ckpt.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(ckpt.file) as tmp:
@@ -275,19 +277,28 @@ class Trainer:
     def _resume(self, ckpt: _Checkpoint, named, optimizer, zclip) -> int:
         """Restore the checkpoint if it is this task's; return the step to continue from.
 
-        A checkpoint made on this stack generation that did not commit (killed, or stopped by
-        an error) marks where its metrics began: they are cut there, and it is resumed only
-        with the same settings and data (else training starts afresh). Any other checkpoint
-        belongs to a commit already made, or to another stack state, and is ignored.
+        A checkpoint made on this stack generation did not commit (killed, or stopped by an
+        error). With the same settings and data it is resumed, the metrics cut back to its
+        step; otherwise training starts afresh and the metrics are cut back to where that
+        attempt began. Any other checkpoint belongs to a commit already made, or to another
+        stack state, and is ignored.
         """
         state = ckpt.state()
-        if state is None or state.get("generation") != ckpt.generation:
-            return 0
-        if ckpt.metrics.exists() and self.accelerator.is_main_process:
-            with open(ckpt.metrics, "r+b") as fh:
-                fh.truncate(state["metrics_bytes"])
-        if state.get("resume_key") != ckpt.resume_key:
-            return 0
+        if state is not None and state.get("generation") == ckpt.generation:
+            resume = state.get("resume_key") == ckpt.resume_key
+            self._cut_metrics(ckpt.metrics, state["metrics_bytes" if resume else "metrics_start"])
+            if resume:
+                ckpt.metrics_start, ckpt.last_loss = state["metrics_start"], state["last_loss"]
+                return self._restore(ckpt, state, named, optimizer, zclip)
+        ckpt.metrics_start = _size(ckpt.metrics)
+        return 0
+
+    def _cut_metrics(self, path: Path, size: int) -> None:
+        if path.exists() and self.accelerator.is_main_process:
+            with open(path, "r+b") as fh:
+                fh.truncate(size)
+
+    def _restore(self, ckpt: _Checkpoint, state: dict[str, Any], named, optimizer, zclip) -> int:
         tensors = load_file(str(ckpt.file))
         with torch.no_grad():
             for name, param in named.items():
@@ -317,6 +328,8 @@ class _Checkpoint:
     metrics: Path
     resume_key: str
     generation: int
+    metrics_start: int = 0  # the metrics file's size when this task began
+    last_loss: float | None = None  # the last step's loss (None before step 1)
 
     @property
     def file(self) -> Path:
@@ -334,6 +347,10 @@ class _Checkpoint:
     def last_step(self) -> int:
         state = self.state()
         return state["step"] if state and state.get("resume_key") == self.resume_key else 0
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
 
 
 def _stop_unless_finite(task: Task, step: int, ckpt: _Checkpoint, finite: dict[str, bool]) -> None:
