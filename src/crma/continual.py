@@ -11,8 +11,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from crma.adapter import CRMAConfig, attach_crma, check_fits
 from crma.engine import Engine, LoraSettings, check_targets
-from crma.errors import UserError
+from crma.errors import UserError, first_line
 from crma.lock import WriterLock, check_free
 from crma.methods import METHODS, Method, Task, make_method
 from crma.settings import from_dict
@@ -29,6 +29,7 @@ from crma.stack import (
     ADAPTERS,
     BACKBONE_CONFIG,
     BACKBONE_FILE,
+    DAMAGED,
     METHOD_STATE,
     Commit,
     Stack,
@@ -94,15 +95,16 @@ class ContinualModel:
         path = Path(path)
         if spec is not None:
             check_free(path)
-        for attempt in range(_OPEN_ATTEMPTS):
+        attempts = _OPEN_ATTEMPTS
+        while True:
             stack, own = _stack_and_spec(path, base_id, spec)
             try:
                 return cls._load(stack, own, load_model)
             except UserError:
-                if attempt + 1 == _OPEN_ATTEMPTS or not stack.changed_on_disk():
+                attempts -= 1
+                if not attempts or not stack.changed_on_disk():
                     raise
                 log.info("%s: a commit replaced files while loading; loading again", path)
-        raise AssertionError("unreachable")
 
     @classmethod
     def _load(
@@ -185,7 +187,7 @@ class ContinualModel:
         since it was opened: this process's view of it would overwrite the other commit."""
         if accelerator is not None and not accelerator.is_main_process:
             return nullcontext()
-        return _FreshWriter(self.stack)
+        return _fresh_writer(self.stack)
 
     def _resume_key(self, task: Task, cfg: TrainConfig, examples: list[dict]) -> str:
         """What a checkpoint must have been made with to be resumed: task, settings, data."""
@@ -241,23 +243,16 @@ class ContinualModel:
         stack.clear_checkpoint()
 
 
-class _FreshWriter:
+@contextmanager
+def _fresh_writer(stack: Stack) -> Iterator[None]:
     """`WriterLock` on the stack, plus: nobody committed since this process read it."""
-
-    def __init__(self, stack: Stack):
-        self.stack, self.lock = stack, WriterLock(stack.path)
-
-    def __enter__(self) -> None:
-        self.lock.__enter__()
-        if self.stack.changed_on_disk():
-            self.lock.__exit__(None, None, None)
+    with WriterLock(stack.path):
+        if stack.changed_on_disk():
             raise UserError(
-                f"{self.stack.path}: another process committed to this stack since this one "
+                f"{stack.path}: another process committed to this stack since this one "
                 "opened it; run the command again"
             )
-
-    def __exit__(self, *exc: Any) -> None:
-        self.lock.__exit__(*exc)
+        yield
 
 
 def _stack_and_spec(
@@ -282,10 +277,7 @@ def _loading(file: Path, load: Callable[[], None]) -> None:
     except UserError:
         raise
     except Exception as exc:  # damaged files raise many kinds (safetensors, JSON, shapes)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"{file}: cannot load ({reason[:200]}); the stack is damaged: restore it from a copy"
-        ) from exc
+        raise UserError(f"{file}: cannot load ({first_line(exc)}); {DAMAGED}") from exc
 
 
 def _write_state(commit: Commit, state: dict[str, Any]) -> str | None:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from crma.errors import UserError
 from crma.methods import METHODS
-from crma.stack import MANIFEST, Stack
+from crma.stack import DAMAGED, MANIFEST, Stack
 
 
 def check_stack(path: str | Path, base: str | None = None) -> list[str]:
@@ -64,10 +64,10 @@ def _check_router(stack: Stack) -> str:
         and (labels is None or (shapes["embeddings"] == (len(labels), d) and labels.max() < k))
     )
     if not consistent:
-        raise UserError(f"{file}: router tensors do not fit together; {_DAMAGED}")
+        raise UserError(f"{file}: router tensors do not fit together; {DAMAGED}")
     missing = [name for name in stack.domains if name not in domains]
     if missing:
-        raise UserError(f"{file}: router lacks domain {missing[0]!r}; {_DAMAGED}")
+        raise UserError(f"{file}: router lacks domain {missing[0]!r}; {DAMAGED}")
     return f"router     {file.name}: {len(domains)} domains, {d}-dim embeddings"
 
 
@@ -85,13 +85,13 @@ def _check_backbone(stack: Stack, base: str | None) -> str:
     n, tied = crma["n_streams"], crma["variant"] == "tied"
     if (meta["config"].get("n_streams"), meta["config"].get("variant")) != (n, crma["variant"]):
         raise UserError(
-            f"{config}: n_streams/variant differ from the manifest's {n}/{crma['variant']}; {_DAMAGED}"
+            f"{config}: n_streams/variant differ from the manifest's {n}/{crma['variant']}; {DAMAGED}"
         )
     expected = {"read_weights": (L, n, d), "log_mix": (L, n, n), "log_alpha": (L,)}
     if not tied:
         expected["write_weights"] = (L, d, n)
     if _shapes(weights) != expected:
-        raise UserError(f"{weights}: tensors do not fit {L} layers x {d} hidden, n={n}; {_DAMAGED}")
+        raise UserError(f"{weights}: tensors do not fit {L} layers x {d} hidden, n={n}; {DAMAGED}")
     model = _base_shape(base or stack.manifest["base_model"]["name"])
     if model is not None and model != (L, d):
         raise UserError(
@@ -111,7 +111,7 @@ def _check_adapter(stack: Stack, domain: str) -> str:
         kind = config["peft_type"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(
-            f"{config_file}: not a PEFT adapter config ({type(exc).__name__}); {_DAMAGED}"
+            f"{config_file}: not a PEFT adapter config ({type(exc).__name__}); {DAMAGED}"
         ) from None
     shapes = _shapes(folder / "adapter_model.safetensors")
     if kind == "LORA":
@@ -141,7 +141,7 @@ def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
             return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 - not a dict
     except Exception as exc:  # safetensors raises several kinds on damaged headers
         raise UserError(
-            f"{file}: not a readable safetensors file ({type(exc).__name__}); {_DAMAGED}"
+            f"{file}: not a readable safetensors file ({type(exc).__name__}); {DAMAGED}"
         ) from None
 
 
@@ -156,6 +156,3 @@ def _base_shape(name: str) -> tuple[int, int] | None:
         return None
     config: Any = AutoConfig.from_pretrained(folder)
     return config.num_hidden_layers, config.hidden_size
-
-
-_DAMAGED = "the stack is damaged: restore it from a copy"

@@ -22,7 +22,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from crma.errors import UserError
+from crma.errors import UserError, first_line
 from crma.fileio import atomic_path, file_sha256
 
 EMBEDDED = "embedded"
@@ -100,7 +100,7 @@ def _load_hf(name: str, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"{name}: cannot load model ({_first_line(exc)})") from exc
+        raise UserError(f"{name}: cannot load model ({first_line(exc)})") from exc
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
@@ -112,7 +112,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except Exception as exc:  # gguf raises many kinds on corrupt files
-        raise UserError(f"{path}: cannot load GGUF model ({_first_line(exc)})") from exc
+        raise UserError(f"{path}: cannot load GGUF model ({first_line(exc)})") from exc
     # The weights are plain floats after dequantization; drop the marker so saving works.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
@@ -144,8 +144,3 @@ def _embedded_cache() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return cache
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from crma.errors import UserError
+from crma.errors import UserError, first_line
 from crma.fileio import atomic_path
 from crma.settings import Settings, setting
-from crma.stack import ROUTER_FILE
+from crma.stack import DAMAGED, ROUTER_FILE
 
 if TYPE_CHECKING:
     from crma.continual import ContinualModel
@@ -302,11 +302,8 @@ class CentroidRouter:
                         setattr(router, name, fh.get_tensor(name))
             router.keep(stack.domains)
         except Exception as exc:  # safetensors raises several kinds on damaged files
-            reason = (
-                str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            )
             raise UserError(
-                f"{path}: cannot read the router ({reason}); the stack is damaged"
+                f"{path}: cannot read the router ({first_line(exc)}); {DAMAGED}"
             ) from exc
         return router
 

@@ -46,6 +46,7 @@ BACKBONE_FILE = "crma_backbone.safetensors"
 BACKBONE_CONFIG = "crma_config.json"
 ROUTER_FILE = "router.safetensors"
 METHOD_STATE = "method_state.safetensors"
+DAMAGED = "the stack is damaged: restore it from a copy (`crma check STACK` checks every file)"
 # Opening a stack hashes its files when they add up to at most this; `crma check` always does.
 HASH_AT_OPEN = 512 << 20
 
@@ -127,9 +128,7 @@ class Stack:
         try:
             manifest = json.loads(file.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(
-                f"{file}: not valid JSON ({_reason(exc)}); the stack is damaged"
-            ) from exc
+            raise UserError(f"{file}: not valid JSON ({_reason(exc)}); {DAMAGED}") from exc
         stack = cls(path, _upgraded(manifest, path, file))
         stack.verify(hashes=stack.size() <= HASH_AT_OPEN)
         return stack
@@ -186,16 +185,16 @@ class Stack:
         for rel, entry in self.manifest["files"].items():
             file = self.path / rel
             if not file.is_file():
-                raise UserError(f"{file}: missing; {_DAMAGED}")
+                raise UserError(f"{file}: missing; {DAMAGED}")
             size = file.stat().st_size
             if "size" in entry and size != entry["size"]:
                 raise UserError(
                     f"{file}: {size} bytes, the manifest recorded {entry['size']} "
-                    f"(truncated or replaced); {_DAMAGED}"
+                    f"(truncated or replaced); {DAMAGED}"
                 )
             if hashes and "sha256" in entry and file_sha256(file) != entry["sha256"]:
                 raise UserError(
-                    f"{file}: sha256 differs from the manifest's (corrupted or replaced); {_DAMAGED}"
+                    f"{file}: sha256 differs from the manifest's (corrupted or replaced); {DAMAGED}"
                 )
 
     def changed_on_disk(self) -> bool:
@@ -304,7 +303,6 @@ class Commit:
 
 
 # -- manifest structure -----------------------------------------------------------------------
-_DAMAGED = "the stack is damaged: restore it from a copy (`crma check STACK` checks every file)"
 
 
 def _components(manifest: dict[str, Any]) -> dict[str, str]:
@@ -328,7 +326,7 @@ def _listed_files(root: Path, manifest: dict[str, Any]) -> Iterator[str]:
 def _upgraded(manifest: Any, path: Path, file: Path) -> dict[str, Any]:
     """The manifest in this format, checked for the fields crma reads (format 1 upgraded)."""
     if not isinstance(manifest, dict):
-        raise UserError(f"{file}: not a crma manifest (not a JSON object); the stack is damaged")
+        raise UserError(f"{file}: not a crma manifest (not a JSON object); {DAMAGED}")
     version = manifest.get("format")
     if version not in (1, FORMAT_VERSION):
         raise UserError(
@@ -340,9 +338,7 @@ def _upgraded(manifest: Any, path: Path, file: Path) -> dict[str, Any]:
     try:
         _check_fields(manifest)
     except (KeyError, TypeError, AssertionError) as exc:
-        raise UserError(
-            f"{file}: missing or malformed field ({exc!r}); the stack is damaged"
-        ) from None
+        raise UserError(f"{file}: missing or malformed field ({exc!r}); {DAMAGED}") from None
     return manifest
 
 
@@ -376,7 +372,7 @@ def _from_format_1(m: dict[str, Any], path: Path) -> dict[str, Any]:
     m["files"] = {}
     missing = [f for f in m["adapters"].values() if not (path / f).is_dir()]
     if missing:
-        raise UserError(f"{path / missing[0]}: missing; {_DAMAGED}")
+        raise UserError(f"{path / missing[0]}: missing; {DAMAGED}")
     m["files"] = {rel: {} for rel in _listed_files(path, m)}
     return m
 
