@@ -16,7 +16,7 @@ def reference(tmp_path_factory):
     return out, harness.reference("train", out)
 
 
-@pytest.mark.parametrize("point", ["checkpoint:4", "commit-file:2", "commit:1"])
+@pytest.mark.parametrize("point", ["checkpoint:4", "commit-file:2", "commit:2"])
 def test_train_killed_anywhere_and_rerun_ends_byte_identical(reference, tmp_path, point):
     ref, counts = reference
     event, _, n = point.partition(":")

@@ -34,7 +34,7 @@ from crma.stack import (
     Commit,
     Stack,
 )
-from crma.train import TrainConfig, Trainer
+from crma.train import TrainConfig, Trainer, checkpoint_state
 
 log = logging.getLogger(__name__)
 _OPEN_ATTEMPTS = 3  # a commit deleting files mid-load sends a reader back to the manifest
@@ -181,6 +181,20 @@ class ContinualModel:
                 self._commit(task, result, train_config, data_info or {}, replace, examples)
             accelerator.wait_for_everyone()
         return result
+
+    def tidy(self, accelerator=None) -> None:
+        """Remove what an interrupted writer left behind: files no manifest lists, and the
+        checkpoint of a domain it committed (killed between the commit and its clean-up).
+        A checkpoint of an uncommitted domain stays, to be resumed."""
+        if not Stack.exists(self.stack.path) or (
+            accelerator is not None and not accelerator.is_main_process
+        ):
+            return
+        with self.writing():
+            self.stack.collect_garbage()
+            state = checkpoint_state(self.stack.checkpoint_dir)
+            if state is None or state.get("generation") != self.stack.generation:
+                self.stack.clear_checkpoint()
 
     def writing(self, accelerator=None):
         """The stack's writer lock (on the main process), refusing a stack changed on disk

@@ -443,6 +443,7 @@ class ProtocolRun:
         cm = ContinualModel.open_or_create(
             run_dir / "stack", self.model_loader, base_id, stack_spec
         )
+        cm.tidy(acc)
         names = [d.name for d in domains]
         matrix_path = run_dir / "loss_matrix.json"
         rows = json.loads(matrix_path.read_text())["loss_matrix"] if matrix_path.is_file() else []

@@ -336,17 +336,21 @@ class _Checkpoint:
         return self.directory / CHECKPOINT_FILE
 
     def state(self) -> dict[str, Any] | None:
-        """The checkpoint's step, keys and offsets; None if there is none (or it is unreadable:
-        one from an older crma, or damaged)."""
-        try:
-            with safe_open(str(self.file), framework="pt") as fh:
-                return json.loads(fh.metadata()["state"])
-        except Exception:  # missing, damaged or older layout: start the task afresh
-            return None
+        return checkpoint_state(self.directory)
 
     def last_step(self) -> int:
         state = self.state()
         return state["step"] if state and state.get("resume_key") == self.resume_key else 0
+
+
+def checkpoint_state(directory: Path) -> dict[str, Any] | None:
+    """A checkpoint's step, keys, generation and offsets; None if there is none (or it is
+    unreadable: one from an older crma, or damaged)."""
+    try:
+        with safe_open(str(directory / CHECKPOINT_FILE), framework="pt") as fh:
+            return json.loads(fh.metadata()["state"])
+    except Exception:  # missing, damaged or older layout: start the task afresh
+        return None
 
 
 def _size(path: Path) -> int:

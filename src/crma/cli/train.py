@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> None:
             )
     check_distinct(cm.stack.domains + [n for n in todo if n not in cm.stack.domains], "--domain")
     acc = Accelerator(mixed_precision=mixed_precision(train_cfg.precision))
+    cm.tidy(acc)
     if done and acc.is_main_process:
         print(f"{', '.join(sorted(done))}: already trained on this data with these settings")
     for i, name in enumerate(todo):
