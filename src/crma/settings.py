@@ -106,29 +106,33 @@ def _checked(value: Any, tp: Any, meta: Any) -> Any:
         bad = [i for i in items if isinstance(i, _Invalid)]
         return _Invalid(bad[0].value, f"a list, each item {bad[0].allowed}") if bad else items
     coerced = _coerced(value, base)
-    if isinstance(coerced, _Invalid) or not _allowed(coerced, meta):
+    if coerced is _WRONG_TYPE or not _allowed(coerced, meta):
         return _Invalid(value, allowed_text(base, meta))
     if meta.get("check") and (problem := meta["check"](coerced)):
         return _Invalid(value, problem)
     return coerced
 
 
+_WRONG_TYPE = object()  # what `_coerced` returns for a value that is not of the type
+
+
 def _coerced(value: Any, base: Any) -> Any:
+    """`value` as type `base` (an int or a numeric string as a float), or `_WRONG_TYPE`."""
     if typing.get_origin(base) is typing.Literal:
-        return value if value in typing.get_args(base) else _Invalid(value, "")
+        return value if value in typing.get_args(base) else _WRONG_TYPE
     if base is float:
         try:  # a string too: YAML 1.1 reads 1e-4 (no dot) as one
             number = float(value) if not isinstance(value, bool | list | dict) else math.nan
         except (TypeError, ValueError):
             number = math.nan
-        return number if math.isfinite(number) else _Invalid(value, "")
+        return number if math.isfinite(number) else _WRONG_TYPE
     base = typing.get_origin(base) or base  # dict[str, Any] -> dict
     if base in (int, str, bool, dict) and (
         not isinstance(value, base) or (base is int and isinstance(value, bool))
     ):
-        return _Invalid(value, "")
+        return _WRONG_TYPE
     if dataclasses.is_dataclass(base) and not isinstance(value, base):
-        return _Invalid(value, "")
+        return _WRONG_TYPE
     return value
 
 
