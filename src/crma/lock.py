@@ -38,17 +38,18 @@ class WriterLock:
         self.path = self.directory / LOCK_FILE
         self._lock: filelock.BaseFileLock | None = None
         self._created: Path | None = None
+        self._inode: int | None = None  # of the file locked, as opened
 
     def __enter__(self) -> WriterLock:
         self._created = _first_missing(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a lock file removed by a failed creator between open and flock
-            lock = filelock.FileLock(self.path, timeout=0, on_acquired=self._describe_holder)
+            lock = filelock.FileLock(self.path, timeout=0, on_acquired=self._acquired)
             try:
                 lock.acquire()
             except filelock.Timeout:
                 raise UserError(f"{self.directory}: {busy_message(self.path)}") from None
-            if _same_file(lock, self.path):
+            if self._inode == _inode(self.path):
                 self._lock = lock
                 return self
             lock.release()
@@ -69,8 +70,9 @@ class WriterLock:
         self._lock.release()
         self._lock = None
 
-    @staticmethod
-    def _describe_holder(fd: int) -> None:
+    def _acquired(self, fd: int) -> None:
+        """Note which file is locked, and write who holds it into it."""
+        self._inode = os.fstat(fd).st_ino
         line = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -105,13 +107,12 @@ def busy_message(path: Path) -> str:
     return f"another crma process is writing here ({who}); wait for it to finish, or stop it"
 
 
-def _same_file(lock: filelock.BaseFileLock, path: Path) -> bool:
-    """Whether the locked descriptor is still the file at `path` (not one unlinked meanwhile)."""
-    fd = lock._context.lock_file_fd  # noqa: SLF001 - filelock exposes no other handle
+def _inode(path: Path) -> int | None:
+    """The inode at `path` now: another than the one locked if the file was unlinked meanwhile."""
     try:
-        return fd is not None and os.fstat(fd).st_ino == os.stat(path).st_ino
+        return os.stat(path).st_ino
     except FileNotFoundError:
-        return False
+        return None
 
 
 def _first_missing(directory: Path) -> Path | None:
