@@ -8,7 +8,9 @@ Reads the run's loss matrices (through `crma.report.build_report`, so the run's 
 report.json and plots are refreshed too) and the cost columns measured by
 `benchmarks/methods.py`, and writes OUT/report.json (the run's report plus a `head_to_head`
 section), OUT/report.md (the table first, then the run's report), OUT/config.yaml and
-OUT/plots/. A labelled variant (crma-tied) takes the costs of the method it runs (crma).
+OUT/plots/. A labelled variant with no options of its own (crma-tied) takes the costs of the
+method it runs (crma); one with its own options (osf-qv: OSF on q/v at a LoRA's budget) trains
+another number of parameters, so it has no cost columns until the benchmark measures it.
 `--logs` adds the time each method took per domain in the run itself, read from what
 `crma run` printed ("[label seed N] k/K domain: S steps in X s"): the benchmark's domains are
 small, and EWC's Fisher and InfLoRA's input statistics grow with a domain's examples.
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     costs = json.loads(args.costs.read_text())
     report = build_report(args.run)
     config = yaml.safe_load((args.run / "config.yaml").read_text())
-    names = {m["label"] or m["name"]: m["name"] for m in config["methods"]}
+    names = {m["label"] or m["name"]: m["name"] for m in config["methods"] if not m.get("options")}
     table = rows(report, costs["methods"], names)
     if args.logs:
         seconds = train_seconds(args.logs)

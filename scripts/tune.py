@@ -1,26 +1,41 @@
 """Hyperparameter trials on the validation split (carved from `spare`), never on the holdout.
 
-    .venv/bin/python scripts/tune.py configs/tuning/paper-lr.yaml [--out runs/tuning]
+    .venv/bin/python scripts/tune.py configs/tuning/ewc.yaml [--out runs/tuning]
 
-The grid file names a base run config, fixed overrides, and a grid of values (or a list of
-points); every point is one protocol run with `corpus.split=validation` (the trial cannot see
-the holdout). Each method's setting is then chosen by one rule (see `select`). Trials, scores
-and choices go to results/tuning/<name>.md and .json; a finished trial is read back, not rerun.
+A grid file names a base run config, fixed overrides, and either
+
+- `methods:` and `axes:` (one budget for everyone): each method is tuned on its own along the
+  axes in order, each axis at the values chosen on the axes before it. Whenever a method's
+  chosen value sits at an edge of the values tried, the next point one step beyond that edge
+  is tried too (see `next_beyond`), until the choice is interior or the axis's `limits` stop
+  it; or
+- `grid: {key: [values]}` (every combination) or `points: [...]` (as listed): fixed trials.
+
+Every trial is one protocol run with `corpus.split=validation` (it cannot see the holdout),
+and each method's setting is chosen by one rule (see `select`). Trials, scores and choices go
+to results/tuning/<name>.md and .json; a finished trial is read back, not rerun.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
+import math
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from crma.errors import UserError
 from crma.fileio import write_json, write_text
 from crma.protocol import ProtocolRun, load_config
+
+Scores = dict[str, float]  # drift, plasticity_loss, final_loss
 
 
 def trial_name(point: dict) -> str:
@@ -31,7 +46,7 @@ def trial_name(point: dict) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in point.items() if k != "methods")
 
 
-def score(report: dict) -> dict[str, dict[str, float]]:
+def score(report: dict) -> dict[str, Scores]:
     """Per method: drift, and the mean validation loss right after training each domain."""
     out = {}
     for label, m in report["methods"].items():
@@ -69,10 +84,171 @@ def select(trials: list[dict]) -> dict[str, str]:
     return chosen
 
 
+# -- axes: one method at a time, edges extended -------------------------------------------------
+# Each scale maps a value to the coordinate in which the axis's points are evenly spaced.
+SCALES: dict[str, tuple[Callable[[float], float], Callable[[float], float]]] = {
+    "log": (math.log, math.exp),  # learning rates, penalty weights
+    "linear": (lambda v: v, lambda t: t),
+    "log-complement": (lambda v: math.log(1 - v), lambda t: 1 - math.exp(t)),  # shares near 1
+}
+
+
+@dataclass
+class Axis:
+    """One setting of a method, tried at `values`, extended within `limits` (inclusive).
+
+    `key` is a setting inside the method's entry (`train.lr`, `options.ewc_lambda`); or
+    `scale_keys` maps several settings to base values that the axis multiplies together.
+    """
+
+    name: str
+    values: list[float]
+    limits: tuple[float, float]
+    scale: str = "log"
+    key: str | None = None
+    scale_keys: dict[str, float] | None = None
+
+    @classmethod
+    def parse(cls, spec: dict, where: str) -> Axis:
+        known = ("name", "key", "scale_keys", "values", "limits", "scale")
+        if unknown := sorted(set(spec) - set(known)):
+            raise UserError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(known)}")
+        if ("key" in spec) == ("scale_keys" in spec) or "limits" not in spec:
+            raise UserError(f"{where}: give limits and exactly one of key, scale_keys")
+        lo, hi = spec["limits"]
+        axis = cls(
+            name=spec.get("name") or spec.get("key", "").split(".")[-1],
+            values=[float(v) for v in spec.get("values", [])],
+            limits=(float(lo), float(hi)),
+            scale=spec.get("scale", "log"),
+            key=spec.get("key"),
+            scale_keys=spec.get("scale_keys"),
+        )
+        if not axis.name or axis.scale not in SCALES or len(set(axis.values)) < 2:
+            scales = ", ".join(SCALES)
+            raise UserError(f"{where}: needs a name, two values or more and a scale: {scales}")
+        try:
+            for v in axis.values:
+                SCALES[axis.scale][0](v)
+        except ValueError:
+            raise UserError(f"{where}: {axis.values} not all on a {axis.scale} scale") from None
+        if not all(lo <= v <= hi for v in axis.values):
+            raise UserError(f"{where}: values {axis.values} outside limits {axis.limits}")
+        return axis
+
+    def apply(self, entry: dict, value: float) -> None:
+        """Set this axis's setting(s) to `value` in a method entry, in place."""
+        settings = (
+            {self.key: value}
+            if self.key
+            else {k: base * value for k, base in (self.scale_keys or {}).items()}
+        )
+        for key, v in settings.items():
+            *sections, leaf = key.split(".")
+            node = entry
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[leaf] = v
+
+
+def next_beyond(axis: Axis, tried: list[float], chosen: float) -> float | None:
+    """The next point past the edge where `chosen` sits, one step (the step between the two
+    outermost points at that edge, in the axis's scale) further; None if `chosen` is
+    interior or that point would leave the axis's limits."""
+    ordered = sorted(set(tried))
+    if chosen == ordered[0]:
+        edge, inner = ordered[0], ordered[1]
+    elif chosen == ordered[-1]:
+        edge, inner = ordered[-1], ordered[-2]
+    else:
+        return None
+    forward, back = SCALES[axis.scale]
+    beyond = back(2 * forward(edge) - forward(inner))
+    if not math.isfinite(beyond):
+        return None
+    beyond = float(f"{beyond:.6g}")  # a readable trial name; far below any step
+    lo, hi = axis.limits
+    return beyond if lo <= beyond <= hi and beyond not in ordered else None
+
+
+RunTrial = Callable[[str, dict, dict], Scores]  # (label, method entry, point) -> its scores
+
+
+def configured(entry: dict, axes: list[Axis], point: dict[str, float]) -> dict:
+    """A copy of a method entry with the point's value set on each of its axes."""
+    out = copy.deepcopy(entry)
+    for axis in axes:
+        if axis.name in point:
+            axis.apply(out, point[axis.name])
+    return out
+
+
+def tune_axis(
+    label: str, entry: dict, axes: list[Axis], axis: Axis, point: dict[str, float], run: RunTrial
+) -> tuple[list[dict], float]:
+    """One axis at `point` (the earlier axes' choices): its trials, extended past the edge
+    while the choice sits there and the limits allow, and the value chosen."""
+    trials: list[dict] = []
+    pending = list(axis.values)
+    while pending:
+        for value in pending:
+            at = {**point, axis.name: value}
+            method = configured(entry, axes, at)
+            extension = value not in axis.values
+            trials.append(
+                {"method": label, "axis": axis.name, "extension": extension, "point": at}
+                | {"entry": method, "scores": {label: run(label, method, at)}}
+            )
+        name = select(trials)[label]
+        chosen = next(t["point"][axis.name] for t in trials if trial_name(t["point"]) == name)
+        beyond = next_beyond(axis, [t["point"][axis.name] for t in trials], chosen)
+        pending = [] if beyond is None else [beyond]
+    tried = [t["point"][axis.name] for t in trials]
+    if chosen in (min(tried), max(tried)):  # the limits stopped the extension: say so
+        next(t for t in trials if t["point"][axis.name] == chosen)["at_limit"] = True
+    return trials, chosen
+
+
+def tune_method(
+    label: str, entry: dict, axes: list[Axis], run: RunTrial
+) -> tuple[list[dict], dict[str, float]]:
+    """Tune one method along `axes` in order; returns its trials and the chosen point."""
+    trials: list[dict] = []
+    point: dict[str, float] = {}
+    for axis in axes:
+        mine, point[axis.name] = tune_axis(label, entry, axes, axis, point, run)
+        trials += mine
+    return trials, point
+
+
+def method_entry(item: Any) -> dict:
+    """A run config's method item (a name or a mapping) as a mapping."""
+    return {"name": item} if isinstance(item, str) else copy.deepcopy(item)
+
+
+def parse_axes(spec: dict) -> list[Axis]:
+    return [Axis.parse(a, f"axes[{i}]") for i, a in enumerate(spec["axes"])]
+
+
+def tune_axes(spec: dict, run: RunTrial) -> tuple[list[dict], dict[str, str], dict[str, dict]]:
+    """Every method of an `axes` grid: trials, chosen trial per label, chosen method entries."""
+    axes = parse_axes(spec)
+    trials, chosen, entries = [], {}, {}
+    for item in spec["methods"]:
+        entry = method_entry(item)
+        label = entry.get("label") or entry["name"]
+        mine, point = tune_method(label, entry, axes, run)
+        trials += mine
+        chosen[label] = trial_name(point)
+        entries[label] = next(t["entry"] for t in mine if t["point"] == point)
+    return trials, chosen, entries
+
+
+# -- fixed grids ------------------------------------------------------------------------------
 def earlier_trials(root: Path) -> list[Path]:
     """Trial run directories of every grid: a (method, seed) run with identical settings is
     copied from them rather than trained again."""
-    return sorted(p.parent for p in root.glob("*/*/config.yaml"))
+    return sorted(p.parent for p in root.rglob("config.yaml"))
 
 
 def grid_points(spec: dict) -> list[dict]:
@@ -92,12 +268,101 @@ def fixed(spec: dict) -> list[str]:
 
 
 def trial_configs(spec: dict) -> list[tuple[dict, Any]]:
-    """(point, resolved run config) per trial; a bad key or option fails here, before any run."""
+    """(point, resolved run config) per declared trial; a bad key or option fails here, before
+    any run. For an `axes` grid: every method at every declared value of every axis (the
+    other axes at the method's own settings); extensions come later, from the scores."""
+    if "axes" not in spec:
+        out = []
+        for point in grid_points(spec):
+            own = [f"{k}={json.dumps(v)}" for k, v in point.items() if k != "trial"]
+            out.append((point, load_config(spec["config"], fixed(spec) + own)))
+        return out
     out = []
-    for point in grid_points(spec):
-        own = [f"{k}={json.dumps(v)}" for k, v in point.items() if k != "trial"]
-        out.append((point, load_config(spec["config"], fixed(spec) + own)))
+    for item in spec["methods"]:
+        for axis in parse_axes(spec):
+            for value in axis.values:
+                entry = method_entry(item)
+                axis.apply(entry, value)
+                point = {"methods": [entry], axis.name: value}
+                out.append((point, axis_config(spec, entry)))
     return out
+
+
+def axis_config(spec: dict, entry: dict) -> Any:
+    """The run config of one method entry of an `axes` grid."""
+    return load_config(spec["config"], [*fixed(spec), f"methods={json.dumps([entry])}"])
+
+
+# -- running and writing ------------------------------------------------------------------------
+def run_trial(config: Any, out: Path, root: Path) -> dict:
+    """A trial's report: read back if it finished earlier, else run (copying identical units)."""
+    finished = out / "report.json"
+    if finished.is_file():
+        return json.loads(finished.read_text())
+    return ProtocolRun(config, out, reuse=earlier_trials(root)).run()
+
+
+def run_fixed(spec: dict, out: Path, root: Path) -> tuple[list[dict], dict[str, str]]:
+    trials = []
+    for point, config in trial_configs(spec):
+        trial_out = out / trial_name(point)
+        report = run_trial(config, trial_out, root)
+        trials.append({"point": point, "scores": score(report), "run_dir": str(trial_out)})
+        print(f"trial {trial_name(point)}: {json.dumps(trials[-1]['scores'])}", flush=True)
+    return trials, select(trials)
+
+
+def protocol_runner(spec: dict, out: Path, root: Path) -> RunTrial:
+    def run(label: str, entry: dict, point: dict) -> Scores:
+        trial_out = out / label / trial_name(point)
+        scores = score(run_trial(axis_config(spec, entry), trial_out, root))[label]
+        print(f"trial {label} {trial_name(point)}: {json.dumps(scores)}", flush=True)
+        return scores
+
+    return run
+
+
+def write_results(grid: Path, spec: dict, trials: list[dict], chosen: dict, entries: dict) -> None:
+    results = Path("results/tuning")
+    write_json(
+        results / f"{grid.stem}.json",
+        {
+            "grid_file": str(grid),
+            "fixed": fixed(spec),
+            "trials": trials,
+            "selected": chosen,
+            "selected_entries": entries,
+        },
+    )
+    lines = [
+        f"# Tuning trials: {grid.stem}",
+        "",
+        f"Grid file `{grid}`; every trial evaluates on the validation split (from `spare`).",
+        "Trials marked *(extension)* were added because the choice sat at an edge of the grid;",
+        "*(chosen at the … limit)*: the axis's declared limits stopped the extension there.",
+        "",
+        "| trial | method | drift (%) | loss just after training (mean) | final loss (mean) |",
+        "|---|---|---|---|---|",
+    ]
+    for t in trials:
+        name = trial_name(t["point"]) + (" *(extension)*" if t.get("extension") else "")
+        name += f" *(chosen at the {t['axis']} limit)*" if t.get("at_limit") else ""
+        for label, s in t["scores"].items():
+            lines.append(
+                f"| {name} | {label} | {s['drift']:+.3f} | {s['plasticity_loss']:.4f} | "
+                f"{s['final_loss']:.4f} |"
+            )
+    lines += [
+        "",
+        f"Selected (lowest final loss among drift <= {MAX_DRIFT} %, else least drift):",
+        "",
+        *(
+            f"- {label}: {name}"
+            + (f" → `{json.dumps(entries[label])}`" if label in entries else "")
+            for label, name in chosen.items()
+        ),
+    ]
+    write_text(results / f"{grid.stem}.md", "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -107,48 +372,18 @@ def main() -> None:
     parser.add_argument(
         "grid",
         type=Path,
-        help="grid file: {config, set: {...}, grid: {key: [values]} or points: [...]}",
+        help="grid file: {config, set: {...}, methods: [...] and axes: [...], or grid/points}",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/tuning"))
     args = parser.parse_args()
     spec = yaml.safe_load(args.grid.read_text())
-    trials = []
-    for point, config in trial_configs(spec):
-        out = args.out / args.grid.stem / trial_name(point)
-        finished = out / "report.json"  # a trial finished earlier is read back, not rerun
-        report = (
-            json.loads(finished.read_text())
-            if finished.is_file()
-            else ProtocolRun(config, out, reuse=earlier_trials(args.out)).run()
-        )
-        trials.append({"point": point, "scores": score(report), "run_dir": str(out)})
-        print(f"trial {trial_name(point)}: {json.dumps(trials[-1]['scores'])}", flush=True)
-    results = Path("results/tuning")
-    chosen = select(trials)
-    write_json(
-        results / f"{args.grid.stem}.json",
-        {"grid_file": str(args.grid), "fixed": fixed(spec), "trials": trials, "selected": chosen},
-    )
-    lines = [
-        f"# Tuning trials: {args.grid.stem}",
-        "",
-        f"Grid file `{args.grid}`; every trial evaluates on the validation split (from `spare`).",
-        "",
-        "| trial | method | drift (%) | loss just after training (mean) | final loss (mean) |",
-        "|---|---|---|---|---|",
-    ]
-    for t in trials:
-        for label, s in t["scores"].items():
-            lines.append(
-                f"| {trial_name(t['point'])} | {label} | {s['drift']:+.3f} | {s['plasticity_loss']:.4f} | {s['final_loss']:.4f} |"
-            )
-    lines += [
-        "",
-        f"Selected (lowest final loss among drift <= {MAX_DRIFT} %, else least drift):",
-        "",
-        *(f"- {label}: {name}" for label, name in chosen.items()),
-    ]
-    write_text(results / f"{args.grid.stem}.md", "\n".join(lines) + "\n")
+    trial_configs(spec)  # every declared trial resolves, before hours of runs
+    out = args.out / args.grid.stem
+    if "axes" in spec:
+        trials, chosen, entries = tune_axes(spec, protocol_runner(spec, out, args.out))
+    else:
+        (trials, chosen), entries = run_fixed(spec, out, args.out), {}
+    write_results(args.grid, spec, trials, chosen, entries)
     print("selected: " + json.dumps(chosen), flush=True)
 
 

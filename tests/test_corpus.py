@@ -14,7 +14,7 @@ from crma.cli import main
 from crma.data import DOMAINS, corpus_file, ensure_corpus, load_records, tokenize_records
 from crma.data import corpus as corpus_module
 from crma.data.clean import find_contamination
-from crma.data.corpus import CORPUS_CLEAN, SPLITS, build_corpus
+from crma.data.corpus import CORPUS_CLEAN, N_PROBES, SPLITS, build_corpus, group_split
 from crma.data.qa import MMLU_SUBJECTS, make_probes
 from crma.errors import UserError
 
@@ -33,7 +33,7 @@ def test_documented_counts_and_manifest(built):
     root, manifest = built
     for domain in DOMAINS:
         counts = manifest["counts"][domain]
-        assert counts["train"] == 500 and counts["holdout"] == 100 and counts["probes"] == 100
+        assert counts["train"] == 500 and counts["holdout"] == 100 and counts["probes"] == 300
         assert counts["spare"] == counts["kept"] - 600 > 0
         assert counts["mmlu"] >= 400
         for split in SPLITS:
@@ -94,7 +94,42 @@ def test_no_train_holdout_near_duplicates_by_its_own_check(built, capsys):
     assert "500 holdout rows, 0 contaminated" in capsys.readouterr().out
     spare = [(r["domain"], r["text"]) for d in DOMAINS for r in rows(root, d, "spare")[:300]]
     train = [(r["domain"], r["text"]) for d in DOMAINS for r in rows(root, d, "train")]
-    assert find_contamination(train, spare, CORPUS_CLEAN) == []
+    # spare is deduplicated against train, not containment-filtered: it takes the holdout's
+    # templated leaks (test_group_split_moves_contained_holdout_groups_to_spare)
+    leaks = find_contamination(train, spare, CORPUS_CLEAN)
+    assert [x for x in leaks if x["kind"] != "contained"] == []
+
+
+def test_group_split_moves_contained_holdout_groups_to_spare(monkeypatch):
+    """Families of templated passages (one shared 12-word core, three words of their own) in
+    groups of one: a holdout group whose sibling went to train must move to spare."""
+    monkeypatch.setattr(corpus_module, "SPLIT_SIZES", {"holdout": 4, "train": 8})
+    monkeypatch.setattr(corpus_module, "MAX_GROUP_SHARE", 4)
+    core = [" ".join(f"w{f}x{i}" for i in range(12)) for f in range(6)]
+    texts = [f"{core[f]} own{f}a{k} own{f}b{k} own{f}c{k}" for f in range(6) for k in range(5)]
+    rows = [{"id": f"r{i}", "text": t} for i, t in enumerate(texts)]
+    index_of = {r["id"]: i for i, r in enumerate(rows)}
+    family = {r["id"]: index_of[r["id"]] // 5 for r in rows}
+
+    def leaked(split):
+        trained = {family[r["id"]] for r in split["train"]}
+        return [r for r in split["holdout"] if family[r["id"]] in trained]
+
+    # a domain name whose salted order would put a templated sibling on both sides
+    for domain in (f"d{i}" for i in range(50)):
+        unfiltered = corpus_module._fill
+        first = {}
+        order = sorted({r["id"] for r in rows}, key=lambda g: corpus_module.salted(domain, g))
+        members = {r["id"]: [r] for r in rows}
+        for split, size in corpus_module.SPLIT_SIZES.items():
+            first[split] = [members[g][0] for g in unfiltered(domain, split, size, order, members)]
+        if leaked(first):
+            break
+    split = group_split(rows, [r["id"] for r in rows], domain)
+    assert len(split["holdout"]) == 4 and not leaked(split)
+    assert sorted(r["id"] for r in split["train"]) == sorted(r["id"] for r in first["train"])
+    assert {r["id"] for r in leaked(first)} <= {r["id"] for r in split["spare"]}
+    assert sorted(r["id"] for s in split.values() for r in s) == sorted(r["id"] for r in rows)
 
 
 def test_probes_hold_the_true_continuation_and_same_domain_distractors(built):
@@ -103,7 +138,7 @@ def test_probes_hold_the_true_continuation_and_same_domain_distractors(built):
         train = rows(root, domain, "train")
         text_by_id = {r["id"]: r["text"] for r in train}
         probes = rows(root, domain, "probes")
-        assert [p["id"] for p in probes] == [r["id"] + "-probe" for r in train[:100]]
+        assert [p["id"] for p in probes] == [r["id"] + "-probe" for r in train[:N_PROBES]]
         for probe in probes:
             assert probe["domain"] == domain and len(probe["options"]) == 4
             passage = text_by_id[probe["id"].removesuffix("-probe")]
@@ -120,10 +155,14 @@ def test_probes_hold_the_true_continuation_and_same_domain_distractors(built):
 def test_probe_construction_is_deterministic_per_seed(built):
     root, _ = built
     train = rows(root, "science", "train")
-    assert make_probes(train, 100, seed=0) == rows(root, "science", "probes")
-    other = make_probes(train, 100, seed=1)
-    assert other == make_probes(train, 100, seed=1)
-    assert [p["answer"] for p in other] != [p["answer"] for p in make_probes(train, 100, seed=0)]
+    assert make_probes(train, N_PROBES, seed=0) == rows(root, "science", "probes")
+    # fewer probes are a prefix of more: results on the first 100 stay comparable
+    assert make_probes(train, 100, seed=0) == rows(root, "science", "probes")[:100]
+    other = make_probes(train, N_PROBES, seed=1)
+    assert other == make_probes(train, N_PROBES, seed=1)
+    assert [p["answer"] for p in other] != [
+        p["answer"] for p in make_probes(train, N_PROBES, seed=0)
+    ]
     assert [sorted(p["options"]) for p in other] == [
         sorted(p["options"]) for p in rows(root, "science", "probes")
     ]

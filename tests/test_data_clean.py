@@ -6,7 +6,14 @@ import json
 from pathlib import Path
 
 from crma.cli import main
-from crma.data.clean import CleanConfig, clean_records, find_contamination, normalize_text
+from crma.data.clean import (
+    CleanConfig,
+    ContainmentIndex,
+    clean_records,
+    find_contamination,
+    normalize_text,
+    word_ngrams,
+)
 from crma.data.qa import score_choices, wilson_interval
 
 # Distinct passages about different things: no two are near duplicates.
@@ -100,6 +107,30 @@ def test_contamination_flags_planted_leaks_within_and_across_domains():
     leaks = find_contamination(train, holdout, CleanConfig())
     summary = [(x["holdout_row"], x["train_row"], x["kind"], x["scope"]) for x in leaks]
     assert summary == [(1, 0, "near", "within_domain"), (2, 2, "exact", "cross_domain")]
+
+
+def test_containment_is_the_share_of_ngrams_in_one_row_and_in_all():
+    train = ["a b c d e", "c d e f g", "x y z"]
+    index = ContainmentIndex(train, n=2)
+    # holdout bigrams: ab bc cd de ef fg gh -> row 0 holds ab bc cd de (4/7), row 1 holds
+    # cd de ef fg (4/7, the tie goes to the lower row), all rows together 6/7
+    row, one, every = index.containment("a b c d e f g h")
+    assert (row, one, every) == (0, 4 / 7, 6 / 7)
+    assert index.containment("p q r") == (None, 0.0, 0.0)
+    assert word_ngrams("Two words", 8) == {"two words"}  # shorter than n: one gram
+
+
+def test_containment_flags_templated_rows_that_jaccard_misses():
+    template = (
+        "deposits along the epidermal basement membrane zone as seen by direct "
+        "immunofluorescence of a skin biopsy taken from the edge of a fresh blister"
+    )
+    train = [("medical", f"Linear IgA {template}, often with itching and a burning feeling.")]
+    holdout = [("medical", f"Linear C3 {template}.")]
+    assert find_contamination(train, holdout, CleanConfig(containment_threshold=1.01)) == []
+    (leak,) = find_contamination(train, holdout, CleanConfig())
+    assert leak["kind"] == "contained" and leak["similarity"] < 0.7
+    assert leak["containment"] >= 0.5 and leak["containment_all"] == leak["containment"]
 
 
 def test_check_command_exits_1_above_threshold(tmp_path, capsys):

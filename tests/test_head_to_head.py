@@ -38,10 +38,16 @@ def cost(task_id: bool, extra: int) -> dict:
 def run(tmp_path):
     methods = [{"name": "naive", "label": None}, {"name": "crma", "label": "crma-tied"}]
     methods.append({"name": "ewc", "label": None})
+    methods.append({"name": "crma", "label": "crma-own", "options": {"k": 1}})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"methods": methods, "seeds": [0, 1]}))
-    finals = {"naive": (2.4, 2.6), "crma-tied": (2.0, 2.0), "ewc": (2.2, 2.2)}
+    finals = {
+        "naive": (2.4, 2.6),
+        "crma-tied": (2.0, 2.0),
+        "ewc": (2.2, 2.2),
+        "crma-own": (2.0, 2.0),
+    }
     for label, per_seed in finals.items():
         for seed, final_a in enumerate(per_seed):
             d = run_dir / label / f"seed-{seed}"
@@ -79,6 +85,7 @@ def test_table_joins_drift_with_the_costs_of_the_method_a_label_runs(run, tmp_pa
     assert rows["naive"]["drift_range"] == pytest.approx([expected[0], expected[1]])
     assert rows["crma-tied"]["extra_trainable"] == 1000 and rows["crma-tied"]["needs_task_id"]
     assert rows["ewc"]["step_x"] is None
+    assert rows["crma-own"]["extra_trainable"] is None, "its own options: not crma's costs"
     text = (out / "report.md").read_text()
     assert "| crma-tied | " in text and "+1,000 | 3.9 KiB | 1.00 | 1.50 | yes |" in text
     assert "| ewc |" in text and "| – | – | – |" in text

@@ -6,10 +6,12 @@ Forgetting itself (drift below naive) is measured end to end in test_methods_pro
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from helpers import ROOT
 from safetensors.torch import load_file, save_file
@@ -17,13 +19,12 @@ from tiny import tiny_model, tiny_tokenizer
 
 from crma import UserError
 from crma.adapter import CRMAConfig
-from crma.batching import collate
+from crma.batching import batch_order, collate
 from crma.continual import ContinualModel, StackSpec
 from crma.engine import Engine, LoraSettings
 from crma.methods import Task, make_method
 from crma.methods.base import domain_adapter as ad
-from crma.methods.ewc import normalise_per_tensor
-from crma.methods.inflora import grow_memory, input_covariances
+from crma.methods.inflora import grow_memory, input_covariances, interference_free_down
 from crma.methods.layouts import lora_matrices
 from crma.methods.lwf import TEACHER, distillation_loss
 from crma.methods.olora import orthogonality_loss
@@ -129,36 +130,61 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically_with_distance
         penalties.append(method.extra_loss(engine, None, None).item())
     assert 0 < penalties[0] < penalties[1] < penalties[2]
     assert penalties[1] / penalties[0] == pytest.approx(4, rel=1e-3)
-    for n, f in method.fisher.items():  # each tensor normalised on its own
-        assert f.mean().item() == pytest.approx(1, rel=1e-4), n
 
 
-def test_ewc_fisher_is_normalised_per_tensor_not_jointly():
-    tiny, huge = torch.rand(4, 64) * 1e-8, torch.rand(256, 4) * 1e4
-    for f in (tiny, huge):
-        assert normalise_per_tensor(f).mean().item() == pytest.approx(1, rel=1e-5)
-    assert torch.equal(normalise_per_tensor(torch.zeros(3)), torch.zeros(3))
+def reference_fisher(engine: Engine, adapter: str, examples) -> dict[str, torch.Tensor]:
+    """Mean over examples of the squared gradient of the example's mean token loss, written out
+    independently of crma's: the next-token cross-entropy from the logits, `.backward()`."""
+    params = engine.lora_state(adapter)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    engine.model.eval()
+    for example in examples:
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        logits = engine.model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+        target = torch.tensor(example["labels"][1:])
+        F.cross_entropy(logits[target != -100], target[target != -100]).backward()
+        for n, p in params.items():
+            total[n] += p.grad.pow(2)
+    engine.model.train()
+    return {n: t / len(examples) for n, t in total.items()}
 
 
-def test_ewc_online_fisher_accumulates_over_domains(tmp_path):
-    engine, method = new_engine(), make_method("ewc", {"gamma": 1.0})
+def test_ewc_fisher_is_the_raw_empirical_fisher_accumulated_online(tmp_path):
+    engine, method = new_engine(), make_method("ewc", {"gamma": 0.5})
     train(engine, method, "alpha", 0, A, tmp_path)
+    after_a = reference_fisher(engine, "ewc", A)
+    for n, f in method.fisher.items():  # raw: no tensor rescaled, A and B on one scale
+        assert torch.allclose(f, after_a[n], rtol=1e-4, atol=1e-12), n
+    scales = [f.mean().item() for f in method.fisher.values()]
+    assert max(scales) / min(scales) > 10, "tensors keep their own Fisher scale"
     train(engine, method, "beta", 1, B, tmp_path)
-    for f in method.fisher.values():
-        assert f.mean().item() == pytest.approx(2, rel=1e-4)  # two domains, each mean 1
+    after_b = reference_fisher(engine, "ewc", B)
+    for n, f in method.fisher.items():
+        assert torch.allclose(f, 0.5 * after_a[n] + after_b[n], rtol=1e-4, atol=1e-12), n
     assert all(torch.equal(method.anchor[n], p) for n, p in engine.lora_state("ewc").items())
 
 
 # -- replay -------------------------------------------------------------------------------------
-def fill(per_domain: int, seed: int):
-    method = make_method("replay", {"per_domain": per_domain, "ratio": 0.5})
+def stream(method, engine: Engine, task: Task, data, steps: int = 8, batch_size: int = 4) -> None:
+    """What the trainer does to a method's data, without training: the same batch order."""
+    method.begin_task(engine, task, data)
+    order = batch_order(len(data), batch_size, steps, task.rng_seed("data"))
+    for step, indices in enumerate(order):
+        method.batch_examples(task, step, [data[j] for j in indices])
+    method.end_task(engine, task, data)
+
+
+def fill(per_domain: int, seed: int, steps: int = 8):
+    method, engine = make_method("replay", {"per_domain": per_domain, "ratio": 0.5}), new_engine()
     for i, (name, data) in enumerate([("alpha", A), ("beta", B), ("short", A[:3])]):
-        method.end_task(None, Task(i, name, seed), data)
-    return method
+        stream(method, engine, Task(i, name, seed), data, steps)
+    return method, engine
 
 
 def test_replay_buffer_holds_the_configured_number_per_domain_and_is_seeded():
-    method = fill(per_domain=5, seed=0)
+    method, _ = fill(per_domain=5, seed=0)
     assert {d: len(kept) for d, kept in method.memory.items()} == {
         "alpha": 5,
         "beta": 5,
@@ -167,8 +193,8 @@ def test_replay_buffer_holds_the_configured_number_per_domain_and_is_seeded():
     assert all(e in A for e in method.memory["alpha"]) and all(
         e in B for e in method.memory["beta"]
     )
-    assert fill(5, seed=0).memory == method.memory
-    assert fill(5, seed=1).memory != method.memory
+    assert fill(5, seed=0)[0].memory == method.memory
+    assert fill(5, seed=1)[0].memory != method.memory
 
 
 def test_reservoir_sample_is_uniform():
@@ -178,9 +204,48 @@ def test_reservoir_sample_is_uniform():
     assert torch.allclose(counts / 3000, torch.full((10,), 0.3), atol=0.04)
 
 
+def test_replay_stores_only_examples_the_domain_trained_on(tmp_path):
+    """8 steps of 4 draw 32 of 40 examples: the 8 never trained on must never be replayed."""
+    data = domain(10, n=40, seed=3)
+    task = Task(0, "alpha", 0)
+    seen = {j for batch in batch_order(40, 4, 8, task.rng_seed("data")) for j in batch}
+    assert len(seen) == 32
+    for per_domain in (20, 50):
+        engine, method = new_engine(), make_method("replay", {"per_domain": per_domain})
+        train(engine, method, "alpha", 0, data, tmp_path / str(per_domain))
+        stored = [data.index(e) for e in method.memory["alpha"]]
+        assert len(set(stored)) == len(stored) == min(per_domain, 32)
+        assert set(stored) <= seen, f"replayed examples never trained on: {set(stored) - seen}"
+    assert set(stored) == seen, "a memory larger than the stream keeps all of it"
+
+
+def test_replay_memory_is_the_same_after_a_resume_mid_domain():
+    data, task = domain(10, n=40, seed=3), Task(1, "beta", 0)
+    order = batch_order(len(data), 4, 8, task.rng_seed("data"))
+    whole, engine = make_method("replay", {"per_domain": 10}), new_engine()
+    stream(whole, engine, task, data)
+
+    killed = make_method("replay", {"per_domain": 10})
+    killed.begin_task(new_engine(), task, data)
+    for step in range(5):
+        killed.batch_examples(task, step, [data[j] for j in order[step]])
+    checkpoint = killed.state_tensors()  # what the trainer saves every checkpoint_every steps
+    assert checkpoint["trained"].numel() > 0
+
+    resumed, engine = make_method("replay", {"per_domain": 10}), new_engine()
+    fresh = [dict(e) for e in data]  # a new process reads the data again: new objects
+    resumed.begin_task(engine, task, fresh)
+    resumed.load_state_tensors(checkpoint)
+    for step in range(5, 8):
+        resumed.batch_examples(task, step, [fresh[j] for j in order[step]])
+    resumed.end_task(engine, task, fresh)
+    assert resumed.memory == whole.memory and "trained" not in resumed.state_tensors()
+
+
 def test_replay_mixes_earlier_domains_into_each_batch_deterministically(tmp_path):
-    method = fill(per_domain=5, seed=0)
+    method, engine = fill(per_domain=5, seed=0)
     task, batch = Task(3, "gamma", 0), B[:4]
+    method.begin_task(engine, task, B)
     mixed = method.batch_examples(task, 7, batch)
     assert mixed[:4] == batch and len(mixed) == 6, "ratio 0.5 adds 2 to a batch of 4"
     stored = [e for kept in method.memory.values() for e in kept]
@@ -191,7 +256,10 @@ def test_replay_mixes_earlier_domains_into_each_batch_deterministically(tmp_path
         for s in range(10)
     }
     assert len(draws) > 1, "different steps draw differently"
-    assert make_method("replay").batch_examples(Task(0, "alpha", 0), 0, batch) == batch
+    first = make_method("replay")
+    first.begin_task(new_engine(), Task(0, "alpha", 0), B)
+    assert first.batch_examples(Task(0, "alpha", 0), 0, batch) == batch
+    method.end_task(engine, task, B)
     save_file(method.state_tensors(), str(tmp_path / "state.safetensors"))
     loaded = make_method("replay")
     loaded.load_state_tensors(load_file(str(tmp_path / "state.safetensors")))
@@ -232,8 +300,98 @@ def test_lwf_distils_from_a_frozen_snapshot_taken_before_the_new_domain(tmp_path
 
 
 # -- InfLoRA ----------------------------------------------------------------------------------
-def test_inflora_new_down_projection_is_orthogonal_to_earlier_inputs_and_frozen(tmp_path):
-    engine, method = new_engine(), make_method("inflora")
+def authors_update_dual_gpm(
+    feature: torch.Tensor | None, activation: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """The authors' `update_DualGPM` (its 'remove' branch; methods/inflora.py of
+    liangyanshuo/InfLoRA) for one layer, transcribed to torch. `activation` is their
+    `cur_matrix`: the inputs' covariance C, not the inputs."""
+    u, s, _ = torch.linalg.svd(activation, full_matrices=False)
+    if feature is None:  # after the first task (Eq-5)
+        ratio = s**2 / (s**2).sum()
+        r = int((torch.cumsum(ratio, 0) < threshold).sum())
+        return u[:, : max(r, 1)]
+    sval_total = (s**2).sum()
+    act_hat = activation - feature @ feature.T @ activation  # Eq-8
+    u, s, _ = torch.linalg.svd(act_hat, full_matrices=False)
+    ratio = s**2 / sval_total
+    accumulated = (sval_total - (s**2).sum()) / sval_total
+    r = 0
+    for value in ratio:  # Eq-9
+        if accumulated >= threshold:
+            break
+        accumulated += value
+        r += 1
+    ui = torch.cat([feature, u[:, :r]], dim=1)
+    return ui[:, : ui.shape[0]]
+
+
+def projector(basis: torch.Tensor) -> torch.Tensor:
+    """The orthogonal projection onto a basis's span: compares subspaces, not signs."""
+    q, _ = torch.linalg.qr(basis.double())
+    return q @ q.T
+
+
+def random_covariance(d: int, n: int, seed: int) -> torch.Tensor:
+    """C = H Hᵀ / n for n inputs H of dimension d with unequal scales (distinct energies)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(d, n, generator=gen) * torch.logspace(0, -1.5, d).unsqueeze(1)
+    return h @ h.T / n
+
+
+def test_inflora_code_variant_grows_the_memory_as_the_authors_update_dual_gpm():
+    memory, reference = None, None
+    for t, threshold in enumerate([0.9, 0.92, 0.94]):  # lamb 0.9 rising over 5 domains
+        cov = random_covariance(12, 50, seed=t)
+        memory = grow_memory(memory, cov, threshold, "code")
+        reference = authors_update_dual_gpm(reference, cov, threshold)
+        assert memory.shape == reference.shape, t
+        assert torch.allclose(projector(memory), projector(reference), atol=1e-5), t
+    assert torch.allclose(memory.T @ memory, torch.eye(memory.shape[1]), atol=1e-5)
+
+
+def test_inflora_code_variant_sets_a_from_the_one_sided_projection():
+    """A's rows are the top left singular vectors of (I − M Mᵀ) C: the top eigenvectors of
+    (I − M Mᵀ) C² (I − M Mᵀ), computed here by eigh. The paper variant's are those of
+    (I − M Mᵀ) C (I − M Mᵀ); the two differ where M does not commute with C."""
+    cov, memory = (
+        random_covariance(12, 50, seed=0),
+        grow_memory(None, random_covariance(12, 50, 1), 0.5, "code"),
+    )
+    off = torch.eye(12) - memory @ memory.T
+    for variant, target in (("code", off @ cov @ cov @ off), ("paper", off @ cov @ off)):
+        down = interference_free_down(cov, memory, 3, variant)
+        _, vectors = torch.linalg.eigh(target.double())
+        want = vectors[:, -3:].T.float() / math.sqrt(3)
+        assert torch.allclose(projector(down.T), projector(want.T), atol=1e-4), variant
+        assert torch.allclose(down @ down.T, torch.eye(3) / 3, atol=1e-5)
+        assert (down @ memory).abs().max() < 1e-5, "orthogonal to earlier inputs"
+    code, paper = (interference_free_down(cov, memory, 3, v) for v in ("code", "paper"))
+    assert not torch.allclose(projector(code.T), projector(paper.T), atol=1e-2)
+
+
+def test_inflora_energy_rule_of_each_variant():
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([10.0, 5.0, 1.0, 0.1] + [0.0] * 4)
+    basis, _ = torch.linalg.qr(torch.randn(8, 8, generator=gen))
+    cov = basis @ torch.diag(scales) @ basis.T  # eigenvalues 10, 5, 1, 0.1 (total 16.1)
+    # paper: energies 10, 5, 1, 0.1; the direction that crosses the threshold is kept
+    first = grow_memory(None, cov, 0.9, "paper")
+    assert first.shape == (8, 2), "10 + 5 = 93% ≥ 90% of the energy"
+    grown = grow_memory(first, cov, 0.99, "paper")
+    assert grown.shape == (8, 3) and torch.allclose(grown[:, :2], first)
+    assert grow_memory(grown, cov, 1.0, "paper").shape == (8, 4), "zero-energy directions skipped"
+    # code: energies 100, 25, 1, 0.01 (σ⁴); the first domain keeps only what stays below it
+    assert grow_memory(None, cov, 0.9, "code").shape == (8, 1), "100/126 = 79%; 125/126 ≥ 90%"
+    assert grow_memory(None, cov, 0.5, "code").shape == (8, 1), "at least one direction"
+    first = grow_memory(None, cov, 0.995, "code")
+    assert first.shape == (8, 2) and torch.allclose(projector(first), projector(basis[:, :2]))
+    assert grow_memory(first, cov, 0.99995, "code").shape == (8, 4), "adds the crossing one"
+
+
+@pytest.mark.parametrize("variant", ["code", "paper"])
+def test_inflora_new_down_projection_is_orthogonal_to_earlier_inputs_and_frozen(variant, tmp_path):
+    engine, method = new_engine(), make_method("inflora", {"variant": variant})
     train(engine, method, "alpha", 0, A, tmp_path)
     memory = {m: t.clone() for m, t in method.memory.items()}
     modules = list(memory)
@@ -241,8 +399,12 @@ def test_inflora_new_down_projection_is_orthogonal_to_earlier_inputs_and_frozen(
     covariances = input_covariances(engine, modules, A)
     for m, basis in memory.items():
         assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-4)
-        captured = torch.trace(basis.T @ covariances[m] @ basis) / torch.trace(covariances[m])
-        assert captured >= 0.95 - 1e-4, f"{m}: memory holds {captured:.3f} of a's input energy"
+        if variant == "code":  # at the default lamb, 0.95
+            want = authors_update_dual_gpm(None, covariances[m], 0.95)
+            assert torch.allclose(projector(basis), projector(want), atol=1e-4), m
+        else:
+            captured = torch.trace(basis.T @ covariances[m] @ basis) / torch.trace(covariances[m])
+            assert captured >= 0.95 - 1e-4, f"{m}: memory holds {captured:.3f} of a's energy"
     a_weights = snapshot(engine, ad("alpha"))
     train(engine, method, "beta", 1, B, tmp_path)
     for m, down in lora_matrices(engine, ad("beta"), "lora_A").items():
@@ -255,18 +417,6 @@ def test_inflora_new_down_projection_is_orthogonal_to_earlier_inputs_and_frozen(
         "B trained"
     )
     assert method.eval_adapters("alpha") == [ad("alpha"), ad("beta")]
-
-
-def test_inflora_memory_grows_by_the_energy_rule():
-    gen = torch.Generator().manual_seed(0)
-    scales = torch.tensor([10.0, 5.0, 1.0, 0.1] + [0.0] * 4)
-    basis, _ = torch.linalg.qr(torch.randn(8, 8, generator=gen))
-    cov = basis @ torch.diag(scales) @ basis.T  # energies 10, 5, 1, 0.1 (total 16.1)
-    first = grow_memory(None, cov, threshold=0.9)
-    assert first.shape == (8, 2), "10 + 5 = 93% ≥ 90% of the energy"
-    grown = grow_memory(first, cov, threshold=0.99)
-    assert grown.shape == (8, 3) and torch.allclose(grown[:, :2], first)
-    assert grow_memory(grown, cov, threshold=1.0).shape == (8, 4), "zero-energy directions skipped"
 
 
 # -- options --------------------------------------------------------------------------------------
@@ -285,6 +435,7 @@ def test_inflora_memory_grows_by_the_energy_rule():
             {"threshold_start": 1.5},
             "threshold_start: expected a finite number in (0, 1]",
         ),
+        ("inflora", {"variant": "gpm"}, "variant: expected one of code, paper, got 'gpm'"),
         ("ewc", {"fisher_examples": 0}, "fisher_examples: expected an integer >= 1, got 0"),
     ],
 )
@@ -301,7 +452,7 @@ def test_methods_declare_task_id_and_defaults_from_their_papers():
     lwf = make_method("lwf").options
     assert (lwf.weight, lwf.temperature) == (1.0, 2.0)
     inflora = make_method("inflora").options
-    assert (inflora.threshold_start, inflora.threshold_end) == (0.95, 1.0)
+    assert (inflora.threshold_start, inflora.threshold_end, inflora.variant) == (0.95, 1.0, "code")
 
 
 def test_baselines_config_runs_every_method_on_the_paper_protocol():

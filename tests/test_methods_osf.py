@@ -101,9 +101,35 @@ def test_frozen_fraction_rises_in_equal_steps_towards_one():
     assert [three.frozen_fraction(i) for i in range(3)] == pytest.approx([0.25, 0.5, 0.75])
 
 
+def test_trainable_rank_trains_the_same_budget_as_a_lora_on_every_domain(tmp_path):
+    """The bottom r singular directions of q and v, r·(d_out + d_in + 1) parameters per matrix
+    (a rank-r LoRA: r·(d_out + d_in)), counted here from the base model's own weights."""
+    r, targets = 2, ["q_proj", "v_proj"]
+    engine = new_engine()
+    shapes = [
+        tuple(m.weight.shape)
+        for path, m in engine.base.named_modules()
+        if path.rsplit(".", 1)[-1] in targets
+    ]
+    assert len(shapes) == 2 * 2 and (32, 64) in shapes, "tiny Llama: 2 layers, v is 32 × 64"
+    budget = sum(r * (d_out + d_in + 1) for d_out, d_in in shapes)
+    method = make_method("osf", {**OPTIONS, "target_modules": targets, "trainable_rank": r})
+    for index, (name, data) in enumerate([("alpha", A), ("beta", B)]):
+        train(engine, method, name, index, data, tmp_path)
+        layers = osf_layers(engine)
+        assert {p.rsplit(".", 1)[-1] for p in layers} == set(targets)
+        for layer in layers.values():
+            weight = layer.get_base_layer().weight
+            assert layer.effective_rank[ADAPTER] == min(weight.shape) - r
+        trainable = sum(p.numel() for p in engine.adapter_parameters(ADAPTER))
+        assert trainable == budget, f"{name}: {trainable} trainable, want {budget}"
+        assert leak(engine) < 1e-4
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
+        ({"trainable_rank": 0}, "trainable_rank: expected an integer >= 1, got 0"),
         ({"effective_rank": 1.5}, "effective_rank: expected a finite number in (0, 1), got 1.5"),
         ({"effective_rank": 0}, "effective_rank: expected a finite number in (0, 1), got 0"),
         ({"total_domains": 0}, "total_domains: expected an integer >= 1, got 0"),
@@ -237,8 +263,10 @@ def test_protocol_run_resumes_after_sigkill_to_the_same_numbers(report, tmp_path
 
 
 def test_configs_list_osf_with_its_options():
-    tiny = {m.name: m.options for m in load_config(TINY).methods}
+    tiny = {m.key: m.options for m in load_config(TINY).methods}
     assert tiny["osf"] == OPTIONS, "the end-to-end tests above run the tiny config's osf"
-    paper = {m.name: m.options for m in load_config(ROOT / "configs" / "baselines.yaml").methods}
+    paper = {m.key: m.options for m in load_config(ROOT / "configs" / "baselines.yaml").methods}
     make_method("osf", paper["osf"])
     assert {"effective_rank", "total_domains", "lr"} <= set(paper["osf"])
+    qv = make_method("osf", paper["osf-qv"]).options  # the budget-matched control
+    assert (qv.target_modules, qv.trainable_rank) == (["q_proj", "v_proj"], 8)

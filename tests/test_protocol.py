@@ -231,6 +231,54 @@ def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
     assert (other / metrics).read_text().count("\n") == 3 * 6
 
 
+def test_units_record_their_data_and_reuse_takes_only_the_same(tiny_run, tmp_path):
+    from crma.model import file_sha256
+
+    recorded = load(tiny_run / "naive/seed-0/loss_matrix.json")["data"]["files"]
+    beta = ROOT / "tests/assets/tiny-domains/beta.holdout.jsonl"
+    assert recorded["beta"]["holdout"] == file_sha256(beta)
+    assert "the user's files" in (tiny_run / "report.md").read_text()
+
+    source = tmp_path / "source"  # the same run, its naive unit computed on other files
+    shutil.copytree(tiny_run, source)
+    cut = source / "naive/seed-0/loss_matrix.json"
+    other = {"files": {**recorded, "beta": {**recorded["beta"], "holdout": "0" * 64}}}
+    cut.write_text(json.dumps({**load(cut), "data": other}))
+    again = tmp_path / "again"
+    proc = run_crma(
+        "run", str(TINY_CONFIG), "--out", str(again), "--set", "methods=[naive, frozen]",
+        "--reuse", str(source),
+    )  # fmt: skip
+    assert "[naive seed 0] not reused" in proc.stdout and "other data" in proc.stdout
+    assert "[frozen seed 0] reused" in proc.stdout
+    proc = run_crma("run", str(TINY_CONFIG), "--out", str(source), check=False)
+    # resuming into a folder computed on other data
+    assert proc.returncode == 2 and "computed on other data" in proc.stderr
+
+
+def test_units_from_before_the_corpus_tag_are_labelled_legacy(tmp_path):
+    from crma.protocol import load_config
+    from crma.provenance import LEGACY_CORPUS, data_identity, describe_data, recorded_data
+
+    config = load_config(ROOT / "configs/paper.yaml")
+    unit = tmp_path / "naive/seed-0"
+    unit.mkdir(parents=True)
+    (unit / "loss_matrix.json").write_text(json.dumps({"domains": [], "loss_matrix": []}))
+    assert recorded_data(unit, embedded=not config.domains) == {"corpus": LEGACY_CORPUS}
+    assert "format 1" in describe_data([recorded_data(unit, embedded=True)])
+    assert data_identity(config.domains)["corpus"].startswith("v2-")
+
+
+def test_report_learning_equals_independent_recomputation(tiny_run):
+    report = load(tiny_run / "report.json")
+    for label, method in report["methods"].items():
+        L = load(tiny_run / label / "seed-0" / "loss_matrix.json")["loss_matrix"]
+        expected = [100 * (L[i][i] - L[i + 1][i]) / L[i][i] for i in range(len(L) - 1)]
+        assert method["per_seed"]["0"]["learning_pct"] == pytest.approx(expected, abs=1e-12)
+    text = (tiny_run / "report.md").read_text()
+    assert "## Learning" in text and "| crma |" in text.split("## Learning")[1]
+
+
 def test_export_keeps_results_without_weights_and_reuse_takes_them(tiny_run, tmp_path):
     source = tmp_path / "source"  # a copy of the run with one unit cut back to unfinished
     shutil.copytree(tiny_run, source)
@@ -276,7 +324,7 @@ def test_unit_settings_compare_options_as_the_method_reads_them():
         config = load_config(TINY_CONFIG, [f"methods=[{method}]"])
         return unit_settings(config, config.methods[0])
 
-    assert settings("ewc") == settings("{name: ewc, options: {ewc_lambda: 1.0}}")  # the default
+    assert settings("ewc") == settings("{name: ewc, options: {ewc_lambda: 1e4}}")  # the default
     assert settings("ewc") != settings("{name: ewc, options: {ewc_lambda: 2.0}}")
     assert settings("{name: osf, options: {lr: 3e-5}}") == settings(
         "{name: osf, options: {lr: 0.00003}}"

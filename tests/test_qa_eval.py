@@ -89,6 +89,27 @@ def test_report_pairs_each_method_with_frozen_and_naive_on_the_same_items(tmp_pa
     assert "| crma | frozen | routed − routed | -12.5 [" in "\n".join(answer_markdown(report))
 
 
+def test_report_pairs_backbone_on_with_off_on_the_same_weights(tmp_path):
+    items = [{"answer": 0}] * 4
+    conditions = ["base", "oracle", "routed", "backbone_off"]
+    on_off = {0: ([0, 0, 0, 1], [1, 0, 1, 1]), 1: ([0, 1, 0, 0], [0, 1, 1, 0])}
+    for seed, (on, off) in on_off.items():
+        results = {c: {"medic": {"probes": tally(items, [1] * 4)}} for c in conditions}
+        results["oracle"]["medic"]["probes"] = tally(items, on)
+        results["backbone_off"]["medic"]["probes"] = tally(items, off)
+        unit = tmp_path / "crma" / f"seed-{seed}"
+        unit.mkdir(parents=True)
+        qa = {"domains": ["medic"], "conditions": conditions, "results": results}
+        (unit / "qa.json").write_text(json.dumps(qa))
+    report = {"domains": ["medic"], "methods": {"crma": {"per_seed": {"0": {}, "1": {}}}}}
+    report.update(answer_report(tmp_path, report))
+    (pair,) = report["qa_paired"]
+    assert (pair["minus"], pair["conditions"]) == ("crma backbone off", ["oracle", "backbone_off"])
+    # on: right on 3 + 3 of 8, off: 1 + 2 of 8
+    assert pair["results"]["medic"]["probes"] == paired_difference("11101011", "01001001")
+    assert pair["results"]["medic"]["probes"]["difference"] == 3 / 8
+
+
 def probe_items(domain: str, n: int = 6) -> list[dict]:
     rows = [
         {"id": f"{domain}-{i}", "domain": domain, "text": t + " " + t}

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import ROOT
+
+from crma.protocol import load_config
 
 GRIDS = sorted((ROOT / "configs" / "tuning").glob("*.yaml"))
 
@@ -15,6 +20,7 @@ GRIDS = sorted((ROOT / "configs" / "tuning").glob("*.yaml"))
 def load_tune():
     spec = importlib.util.spec_from_file_location("tune", ROOT / "scripts" / "tune.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["tune"] = module  # its dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module
 
@@ -22,29 +28,56 @@ def load_tune():
 tune = load_tune()
 
 
+AXES = [g for g in GRIDS if "axes" in yaml.safe_load(g.read_text())]
+LR_AXIS = (5, 2.0)  # every method's learning rate: five points over two decades
+STRENGTH_POINTS = 7  # every method's own strength (EWC: six decades; the others three)
+FOLLOWERS = {"crma-task1": "crma", "naive-lr1e-3": "naive"}  # run at another's choice
+
+
+def label(entry) -> str:
+    return entry if isinstance(entry, str) else entry.get("label") or entry["name"]
+
+
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.stem)
 def test_every_trial_is_a_valid_validation_run_with_its_own_folder(grid: Path):
     spec = yaml.safe_load(grid.read_text())
     trials = tune.trial_configs(spec)  # parses every method and option: a typo fails here
-    names = [tune.trial_name(point) for point, _ in trials]
-    assert len(set(names)) == len(names) and all(" " not in n for n in names)
+    names = [
+        ([label(m) for m in point.get("methods", [])], tune.trial_name(point))
+        for point, _ in trials
+    ]
+    assert len(set(map(str, names))) == len(names) and all(" " not in n for _, n in names)
     for _, config in trials:
         assert config.corpus.split == "validation", "trials must never see the holdout"
 
 
-def test_trial_budget_is_the_same_for_every_method():
-    """Five trials each: two LoRA learning rates + three of the method's own strength (crma:
-    paper-lr + paper-crma); naive and frozen five learning rates; osf five of its own.
-    crma-tied, a variant of ours, shares crma's learning rate and tries only its backbone's."""
-    count: dict[str, int] = {}
-    for grid in GRIDS:
+def test_one_budget_for_every_condition_of_the_head_to_head():
+    """Every condition of configs/baselines.yaml is tuned in one axes grid (or follows
+    another's choice): a learning-rate axis of five points over two decades, then, where the
+    method has one, seven points of its own strength; edges are extended by the rule."""
+    tuned: dict[str, Path] = {}
+    for grid in AXES:
         spec = yaml.safe_load(grid.read_text())
-        for _, config in tune.trial_configs(spec):
-            for m in config.methods:
-                count[m.key] = count.get(m.key, 0) + 1
-    assert count.pop("crma-tied") == 3
-    assert set(count) >= {"naive", "frozen", "crma", "ewc", "osf"}
-    assert set(count.values()) == {5}, count
+        lr, *strength = tune.parse_axes(spec)
+        assert lr.name == "lr" and len(lr.values) == LR_AXIS[0], grid
+        assert math.log10(max(lr.values) / min(lr.values)) == pytest.approx(LR_AXIS[1]), grid
+        assert all(len(axis.values) == STRENGTH_POINTS for axis in strength), grid
+        for entry in spec["methods"]:
+            assert label(entry) not in tuned, f"{label(entry)} tuned in {tuned.get(label(entry))}"
+            tuned[label(entry)] = grid
+    conditions = [m.key for m in load_config(ROOT / "configs" / "baselines.yaml").methods]
+    assert set(tuned) | set(FOLLOWERS) == set(conditions)
+    strengthless = {"naive", "frozen", "osf-qv"}  # no setting of their own to tune
+    for name, grid in tuned.items():
+        axes = tune.parse_axes(yaml.safe_load(grid.read_text()))
+        assert (len(axes) == 1) == (name in strengthless), name
+
+
+def test_ewc_lambda_spans_six_decades():
+    spec = yaml.safe_load((ROOT / "configs" / "tuning" / "ewc.yaml").read_text())
+    strength = tune.parse_axes(spec)[1]
+    assert strength.key == "options.ewc_lambda"
+    assert math.log10(max(strength.values) / min(strength.values)) >= 6
 
 
 def trial(name: str, **scores: tuple[float, float]) -> dict:
@@ -68,3 +101,141 @@ def test_selection_prefers_the_lowest_final_loss_among_trials_that_forget_little
     # drift is no forgetting) c has the lower loss.
     # n: every trial forgets more than 0.5 %, so the least drift, from a trial without m.
     assert tune.select(trials) == {"m": "c", "n": "d"}
+
+
+# -- edges are extended -----------------------------------------------------------------------
+def axis(values, limits, scale="log", key="train.lr") -> object:
+    return tune.Axis.parse({"key": key, "values": values, "limits": limits, "scale": scale}, "t")
+
+
+@pytest.mark.parametrize(
+    "values, scale, chosen, expected",
+    [
+        ([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "log", 1e-2, 1e-2 * (1e-2 / 3e-3)),
+        ([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "log", 1e-4, 1e-4 / 3),
+        ([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "log", 1e-3, None),  # interior: nothing to add
+        ([0.3, 0.5, 0.7], "linear", 0.7, 0.9),
+        ([0.3, 0.5, 0.7], "linear", 0.3, 0.1),
+        ([0.8, 0.9, 0.95], "log-complement", 0.95, 0.975),  # 1 − v halves again
+        ([0.8, 0.9, 0.95], "log-complement", 0.8, 0.6),
+    ],
+)
+def test_the_next_point_is_one_step_beyond_the_edge_in_the_axis_scale(
+    values, scale, chosen, expected
+):
+    got = tune.next_beyond(axis(values, [0.01 * min(values), 0.999], scale), values, chosen)
+    assert got == (None if expected is None else pytest.approx(expected, rel=1e-5))
+
+
+def test_extension_stops_at_a_declared_limit():
+    values = [1e-4, 1e-3, 1e-2]
+    assert tune.next_beyond(axis(values, [1e-4, 0.05]), values, 1e-2) is None
+    assert tune.next_beyond(axis(values, [1e-5, 1e-2]), values, 1e-4) == pytest.approx(1e-5)
+    assert tune.next_beyond(axis(values, [2e-5, 1e-2]), values, 1e-4) is None
+
+
+def test_a_bad_axis_is_a_clear_error():
+    with pytest.raises(tune.UserError, match="outside limits"):
+        axis([1e-4, 1e-2], [1e-3, 1])
+    with pytest.raises(tune.UserError, match="log-complement scale"):
+        axis([0.5, 1.0], [0.1, 1.0], "log-complement")
+    with pytest.raises(tune.UserError, match="unknown key 'value'"):
+        tune.Axis.parse({"key": "train.lr", "value": [1], "limits": [0, 1]}, "t")
+
+
+def synthetic(drift, loss):
+    """A trial runner from formulas of (lr, strength); records what each trial ran."""
+    ran = []
+
+    def run(label, entry, point):
+        lr, s = entry["train"]["lr"], entry.get("options", {}).get("s", 1.0)
+        ran.append((label, entry, dict(point)))
+        return {"drift": drift(lr, s), "final_loss": loss(lr, s), "plasticity_loss": 0.0}
+
+    return run, ran
+
+
+LR = {"key": "train.lr", "values": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "limits": [1e-5, 1.0]}
+S = {"key": "options.s", "values": [1, 10, 100], "limits": [1e-3, 1e6]}
+
+
+def test_an_edge_choice_is_extended_until_it_is_interior():
+    # Loss is lowest at lr 10^-1.5 ≈ 0.032, beyond the grid's top; nothing forgets.
+    run, ran = synthetic(lambda lr, s: 0.0, lambda lr, s: (math.log10(lr) + 1.5) ** 2)
+    spec = {"methods": [{"name": "m", "train": {"lr": 0.001}}], "axes": [LR]}
+    trials, chosen, entries = tune.tune_axes(spec, run)
+    tried = [t["point"]["lr"] for t in trials]
+    want = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1e-2 / 0.3, 1e-2 / 0.09]
+    assert tried == pytest.approx(want, rel=1e-5)
+    assert [t["extension"] for t in trials] == [False] * 5 + [True] * 2
+    assert entries["m"]["train"]["lr"] == pytest.approx(1e-2 / 0.3, rel=1e-5)  # interior now
+    assert chosen["m"] == tune.trial_name({"lr": entries["m"]["train"]["lr"]})
+
+
+def test_the_second_axis_runs_at_the_first_axis_choice_and_is_extended_too():
+    # Drift falls and loss rises with the strength s; lr 1e-3 is best at every s (the entry's
+    # own s, 1000, is stable). The rule wants the weakest s with drift <= 0.5, s >= 10^1.5:
+    # found at 100 after extending the grid [1, 10] upwards, then confirmed interior by 1000.
+    run, ran = synthetic(
+        lambda lr, s: 2.0 - math.log10(s), lambda lr, s: abs(math.log10(lr) + 3) + 0.01 * s
+    )
+    spec = {
+        "methods": [{"name": "m", "label": "mine", "options": {"keep": 1, "s": 1000}}],
+        "axes": [LR, {**S, "values": [1, 10]}],
+    }
+    trials, chosen, entries = tune.tune_axes(spec, run)
+    second = [t for t in trials if t["axis"] == "s"]
+    assert [t["point"]["s"] for t in second] == pytest.approx([1, 10, 100, 1000])
+    assert all(t["point"]["lr"] == 1e-3 for t in second)
+    assert all(entry["train"]["lr"] == 1e-3 for _, entry, p in ran if "s" in p)
+    assert entries["mine"] == {
+        "name": "m",
+        "label": "mine",
+        "options": {"keep": 1, "s": 100.0},
+        "train": {"lr": 0.001},
+    }
+    assert chosen == {"mine": "lr=0.001,s=100.0"}
+
+
+def test_when_nothing_is_stable_the_least_drift_is_extended_up_to_the_limit():
+    # Forgetting falls with the learning rate but stays above the 0.5 % cap down to 1e-5.
+    run, _ = synthetic(lambda lr, s: 6 + math.log10(lr), lambda lr, s: 1.0)
+    spec = {"methods": ["m"], "axes": [{**LR, "values": [1e-3, 1e-2], "limits": [1e-5, 1]}]}
+    trials, chosen, entries = tune.tune_axes(spec, run)
+    assert [t["point"]["lr"] for t in trials] == pytest.approx([1e-3, 1e-2, 1e-4, 1e-5])
+    assert entries["m"] == {"name": "m", "train": {"lr": 1e-5}}
+    assert [t.get("at_limit", False) for t in trials] == [False] * 3 + [True]
+
+
+def test_every_method_is_tuned_on_its_own_and_scaled_keys_move_together():
+    run, ran = synthetic(lambda lr, s: 0.0, lambda lr, s: abs(math.log10(lr) + 3))
+    scaled = {
+        "name": "backbone",
+        "scale_keys": {"crma.lr_mix": 0.01, "crma.lr_gate": 0.001},
+        "values": [0.1, 1],
+        "limits": [0.01, 1],
+    }
+    spec = {"methods": ["a", {"name": "a", "label": "b"}], "axes": [LR, scaled]}
+    trials, chosen, entries = tune.tune_axes(spec, run)
+    assert {label for label, _, _ in ran} == {"a", "b"}
+    assert all(len(t["scores"]) == 1 for t in trials), "one method per trial"
+    backbone = [entry["crma"] for _, entry, p in ran if "backbone" in p]
+    assert backbone[0] == pytest.approx({"lr_mix": 0.001, "lr_gate": 0.0001})
+    # every scale ties, so the first one tried stays chosen (after its edge was extended)
+    assert entries["b"]["crma"] == pytest.approx({"lr_mix": 0.001, "lr_gate": 0.0001})
+
+
+def test_results_mark_extensions_and_give_the_chosen_entries(tmp_path, monkeypatch):
+    run, _ = synthetic(lambda lr, s: 0.0, lambda lr, s: (math.log10(lr) + 1.5) ** 2)
+    spec = {"config": "c.yaml", "methods": ["m"], "axes": [LR]}
+    trials, chosen, entries = tune.tune_axes(spec, run)
+    monkeypatch.chdir(tmp_path)
+    tune.write_results(Path("configs/tuning/g.yaml"), spec, trials, chosen, entries)
+    md = (tmp_path / "results" / "tuning" / "g.md").read_text()
+    assert md.count("*(extension)*") == 3, "two rows, one note"
+    assert "at the lr limit" not in md, "the choice is interior"
+    assert "| lr=0.01 | m |" in md and "| lr=0.0333333 *(extension)* | m |" in md
+    assert '- m: lr=0.0333333 → `{"name": "m", "train": {"lr": 0.0333333}}`' in md
+    saved = json.loads((tmp_path / "results" / "tuning" / "g.json").read_text())
+    assert saved["selected_entries"] == entries
+    assert [t["extension"] for t in saved["trials"]] == [False] * 5 + [True] * 2

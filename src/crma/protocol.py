@@ -30,6 +30,7 @@ from crma.fileio import atomic_path, is_temporary, write_json, write_text
 from crma.lock import LOCK_FILE, WriterLock
 from crma.methods import METHODS, make_method
 from crma.model import EMBEDDED, base_model_id, load_base
+from crma.provenance import data_identity, recorded_data
 from crma.settings import Settings, from_dict, setting
 from crma.stack import name_problem
 from crma.train import TrainConfig, mixed_precision
@@ -319,6 +320,7 @@ class ProtocolRun:
         self._caches_merged: set[Path] = set()  # reuse runs whose eval cache is merged already
         self.model_loader = model_loader or (lambda: load_base(config.base))
         self.cache_path = self.out / "eval_cache.json"
+        self.data: dict[str, Any] = {}  # what the results are computed on, once it is read
 
     def run(self) -> dict[str, Any]:
         from accelerate import Accelerator
@@ -336,6 +338,7 @@ class ProtocolRun:
         for spec in self.config.methods:  # settings the model cannot take fail before any write
             method_settings(self.config, spec)[0].check_model(model)
         domains = load_domains(self.config, tokenizer)
+        self.data = data_identity(self.config.domains)  # the files exist: load_domains read them
         self._write_config(acc)
         cache = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
         units = [(spec, seed) for seed in self.config.seeds for spec in self.config.methods]
@@ -373,12 +376,18 @@ class ProtocolRun:
             twins = [m.key for m in theirs.methods if unit_settings(theirs, m) == wanted]
             for key in sorted(twins, key=lambda k: k != spec.key):
                 source = other / key / f"seed-{seed}"
-                if self._finished(source, n_domains):
-                    self._copy(source, target, other, cache)
+                if not self._finished(source, n_domains):
+                    continue
+                if (data := recorded_data(source, not theirs.domains)) not in (self.data, None):
                     print(
-                        f"[{spec.key} seed {seed}] reused from {source} (same settings)", flush=True
+                        f"[{spec.key} seed {seed}] not reused from {source}: other data "
+                        f"({json.dumps(data)})",
+                        flush=True,
                     )
-                    return
+                    continue
+                self._copy(source, target, other, cache)
+                print(f"[{spec.key} seed {seed}] reused from {source} (same settings)", flush=True)
+                return
 
     @staticmethod
     def _finished(unit: Path, n_domains: int) -> bool:
@@ -447,6 +456,12 @@ class ProtocolRun:
         names = [d.name for d in domains]
         matrix_path = run_dir / "loss_matrix.json"
         rows = json.loads(matrix_path.read_text())["loss_matrix"] if matrix_path.is_file() else []
+        data = recorded_data(run_dir, not self.config.domains) if rows else None
+        if data not in (self.data, None):
+            raise UserError(
+                f"{matrix_path}: computed on other data ({json.dumps(data)}, now "
+                f"{json.dumps(self.data)}); use another --out"
+            )
         run_info = {"method": spec.key, "seed": seed}
 
         def evaluate_row(trained: int) -> list[float | None]:
@@ -471,7 +486,13 @@ class ProtocolRun:
             if acc.is_main_process:
                 write_json(
                     matrix_path,
-                    {"domains": names, "seed": seed, "method": spec.key, "loss_matrix": rows},
+                    {
+                        "domains": names,
+                        "seed": seed,
+                        "method": spec.key,
+                        "data": self.data,
+                        "loss_matrix": rows,
+                    },
                 )
 
         if not rows:

@@ -444,8 +444,10 @@ def _qa_paired(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     def deployed(method: dict[str, Any]) -> str:
         return "routed" if "routed" in next(iter(method.values()))["conditions"] else "oracle"
 
-    def hits(method: dict[str, Any], seeds: list[str], d: str, kind: str) -> str | None:
-        condition = deployed(method)
+    def hits(
+        method: dict[str, Any], seeds: list[str], d: str, kind: str, condition: str | None = None
+    ) -> str | None:
+        condition = condition or deployed(method)
         cells = [method[s]["results"][condition][d].get(kind) for s in seeds]
         return "".join(c["hits"] for c in cells) if all(c and "hits" in c for c in cells) else None
 
@@ -473,6 +475,27 @@ def _qa_paired(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                         "results": cells,
                     }
                 )
+    for label, mine in runs.items():  # the on/off ablation: the same weights, backbone off
+        seeds = sorted(mine)
+        if "backbone_off" not in mine[seeds[0]]["conditions"]:
+            continue
+        cells = {}
+        for d in mine[seeds[0]]["domains"]:
+            for kind in KINDS:
+                a = hits(mine, seeds, d, kind, "oracle")
+                b = hits(mine, seeds, d, kind, "backbone_off")
+                if a and b:
+                    cells.setdefault(d, {})[kind] = paired_difference(a, b)
+        if cells:
+            out.append(
+                {
+                    "method": label,
+                    "minus": f"{label} backbone off",
+                    "conditions": ["oracle", "backbone_off"],
+                    "seeds": seeds,
+                    "results": cells,
+                }
+            )
     return out
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from crma.errors import UserError
 from crma.fileio import atomic_path, write_json, write_text
+from crma.provenance import describe_data, recorded_data
 
 # -- the metrics of DESIGN §4 -----------------------------------------------------------------
 
@@ -34,6 +35,15 @@ def advantage(L: list[list[float]], L_ref: list[list[float]]) -> float:
 def plasticity(L: list[list[float]]) -> list[float]:
     """L[k][k−1]: the loss reached on each domain right after training it."""
     return [L[k][k - 1] for k in range(1, len(L))]
+
+
+def learning(L: list[list[float | None]]) -> list[float | None]:
+    """100·(L[i][i] − L[i+1][i]) / L[i][i]: how much domain i's own stage lowered its loss
+    (None where L[i][i], a not-yet-trained domain's cell, was not evaluated)."""
+    return [
+        None if L[i][i] is None else 100 * (L[i][i] - L[i + 1][i]) / L[i][i]
+        for i in range(len(L) - 1)
+    ]
 
 
 def mean_matrix(Ls: list[list[list[float | None]]]) -> list[list[float | None]]:
@@ -80,6 +90,20 @@ def collect(run_dir: Path) -> tuple[list[str], list[int], dict[str, dict[int, li
     return domains, seeds, matrices
 
 
+def data_used(run_dir: Path) -> list[dict[str, Any]]:
+    """The distinct data identities the reported units were computed on."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    found: list[dict[str, Any]] = []
+    for label in (m["label"] or m["name"] for m in config["methods"]):
+        for seed in config["seeds"]:
+            unit = run_dir / label / f"seed-{seed}"
+            if (unit / "loss_matrix.json").is_file():
+                data = recorded_data(unit, embedded=not config.get("domains"))
+                if (data := data or {"files": "not recorded"}) not in found:
+                    found.append(data)
+    return found
+
+
 def spectral_log(metrics_path: Path) -> dict[str, Any] | None:
     worst = {"spectral_norm_dev_max": 0.0, "rowsum_err_max": 0.0, "colsum_err_max": 0.0, "steps": 0}
     if not metrics_path.is_file():
@@ -114,6 +138,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
                 "drift_per_domain": dpd,
                 "drift": statistics.fmean(dpd.values()),
                 "plasticity_loss": plasticity(L),
+                "learning_pct": learning(L),
                 "spectral": spectral_log(run_dir / label / f"seed-{seed}" / "metrics.jsonl"),
             }
             if seed in frozen:
@@ -155,6 +180,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     report = {
         "domains": domains,
         "seeds": seeds,
+        "data": data_used(run_dir),
         "methods": methods,
         "comparisons": _comparisons(methods),
     }
@@ -216,12 +242,39 @@ def drift_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def learning_table(report: dict[str, Any]) -> list[str]:
+    """Own-stage learning per domain (seed mean), where every L[i][i] was evaluated."""
+    domains = report["domains"]
+    rows = []
+    for label, m in report["methods"].items():
+        per_seed = [e.get("learning_pct") or [None] for e in m["per_seed"].values()]
+        if any(v is None for values in per_seed for v in values):
+            continue
+        means = [statistics.fmean(values[i] for values in per_seed) for i in range(len(domains))]
+        lowest = ", ".join(f"{min(values):.2f}" for values in per_seed)
+        rows.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in means) + f" | {lowest} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Learning: how much each domain's own stage lowered its loss",
+        "",
+        "Learning (%) = 100·(L[i][i] − L[i+1][i]) / L[i][i], seed mean; the last column is the "
+        "smallest over domains, per seed.",
+        "",
+        "| method | " + " | ".join(domains) + " | smallest, per seed |",
+        "|" + "---|" * (len(domains) + 2),
+        *rows,
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     domains, seeds = report["domains"], report["seeds"]
     out = [
         "# crma protocol report",
         "",
         f"Domains in training order: {', '.join(domains)}. Seeds: {', '.join(map(str, seeds))}.",
+        f"Data: {describe_data(report['data'])}.",
         "Drift (%) = 100·(L[T][i] − L[i+1][i]) / L[i+1][i], held-out mean token loss; positive = forgetting; the last domain is excluded.",
         "",
         "## Drift",
@@ -248,6 +301,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{', '.join(f'{v:+.2f}' for v in adv['values']) if adv else '–'} | "
             f"{plus_minus(pla['mean'], pla['sd']) if pla else '–'} | {', '.join(f'{v:.3f}' for v in mean_pl)} |"
         )
+    out += learning_table(report)
     if report["comparisons"]:
         out += [
             "",

@@ -91,7 +91,11 @@ def run_check(args: argparse.Namespace) -> int:
 
     settings = from_args(CheckSettings, args)
     train, holdout = _check_inputs(args)
-    cfg = CleanConfig(near_dup_threshold=settings.near_dup_threshold)
+    cfg = CleanConfig(
+        near_dup_threshold=settings.near_dup_threshold,
+        containment_threshold=settings.containment_threshold,
+        containment_ngram=settings.ngram,
+    )
     leaks = find_contamination([r[:2] for r in train], [r[:2] for r in holdout], cfg)
     for leak in leaks:
         leak["holdout_row"] = holdout[leak["holdout_row"]][2]
@@ -100,8 +104,9 @@ def run_check(args: argparse.Namespace) -> int:
     print(_check_summary(leaks, len(holdout), share))
     for leak in leaks[:10]:
         print(
-            f"  {leak['holdout_row']} ~ {leak['train_row']}: {leak['kind']} "
-            f"{leak['similarity']:.2f}, {leak['scope'].replace('_', ' ')}"
+            f"  {leak['holdout_row']} ~ {leak['train_row']}: {leak['kind']}, "
+            f"Jaccard {leak['similarity']:.2f}, contained {leak['containment']:.2f} in one "
+            f"row and {leak['containment_all']:.2f} in all, {leak['scope'].replace('_', ' ')}"
         )
     if args.report:
         write_json(args.report, {"holdout_rows": len(holdout), "share": share, "leaks": leaks})
@@ -146,7 +151,8 @@ def _check_summary(leaks: list[dict], total: int, share: float) -> str:
 
     return (
         f"{total} holdout rows, {len(leaks)} contaminated ({share:.2%}): "
-        f"{count('kind', 'exact')} exact, {count('kind', 'near')} near; "
+        f"{count('kind', 'exact')} exact, {count('kind', 'near')} near, "
+        f"{count('kind', 'contained')} contained; "
         f"{count('scope', 'within_domain')} within a domain, "
         f"{count('scope', 'cross_domain')} across domains"
     )

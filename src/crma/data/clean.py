@@ -53,6 +53,14 @@ class CleanConfig(Settings):
     )
     num_perm: int = setting(128, "MinHash permutations (more = more exact, slower)", ge=2)
     seed: int = setting(1, "MinHash seed; fixed so the same rows are kept on every run", ge=0)
+    containment_ngram: int = setting(8, "word n-gram length of the containment measure", ge=1)
+    containment_threshold: float = setting(
+        0.5,
+        "share of a holdout row's word n-grams found in one training row (or in all of them "
+        "together) that counts as contamination: catches templated near-duplicates",
+        gt=0,
+        le=1,
+    )
 
     def check_together(self) -> None:
         if self.min_chars > self.max_chars:
@@ -69,6 +77,10 @@ class CheckSettings(Settings):
     near_dup_threshold: float = setting(
         0.7, "Jaccard similarity that counts as a near duplicate (as in `data clean`)", gt=0, le=1
     )
+    containment_threshold: float = setting(
+        0.5, "share of a holdout row's word n-grams in training rows that counts", gt=0, le=1
+    )
+    ngram: int = setting(8, "word n-gram length of the containment measure", ge=1)
 
 
 # -- per-row steps ------------------------------------------------------------------------------
@@ -256,13 +268,52 @@ def clean_records(
 
 
 # -- contamination ------------------------------------------------------------------------------
+def word_ngrams(text: str, n: int) -> set[str]:
+    """The distinct word n-grams of a text (a text of fewer than n words is one gram)."""
+    words = WORD.findall(text.lower())
+    return {" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+class ContainmentIndex:
+    """Which training rows hold a holdout row's word n-grams.
+
+    Jaccard misses templated near-duplicates ("Linear C3 deposits…" vs "Linear IgA
+    deposits…", one licence clause inside a longer one): their sets differ in size or wording
+    around a shared core. Containment asks what share of the holdout row's n-grams a training
+    row holds (`one`), and what share all training rows hold together (`all`).
+    """
+
+    def __init__(self, texts: Sequence[str], n: int):
+        self.n = n
+        self.rows: dict[str, list[int]] = {}
+        for j, text in enumerate(texts):
+            for gram in word_ngrams(text, n):
+                self.rows.setdefault(gram, []).append(j)
+
+    def containment(self, text: str) -> tuple[int | None, float, float]:
+        """(training row holding the largest share, that share, share held by all rows)."""
+        grams = word_ngrams(text, self.n)
+        counts: Counter[int] = Counter()
+        found = 0
+        for gram in grams:
+            if rows := self.rows.get(gram):
+                found += 1
+                counts.update(rows)
+        if not counts:
+            return None, 0.0, 0.0
+        row, shared = min(counts.items(), key=lambda item: (-item[1], item[0]))
+        return row, shared / len(grams), found / len(grams)
+
+
 def find_contamination(
     train: Sequence[tuple[str, str]], holdout: Sequence[tuple[str, str]], cfg: CleanConfig
 ) -> list[dict[str, Any]]:
-    """Holdout rows that duplicate a training row exactly or nearly.
+    """Holdout rows that duplicate a training row exactly or nearly, or whose word n-grams
+    are contained in the training rows above `cfg.containment_threshold`.
 
     Rows are (domain, text). Each leak names the holdout and training row indices, their
-    domains, whether it is within or across domains, and the similarity.
+    domains, whether it is within or across domains, the Jaccard similarity to that row (the
+    MinHash estimate) and the containment in it and in all training rows.
     """
     train_texts = [normalize_text(t) for _, t in train]
     hold_texts = [normalize_text(t) for _, t in holdout]
@@ -270,15 +321,20 @@ def find_contamination(
     for j, text in enumerate(train_texts):
         exact.setdefault(exact_key(text), j)
     index = NearDuplicateIndex(cfg)
-    for j, mh in enumerate(minhashes(train_texts, cfg, "minhash train")):
+    train_hashes = minhashes(train_texts, cfg, "minhash train")
+    for j, mh in enumerate(train_hashes):
         index.add(j, mh)
+    contained = ContainmentIndex(train_texts, cfg.containment_ngram)
     leaks = []
     for i, mh in enumerate(minhashes(hold_texts, cfg, "minhash holdout")):
+        row, one, every = contained.containment(hold_texts[i])
         j = exact.get(exact_key(hold_texts[i]))
         if j is not None:
             match, kind = (j, 1.0), "exact"
-        else:
-            match, kind = index.best_match(mh), "near"
+        elif match := index.best_match(mh):
+            kind = "near"
+        elif row is not None and max(one, every) >= cfg.containment_threshold:
+            match, kind = (row, mh.jaccard(train_hashes[row])), "contained"
         if match:
             j, similarity = match
             leaks.append(
@@ -290,6 +346,8 @@ def find_contamination(
                     "holdout_domain": holdout[i][0],
                     "train_domain": train[j][0],
                     "similarity": round(similarity, 4),
+                    "containment": round(one, 4),
+                    "containment_all": round(every, 4),
                     "text": _preview(hold_texts[i]),
                 }
             )

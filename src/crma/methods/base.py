@@ -95,7 +95,8 @@ class Method:
     def batch_examples(self, task: Task, step: int, batch: list[Example]) -> list[Example]:
         """The examples optimizer step `step` trains on, given the new domain's `batch`.
 
-        Replay mixes stored examples in here. The result may depend only on (task, step, batch)
+        `batch` holds the very objects of the list `begin_task` received, so a method can tell
+        which of them were trained on. Replay mixes stored examples in here. The result may depend only on (task, step, batch)
         and the method's state, so that a resumed run sees the same batches.
         """
         return batch

@@ -15,7 +15,7 @@ class EwcOptions(Settings):
     """Online EWC on the shared LoRA."""
 
     ewc_lambda: float = setting(
-        1.0, "penalty strength λ on the per-tensor mean-normalised Fisher (tune it)", ge=0
+        1e4, "penalty strength λ on the raw empirical Fisher (no paper value: tune it)", ge=0
     )
     gamma: float = setting(
         1.0, "online EWC decay of the Fisher of older domains (1: plain sum)", ge=0, le=1
@@ -33,9 +33,10 @@ class Ewc(SharedLora):
     F ← γ·F + F_t and one anchor θ* (the weights after the last domain), penalty
     (λ/2)·Σ F·(θ − θ*)². The Fisher is the empirical Fisher: per-example squared gradients of
     the example's mean token loss, averaged over the domain's training examples, at the end of
-    the domain. Each parameter tensor's Fisher is divided by its own mean before it is added,
-    so that no tensor's scale drowns the others (normalising jointly across tensors of very
-    different size silently turns EWC off). λ then has no transferable paper value: tune it.
+    the domain, used raw as both papers do. Its scale depends on the model, the loss and the
+    adapter (LoRA's A has almost no Fisher while B ≈ 0), so λ has no transferable paper value:
+    sweep it over several decades. (Any one global rescaling of F is only a rescaling of λ;
+    a per-tensor normalisation is not, and would over-anchor tensors of tiny Fisher.)
     """
 
     name = "ewc"
@@ -62,7 +63,6 @@ class Ewc(SharedLora):
         fisher = empirical_fisher(engine, self._params, examples[:n] if n else examples)
         self._to_device(next(iter(self._params.values())).device)
         for name, f in fisher.items():
-            f = normalise_per_tensor(f)
             self.fisher[name] = (
                 self.options.gamma * self.fisher[name] + f if name in self.fisher else f
             )
@@ -98,12 +98,6 @@ def ewc_penalty(
     """(λ/2)·Σ_i F_i·(θ_i − θ*_i)²: zero at the anchor, quadratic in the distance from it."""
     total = sum((fisher[n] * (p - anchor[n]).pow(2)).sum() for n, p in params.items())
     return 0.5 * strength * total
-
-
-def normalise_per_tensor(fisher: torch.Tensor) -> torch.Tensor:
-    """This tensor's Fisher divided by its mean (importances average 1 within each tensor)."""
-    mean = fisher.mean()
-    return fisher / mean if mean > 0 else fisher
 
 
 def empirical_fisher(

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft import OSFConfig
 from peft.tuners.osf.layer import OSFLayer
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_OSF_TARGET_MODULES_MAPPING as OSF_TARGETS
+from torch import nn
 
 from crma.engine import Engine, module_name
 from crma.errors import UserError
@@ -36,6 +39,13 @@ class OsfOptions(Settings):
         None,
         "modules to fine-tune; empty: PEFT's OSF default (Llama: all 7 projections)",
         check=module_name,
+    )
+    trainable_rank: int | None = setting(
+        None,
+        "train exactly the bottom r singular directions of every target matrix on every domain "
+        "(a budget control: r·(d_out + d_in + 1) parameters per matrix, a rank-r LoRA has "
+        "r·(d_out + d_in)); effective_rank and total_domains then do not apply; empty: off",
+        ge=1,
     )
 
     def frozen_fraction(self, index: int) -> float:
@@ -72,6 +82,12 @@ class Osf(Method):
     trainer therefore also projects U_low and V_low back after every optimizer step, and so
     do we, before the next forward pass that uses them and at the end of the domain.
 
+    Budget control (`trainable_rank` r): every domain trains only the bottom r singular
+    directions of each target matrix (frozen rank min(d_out, d_in) − r, the same on every
+    domain), r·(d_out + d_in + 1) parameters per matrix against a rank-r LoRA's
+    r·(d_out + d_in). On q/v of SmolLM2-135M, r = 8 trains 461,280 parameters per domain, a
+    LoRA r = 8 460,800 (configs/baselines.yaml's `osf-qv`).
+
     Inference uses the one model: no task id. The stack's `adapters/subspace/` holds the last
     domain's OSF adapter (PEFT format) with the merged base weights and OSF's SVD buffers
     beside it, so a reopened stack is exact.
@@ -90,19 +106,28 @@ class Osf(Method):
     def adapter_name(self, domain: str) -> str:
         return ADAPTER
 
-    def peft_config(self, index: int) -> OSFConfig:
-        return OSFConfig(
-            effective_rank=self.options.frozen_fraction(index),
-            target_modules=self.options.target_modules or None,
-            task_type="CAUSAL_LM",
-        )
+    def peft_config(self, engine: Engine, index: int) -> OSFConfig:
+        o = self.options
+        shared = {"target_modules": o.target_modules or None, "task_type": "CAUSAL_LM"}
+        if o.trainable_rank is None:
+            return OSFConfig(effective_rank=o.frozen_fraction(index), **shared)
+        # PEFT counts the frozen rank: all but the bottom r of each matrix, on every domain
+        ranks = frozen_ranks(engine.base, self.targets(engine), o.trainable_rank)
+        return OSFConfig(rank_pattern=ranks, **shared)
+
+    def targets(self, engine: Engine) -> list[str]:
+        """The target module names: the option, else PEFT's OSF default for the architecture."""
+        model_type = engine.base.config.model_type
+        if not (targets := self.options.target_modules or OSF_TARGETS.get(model_type)):
+            raise UserError(f"osf: no default target modules for {model_type!r}; set them")
+        return targets
 
     def begin_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
         if self._projector is not None:  # a domain left unfinished in this process
             self._projector.remove()
         self._retire_live_adapter(engine, task)
         try:
-            engine.add_adapter(ADAPTER, self.peft_config(task.index), task.rng_seed("osf"))
+            engine.add_adapter(ADAPTER, self.peft_config(engine, task.index), task.rng_seed("osf"))
         except ValueError as exc:  # PEFT: a matrix too small for the fraction
             raise UserError(f"osf: {exc}") from exc
         self._live = task.index
@@ -144,6 +169,19 @@ class Osf(Method):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if "live_index" in tensors:
             self._live = int(tensors["live_index"].item())
+
+
+def frozen_ranks(model: nn.Module, targets: list[str], trainable: int) -> dict[str, int]:
+    """PEFT rank_pattern freezing all but the bottom `trainable` directions of each target.
+
+    One exact pattern per target matrix path, since their smaller dimensions differ (Llama:
+    q_proj 576 × 576 but v_proj 192 × 576 in SmolLM2-135M).
+    """
+    return {
+        rf"(^|\.){re.escape(path)}$": min(module.weight.shape) - trainable
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in targets
+    }
 
 
 def osf_layers(engine: Engine) -> dict[str, OSFLayer]:

@@ -14,7 +14,9 @@ from crma.settings import Settings, setting
 class ReplayOptions(Settings):
     """Experience replay on the shared LoRA."""
 
-    per_domain: int = setting(50, "examples kept per earlier domain (reservoir sample)", ge=0)
+    per_domain: int = setting(
+        50, "examples kept per earlier domain (reservoir sample of those it trained on)", ge=0
+    )
     ratio: float = setting(
         1.0, "replayed examples added per new example in each batch (1: as many as new ones)", ge=0
     )
@@ -23,13 +25,19 @@ class ReplayOptions(Settings):
 class Replay(SharedLora):
     """Experience replay: a small episodic memory of earlier domains, mixed into every batch.
 
-    Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019 (ER): each
-    domain's examples pass through a reservoir sampler (Vitter's Algorithm R) that keeps
-    `per_domain` of them; while training a later domain, every batch of B new examples gets
-    round(ratio·B) examples drawn from the memory appended (ER's default is a memory batch as
-    large as the new one, ratio 1, which doubles the tokens per step). All draws are seeded by
-    (seed, domain, step), so a resumed run replays the same examples. The memory holds token
-    ids, not text, and lives in the stack's method state.
+    Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019 (ER): the stream
+    of examples a domain trains on passes through a reservoir sampler (Vitter's Algorithm R)
+    that keeps `per_domain` of them; while training a later domain, every batch of B new
+    examples gets round(ratio·B) examples drawn from the memory appended (ER's default is a
+    memory batch as large as the new one, ratio 1, which doubles the tokens per step).
+
+    Only examples the domain actually trained on enter the memory: with `max_steps` a domain
+    may train on fewer examples than it has (the paper protocol: 16 × 8 = 128 of 500), and
+    storing unseen ones would give replay extra data of earlier domains that no other method
+    gets. The stream is recorded as `batch_examples` sees it (each distinct example once, in
+    the order first trained) and saved in checkpoints, so a resumed domain keeps the same
+    memory. All draws are seeded by (seed, domain, step). The memory holds token ids, not
+    text, and lives in the stack's method state.
     """
 
     name = "replay"
@@ -38,8 +46,16 @@ class Replay(SharedLora):
     def __init__(self, options: ReplayOptions | None = None):
         super().__init__(options)
         self.memory: dict[str, list[Example]] = {}  # domain -> its kept examples
+        self._position: dict[int, int] = {}  # id(example) -> its index in the domain's data
+        self._trained: dict[int, None] = {}  # indices trained on so far, in first-seen order
+
+    def begin_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
+        super().begin_task(engine, task, examples)
+        self._position = {id(e): i for i, e in enumerate(examples)}
+        self._trained = {}  # a resumed domain gets its stream back from the checkpoint
 
     def batch_examples(self, task: Task, step: int, batch: list[Example]) -> list[Example]:
+        self._trained.update(dict.fromkeys(self._position[id(e)] for e in batch))
         pool = [
             e
             for domain in sorted(self.memory)
@@ -53,12 +69,14 @@ class Replay(SharedLora):
         return batch + [pool[i] for i in torch.randperm(len(pool), generator=gen)[:k].tolist()]
 
     def end_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
-        keep = reservoir_sample(len(examples), self.options.per_domain, task.rng_seed("reservoir"))
-        self.memory[task.domain] = [examples[i] for i in keep]
+        stream = list(self._trained)
+        keep = reservoir_sample(len(stream), self.options.per_domain, task.rng_seed("reservoir"))
+        self.memory[task.domain] = [examples[stream[i]] for i in keep]
+        self._trained = {}
         super().end_task(engine, task, examples)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
+        out = {"trained": torch.tensor(list(self._trained))} if self._trained else {}
         for domain, kept in self.memory.items():
             out[f"memory/{domain}/lengths"] = torch.tensor([len(e["input_ids"]) for e in kept])
             for field in ("input_ids", "labels"):
@@ -66,6 +84,7 @@ class Replay(SharedLora):
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._trained = dict.fromkeys(tensors["trained"].tolist()) if "trained" in tensors else {}
         self.memory = {}
         for key in tensors:
             if key.startswith("memory/") and key.endswith("/lengths"):
