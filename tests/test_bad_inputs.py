@@ -146,6 +146,7 @@ CASES = [
     (RUN + ["--set", "lora.target_modules=[qproj]"], "lora.target_modules: no module 'qproj'"),
     (RUN + ["--set", "domains=[{name: a, train: x.jsonl, holdout: y.jsonl}, {name: a, train: x.jsonl, holdout: y.jsonl}]"], "domains: every name once"),
     (RUN + ["--set", "domains.0.name=x"], "--set 'domains.0.name=x': domains is not a section"),
+    (RUN + ["--set", "domains=[{name: a, train: {ws}/missing.jsonl, holdout: {ws}/f.jsonl}, {name: b, train: {ws}/f.jsonl, holdout: {ws}/f.jsonl}]"], "missing.jsonl: file not found"),
     (["run", str(TINY_CONFIG), "--out", "{ws}/S", "--set", "train.lr=0.5"], "exists and is not a crma run directory"),
     # generate, chat's settings, eval
     (GEN[:2] + [""], "prompt is empty"),
