@@ -13,6 +13,16 @@ TINY_DATA = ROOT / "tests" / "assets" / "tiny-domains"
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 
+def kill_harness():
+    """benchmarks/kill_trials.py as a module: kill points, trials, tree comparison."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kill_trials", ROOT / "benchmarks/kill_trials.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def crma_env() -> dict[str, str]:
     """One thread everywhere, so two runs of the same command give bit-identical numbers."""
     return {
@@ -21,6 +31,23 @@ def crma_env() -> dict[str, str]:
         "MKL_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+
+
+def committed(stack: Path, key: str) -> Path:
+    """A stack's committed `backbone`, `router`, ... file, found through its manifest (a commit
+    writes a rewritten file under a new name)."""
+    from crma.stack import Stack
+
+    path = Stack.open(stack).component(key)
+    assert path is not None, f"{stack}: no {key}"
+    return path
+
+
+def adapter_file(stack: Path, domain: str) -> Path:
+    """The committed adapter_model.safetensors that answers `domain`."""
+    from crma.stack import Stack
+
+    return Stack.open(stack).adapter_dir(domain) / "adapter_model.safetensors"
 
 
 def crma_cmd(*args: str) -> list[str]:

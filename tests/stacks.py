@@ -32,8 +32,15 @@ def texts(domain: str, n: int, seed: int) -> list[str]:
     return [" ".join(rng.choices(WORDS[domain], k=rng.randint(8, 16))) + "." for _ in range(n)]
 
 
-def build_stack(path: Path, domains: list[str], method: str = "crma", steps: int = 6):
-    """Train `domains` in order into a stack at `path` (in-process, a few steps each)."""
+def build_stack(
+    path: Path,
+    domains: list[str],
+    method: str = "crma",
+    steps: int = 6,
+    sources: dict[str, str] | None = None,
+):
+    """Train `domains` in order into a stack at `path` (in-process, a few steps each); a
+    domain's texts come from the words of `sources[domain]` (default: its own name)."""
     from accelerate import Accelerator
 
     from crma.adapter import CRMAConfig
@@ -57,9 +64,17 @@ def build_stack(path: Path, domains: list[str], method: str = "crma", steps: int
     )
     acc = Accelerator(cpu=True)
     for d in domains:
-        records = [{"text": t} for t in texts(d, 40, seed=0)]
+        records = [{"text": t} for t in texts((sources or {}).get(d, d), 40, seed=0)]
         examples = tokenize_records(records, cm.engine.tokenizer, cfg.max_length)
         cm.add_domain(
             d, examples, cfg, acc, 0, path / "metrics.jsonl", {"method": method, "seed": 0}
         )
     return cm
+
+
+def commit_router(cm, router) -> None:
+    """Commit `router` as the stack's (as an older crma might have written it)."""
+    with cm.writing():
+        commit = cm.stack.begin_commit()
+        router.save(commit)
+        commit.finish()

@@ -127,7 +127,7 @@ def test_containment_flags_templated_rows_that_jaccard_misses():
     )
     train = [("medical", f"Linear IgA {template}, often with itching and a burning feeling.")]
     holdout = [("medical", f"Linear C3 {template}.")]
-    assert find_contamination(train, holdout, CleanConfig(containment_threshold=1.01)) == []
+    assert find_contamination(train, holdout, CleanConfig(containment_threshold=1.0)) == []
     (leak,) = find_contamination(train, holdout, CleanConfig())
     assert leak["kind"] == "contained" and leak["similarity"] < 0.7
     assert leak["containment"] >= 0.5 and leak["containment_all"] == leak["containment"]

@@ -137,7 +137,7 @@ def test_conditions_match_independent_scoring(stack):
     its = items["money"]["probes"]
     expected = sum(p == i["answer"] for i, p in zip(its, score_choices(plain, tok, its)))
     assert result["results"]["base"]["money"]["probes"]["correct"] == expected
-    with cm.engine.using("money"):
+    with cm.engine.using(cm.method.adapter_name("money")):
         oracle = score_choices(cm.engine.model, tok, its)
     assert result["results"]["oracle"]["money"]["probes"]["correct"] == sum(
         p == i["answer"] for i, p in zip(its, oracle)
@@ -148,19 +148,20 @@ def test_conditions_match_independent_scoring(stack):
 
 def test_backbone_off_and_routed_use_other_weights(stack):
     _, cm = stack
+    medic, money = cm.method.adapter_name("medic"), cm.method.adapter_name("money")
     its = probe_items("medic")
     s, cache = QASettings(), {}
-    predict(cm, its, "medic", True, s, cache)
-    predict(cm, its, "medic", False, s, cache)
+    predict(cm, its, medic, True, s, cache)
+    predict(cm, its, medic, False, s, cache)
     assert len(cache) == 2, "backbone on and off must be distinct weights"
     from crma.qa_eval import routed_predictions
 
     router = Router(cm)
     wrong = [Route("money", 1.0, "money")] * len(its)
-    got = routed_predictions(cm, its, wrong, router, (("medic",), [9] * len(its)), s, None)
-    assert got == predict(cm, its, "money", True, s)  # rescored with the routed adapter
+    got = routed_predictions(cm, its, wrong, router, ((medic,), [9] * len(its)), s, None)
+    assert got == predict(cm, its, money, True, s)  # rescored with the routed adapter
     right = [Route("medic", 1.0, "medic")] * len(its)
-    reused = routed_predictions(cm, its, right, router, (("medic",), [9] * len(its)), s, None)
+    reused = routed_predictions(cm, its, right, router, ((medic,), [9] * len(its)), s, None)
     assert reused == [9] * len(its)  # routed to the oracle's adapters: oracle answers reused
 
 

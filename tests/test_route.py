@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from stacks import build_stack, texts
+from helpers import committed
+from stacks import build_stack, commit_router, texts
 
 from crma.route import CentroidRouter, Router, RouteSettings, plot_confusion, routing_metrics
 
@@ -29,7 +30,7 @@ def test_centroid_routes_holdouts_and_reloads_from_disk(stack):
     path, cm = stack
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["router"]["kind"] == "centroid" and manifest["router"]["domains"] == DOMAINS
-    assert (path / "router.safetensors").is_file()
+    assert committed(path, "router").is_file()
     metrics = routing_metrics(Router(cm), holdout_ids(cm))
     assert metrics["top1"] == {d: 1.0 for d in DOMAINS}, metrics["confusion"]
     assert [sum(row) for row in metrics["confusion"]] == [10, 10, 10]
@@ -72,7 +73,7 @@ def test_arrow_and_loss_routers_pick_valid_and_mostly_right_domains(stack, kind)
 
 def test_threshold_falls_back_to_no_adapter(stack, tmp_path):
     _, cm = stack
-    router = Router(cm, RouteSettings(threshold=1.01))
+    router = Router(cm, RouteSettings(threshold=0.99, confidence_temperature=100.0))
     routes = router.route_texts(texts("medic", 3, seed=1))
     assert all(r.domain is None and r.best == "medic" for r in routes)
     assert router.adapters_for(routes[0]) is None
@@ -126,16 +127,17 @@ def test_replacing_a_domain_keeps_the_other_domains_rows():
 def test_router_without_stored_embeddings_is_rebuilt(tmp_path):
     """Stacks written before the logistic head hold only count/sum/sumsq: they route with
     prototypes until refresh_router rebuilds them from the training examples."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from crma.route import refresh_router
 
     path = tmp_path / "stack"
     cm = build_stack(path, DOMAINS)
-    tensors = load_file(str(path / "router.safetensors"))
-    meta = {"domains": json.dumps(DOMAINS)}
-    old = {k: tensors[k] for k in ("count", "sum", "sumsq")}
-    save_file(old, str(path / "router.safetensors"), metadata=meta)
+    tensors = load_file(str(committed(path, "router")))
+    old = CentroidRouter()
+    old.domains = list(DOMAINS)
+    old.count, old.sum, old.sumsq = (tensors[k] for k in ("count", "sum", "sumsq"))
+    commit_router(cm, old)
     assert Router(cm).centroid.head == "prototype"
     from crma.data import tokenize_records
 
@@ -164,7 +166,7 @@ def test_router_with_older_default_settings_is_rebuilt_with_todays(tmp_path):
     older = CentroidRouter(CentroidSettings(layer=1, l2=0.5))
     for d in DOMAINS:
         older.add_examples(cm.engine, d, examples[d])
-    older.save(cm.stack)
+    commit_router(cm, older)
     assert CentroidRouter.load(cm.stack).settings.layer == 1
     assert refresh_router(cm, examples)
     assert CentroidRouter.load(cm.stack).settings == CentroidSettings()

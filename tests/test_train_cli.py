@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 
 import torch
-from helpers import TINY_BASE, TINY_DATA, run_crma
+from helpers import (
+    ROOT,
+    TINY_BASE,
+    TINY_DATA,
+    adapter_file,
+    committed,
+    crma_cmd,
+    crma_env,
+    run_crma,
+)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
+
+from crma.integrity import check_stack
 
 FAST = [
     "--max-steps",
@@ -35,12 +48,10 @@ def test_second_call_adds_a_domain_and_keeps_earlier_adapters(tmp_path):
     train(stack, "alpha")
     alpha = stack / "adapters" / "alpha" / "adapter_model.safetensors"
     before = alpha.read_bytes()
-    backbone_before = (stack / "crma_backbone.safetensors").read_bytes()
+    backbone_before = committed(stack, "backbone").read_bytes()
     train(stack, "beta")
-    assert alpha.read_bytes() == before
-    assert (stack / "crma_backbone.safetensors").read_bytes() != backbone_before, (
-        "backbone keeps training"
-    )
+    assert adapter_file(stack, "alpha") == alpha and alpha.read_bytes() == before
+    assert committed(stack, "backbone").read_bytes() != backbone_before, "backbone keeps training"
     manifest = json.loads((stack / "manifest.json").read_text())
     assert [d["name"] for d in manifest["domains"]] == ["alpha", "beta"]
     assert manifest["method"] == "crma" and manifest["base_model"]["sha256"]
@@ -51,7 +62,10 @@ def test_second_call_adds_a_domain_and_keeps_earlier_adapters(tmp_path):
 def test_duplicate_domain_and_other_base_are_refused(tmp_path):
     stack = tmp_path / "stack"
     train(stack, "alpha")
-    proc = train(stack, "alpha", check=False)
+    manifest = (stack / "manifest.json").read_bytes()
+    proc = train(stack, "alpha")  # the same command again (after a kill): nothing to do
+    assert "already trained" in proc.stdout and (stack / "manifest.json").read_bytes() == manifest
+    proc = train(stack, "alpha", check=False, extra=["--seed", "1"])
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--replace" in proc.stderr
 
     other = tmp_path / "other-base"
@@ -69,12 +83,12 @@ def test_duplicate_domain_and_other_base_are_refused(tmp_path):
 def test_replace_retrains_a_domain(tmp_path):
     stack = tmp_path / "stack"
     train(stack, "alpha", method="frozen")
-    before = (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes()
+    before = adapter_file(stack, "alpha").read_bytes()
     train(stack, "alpha", method="frozen", extra=["--replace", "--seed", "1"])
-    assert (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes() != before
+    assert adapter_file(stack, "alpha").read_bytes() != before
     # Same seed again: a fresh adapter retrained from scratch reproduces the first one exactly.
     train(stack, "alpha", method="frozen", extra=["--replace"])
-    assert (stack / "adapters" / "alpha" / "adapter_model.safetensors").read_bytes() == before
+    assert adapter_file(stack, "alpha").read_bytes() == before
     manifest = json.loads((stack / "manifest.json").read_text())
     assert [d["name"] for d in manifest["domains"]] == ["alpha"]
 
@@ -124,3 +138,29 @@ def test_method_options_are_stored_checked_and_fixed(tmp_path):
     }
     proc = train(stack, "beta", method="ewc", check=False, extra=["--option", "ewc_lambda=4"])
     assert proc.returncode == 2 and "fixed when a stack is created" in proc.stderr
+
+
+def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_path):
+    """Two `crma train` on one stack: the second is refused at once, naming the first; the
+    first killed (SIGKILL, no cleanup), the next writer takes the stack over and commits."""
+    stack = tmp_path / "stack"
+    args = ["train", str(stack), "--base", str(TINY_BASE), *FAST, "--max-steps", "100000"]
+    first = subprocess.Popen(
+        crma_cmd(*args, "--domain", f"alpha={TINY_DATA / 'alpha.train.jsonl'}"),
+        cwd=ROOT, env=crma_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    lock = stack / "writer.lock"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (lock.is_file() and lock.read_text()):
+        time.sleep(0.05)
+    try:
+        proc = train(stack, "beta", check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+        assert f"another crma process is writing here (pid {first.pid} " in proc.stderr
+        assert "`crma train " in proc.stderr and "since 20" in proc.stderr
+    finally:
+        first.kill()
+        first.wait()
+    train(stack, "beta")
+    assert json.loads((stack / "manifest.json").read_text())["domains"][0]["name"] == "beta"
+    assert check_stack(stack)[-1].startswith("adapter    adapters/beta")

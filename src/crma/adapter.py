@@ -25,11 +25,10 @@ from torch import nn
 
 from crma.errors import UserError
 from crma.fileio import atomic_path
-from crma.settings import from_dict, setting
+from crma.settings import SettingError, Settings, from_dict, setting
 from crma.sinkhorn import sinkhorn
-
-BACKBONE_FILE = "crma_backbone.safetensors"
-CONFIG_FILE = "crma_config.json"
+from crma.stack import BACKBONE_CONFIG as CONFIG_FILE
+from crma.stack import BACKBONE_FILE
 
 # model_type -> dotted path of the decoder-layer ModuleList inside the *ForCausalLM model.
 DECODER_LAYERS = {
@@ -47,20 +46,22 @@ DECODER_LAYERS = {
 
 
 @dataclass
-class CRMAConfig:
+class CRMAConfig(Settings):
     """CRMA backbone: n mixing streams per decoder layer."""
 
-    n_streams: int = setting(4, "streams n: rank of the read/write projections, size of M")
+    n_streams: int = setting(4, "streams n: rank of the read/write projections, size of M", ge=1)
     variant: Literal["untied", "tied"] = setting(
         "untied", "untied: h+αWM(Rh); tied: h+αRᵀ(M−I)Rh, non-expansive"
     )
-    mix_init: float = setting(5.0, "log_mix init c·I (c≈5 gives M≈I; 0 would average streams)")
-    alpha_init: float = setting(0.1, "initial gate α = exp(log_alpha)")
-    temperature: float = setting(1.0, "Sinkhorn temperature τ in M = Sinkhorn(exp(Λ/τ))")
-    sinkhorn_iters: int = setting(20, "log-space Sinkhorn warm-start iterations")
-    lr_projections: float = setting(1e-3, "learning rate of read/write projections")
-    lr_mix: float = setting(1e-2, "learning rate of log_mix")
-    lr_gate: float = setting(1e-3, "learning rate of log_alpha")
+    mix_init: float = setting(
+        5.0, "log_mix init c·I (c≈5 gives M≈I; 0 would average streams)", ge=-100, le=100
+    )
+    alpha_init: float = setting(0.1, "initial gate α = exp(log_alpha)", gt=0, le=10)
+    temperature: float = setting(1.0, "Sinkhorn temperature τ in M = Sinkhorn(exp(Λ/τ))", gt=0)
+    sinkhorn_iters: int = setting(20, "log-space Sinkhorn warm-start iterations", ge=1)
+    lr_projections: float = setting(1e-3, "learning rate of read/write projections", gt=0)
+    lr_mix: float = setting(1e-2, "learning rate of log_mix", gt=0)
+    lr_gate: float = setting(1e-3, "learning rate of log_alpha", gt=0)
 
 
 class CRMABackbone(nn.Module):
@@ -68,10 +69,6 @@ class CRMABackbone(nn.Module):
 
     def __init__(self, config: CRMAConfig, n_layers: int, hidden_size: int):
         super().__init__()
-        if config.variant not in ("untied", "tied"):
-            raise UserError(f"crma.variant: {config.variant!r} is not one of untied, tied")
-        if config.n_streams < 1 or config.n_streams > hidden_size:
-            raise UserError(f"crma.n_streams: must be in 1..{hidden_size}, got {config.n_streams}")
         self.config, self.n_layers, self.hidden_size = config, n_layers, hidden_size
         n, d, L = config.n_streams, hidden_size, n_layers
         read = torch.stack([_orthonormal_rows(n, d, seed=layer) for layer in range(L)])
@@ -182,36 +179,49 @@ class CRMABackbone(nn.Module):
         }
 
     # -- persistence ----------------------------------------------------------------------
-    def save(self, directory: str | Path) -> None:
-        """Write crma_backbone.safetensors + crma_config.json into `directory` atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        meta = {
+    def meta(self) -> dict[str, Any]:
+        """What `crma_config.json` holds: the settings and the shape the weights fit."""
+        return {
             "config": dataclasses.asdict(self.config),
             "n_layers": self.n_layers,
             "hidden_size": self.hidden_size,
         }
-        with atomic_path(directory / BACKBONE_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-        with atomic_path(directory / CONFIG_FILE) as tmp:
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+
+    def save_weights(self, path: str | Path) -> None:
+        """Write the weights as safetensors (a stack commit writes them atomically)."""
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+    def save(self, directory: str | Path) -> None:
+        """Write crma_backbone.safetensors + crma_config.json into `directory` atomically."""
+        with atomic_path(Path(directory) / BACKBONE_FILE) as tmp:
+            self.save_weights(tmp)
+        with atomic_path(Path(directory) / CONFIG_FILE) as tmp:
+            tmp.write_text(json.dumps(self.meta(), indent=2) + "\n")
 
     def load(self, directory: str | Path) -> None:
-        """Load weights saved by `save`; refuses a backbone of another shape or variant."""
-        meta = read_backbone_meta(directory)
+        """Load weights saved by `save` into `directory`."""
+        self.load_files(Path(directory) / BACKBONE_FILE, Path(directory) / CONFIG_FILE)
+
+    def load_files(self, weights: str | Path, config: str | Path) -> None:
+        """Load weights and their crma_config.json; refuses a backbone of another shape or variant."""
+        meta = read_backbone_meta(config)
+        where = f"{config}: the backbone"
         if (meta["n_layers"], meta["hidden_size"]) != (self.n_layers, self.hidden_size):
             raise UserError(
-                f"{directory}: backbone is for {meta['n_layers']} layers x {meta['hidden_size']} hidden; "
+                f"{where} is for {meta['n_layers']} layers x {meta['hidden_size']} hidden; "
                 f"this model has {self.n_layers} x {self.hidden_size}"
             )
-        saved = from_dict(CRMAConfig, meta["config"], f"{directory}/{CONFIG_FILE}")
+        saved = from_dict(CRMAConfig, meta["config"], str(config))
         if (saved.n_streams, saved.variant) != (self.config.n_streams, self.config.variant):
             raise UserError(
-                f"{directory}: backbone has n_streams={saved.n_streams}, variant={saved.variant}; "
-                f"expected n_streams={self.config.n_streams}, variant={self.config.variant}"
+                f"{where} has n_streams={saved.n_streams}, variant={saved.variant}; "
+                f"the stack expects n_streams={self.config.n_streams}, variant={self.config.variant}"
             )
-        tensors = load_file(str(Path(directory) / BACKBONE_FILE))
+        tensors = load_file(str(weights))
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if {k: tuple(v.shape) for k, v in tensors.items()} != expected:
+            raise UserError(f"{weights}: tensors do not fit the backbone in {Path(config).name}")
         with torch.no_grad():
             for name, param in self.named_parameters():
                 param.copy_(tensors[name].to(param))
@@ -246,14 +256,17 @@ class _LowRankResidual(torch.autograd.Function):
         return grad_h, grad_R, grad_A
 
 
-def read_backbone_meta(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file() or not (Path(directory) / BACKBONE_FILE).is_file():
-        raise UserError(f"{directory}: no CRMA backbone ({BACKBONE_FILE} + {CONFIG_FILE}) found")
+def read_backbone_meta(path: str | Path) -> dict[str, Any]:
+    """The contents of a backbone's crma_config.json."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+        meta = json.loads(Path(path).read_bytes())
+        assert isinstance(meta["n_layers"], int) and isinstance(meta["hidden_size"], int)
+        assert isinstance(meta["config"], dict)
+        return meta
+    except FileNotFoundError:
+        raise UserError(f"{path}: CRMA backbone config not found") from None
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise UserError(f"{path}: not a CRMA backbone config ({type(exc).__name__})") from None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -270,6 +283,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return module
 
 
+def hidden_size(model: nn.Module) -> int:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.config.hidden_size
+
+
+def check_fits(model: nn.Module, config: CRMAConfig) -> None:
+    """Refuse a model CRMA cannot attach to with `config`, before anything is built."""
+    decoder_layers(model)  # a supported architecture
+    if config.n_streams > hidden_size(model):
+        allowed = f"at most {hidden_size(model)} (the model's hidden size)"
+        raise SettingError("crma.n_streams", config.n_streams, allowed)
+
+
 def attach_crma(model: nn.Module, config: CRMAConfig | None = None) -> CRMABackbone:
     """Create a CRMA backbone for `model`, hook it onto every decoder layer and return it.
 
@@ -277,10 +303,11 @@ def attach_crma(model: nn.Module, config: CRMAConfig | None = None) -> CRMABackb
     its parameters; it starts as the exact identity (untied variant).
     """
     config = config or CRMAConfig()
+    check_fits(model, config)
     layers = decoder_layers(model)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     param = next(inner.parameters())
-    backbone = CRMABackbone(config, len(layers), inner.config.hidden_size).to(param.device)
+    backbone = CRMABackbone(config, len(layers), hidden_size(model)).to(param.device)
     backbone.attach(layers)
     inner.crma_backbone = backbone
     return backbone

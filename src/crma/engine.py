@@ -9,6 +9,9 @@ evaluation fingerprints and written next to the adapter, so a reopened stack is 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -21,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crma.adapter import CRMABackbone
-from crma.settings import setting
+from crma.errors import UserError
+from crma.settings import Settings, setting
 
 # Written into an adapter's folder beside PEFT's files when the adapter depends on more than
 # them: base weights changed by earlier merges, and the adapter's own buffers (OSF's SVD).
@@ -29,15 +33,22 @@ ENGINE_STATE = "crma_engine_state.safetensors"
 _BASE, _BUFFER = "base/", "buffer/"
 
 
+def module_name(name: str) -> str | None:
+    """What a target-module name allows, or None when `name` is fine."""
+    return None if name.strip() else "a module name such as q_proj"
+
+
 @dataclass
-class LoraSettings:
+class LoraSettings(Settings):
     """LoRA adapters: one per domain (or one shared, for naive)."""
 
-    r: int = setting(8, "LoRA rank")
-    alpha: int = setting(16, "LoRA alpha (scale = alpha / r)")
-    dropout: float = setting(0.0, "LoRA dropout")
+    r: int = setting(8, "LoRA rank", ge=1)
+    alpha: int = setting(16, "LoRA alpha (scale = alpha / r)", ge=1)
+    dropout: float = setting(0.0, "LoRA dropout", ge=0, lt=1)
     target_modules: list[str] | None = setting(
-        None, "modules to adapt; empty: PEFT's default for the architecture (q/v projections)"
+        None,
+        "modules to adapt; empty: PEFT's default for the architecture (q/v projections)",
+        check=module_name,
     )
 
     def peft_config(self) -> LoraConfig:
@@ -49,6 +60,19 @@ class LoraSettings:
             target_modules=self.target_modules or None,
             task_type="CAUSAL_LM",
         )
+
+
+def check_targets(model: nn.Module, names: list[str] | None, key: str) -> None:
+    """Refuse module names (setting `key`) that match no module of `model`, as PEFT matches
+    them: the module's name or the end of its dotted path."""
+    modules = dict(model.named_modules())
+    for name in names or []:
+        if not any(p == name or p.endswith("." + name) for p in modules):
+            linear = {p.rsplit(".", 1)[-1] for p, m in modules.items() if isinstance(m, nn.Linear)}
+            raise UserError(
+                f"{key}: no module {name!r} in the base model; its linear layers are "
+                + ", ".join(sorted(linear))
+            )
 
 
 class Engine:
@@ -106,13 +130,20 @@ class Engine:
         else:
             self.peft.delete_adapter(name)
 
-    def save_adapter(self, name: str, directory: str | Path) -> None:
-        """Write adapter `name` in PEFT format into `directory/name/`, plus what it rests on."""
+    def save_adapter(self, name: str, folder: str | Path) -> None:
+        """Write adapter `name` in PEFT format into `folder` (plain `peft` loads it from there),
+        plus what it rests on."""
         assert self.peft is not None
-        self.peft.save_pretrained(str(directory), selected_adapters=[name])
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
+            self.peft.save_pretrained(scratch, selected_adapters=[name])
+            for file in (Path(scratch) / name).iterdir():  # PEFT nests non-default adapters
+                os.replace(file, folder / file.name)
+        _sort_target_modules(folder / "adapter_config.json")
         extra = self._engine_state(name)
         if extra:
-            save_file(extra, str(Path(directory) / name / ENGINE_STATE))
+            save_file(extra, str(folder / ENGINE_STATE))
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load an adapter written by `save_adapter` (base weights it rests on first)."""
@@ -246,6 +277,15 @@ class Engine:
             for key, tensor in extra.items():
                 if key.startswith(_BUFFER):
                     buffers[key.removeprefix(_BUFFER)].copy_(tensor)
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """PEFT writes `target_modules` from a set, in the order of this process's string hashes:
+    sorted, the same adapter gives the same bytes in every process (resumed runs included)."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))  # PEFT's layout
 
 
 def _belongs_to(param_name: str, adapter: str, kinds: set[str]) -> bool:

@@ -17,7 +17,7 @@ import torch
 from crma.continual import ContinualModel
 from crma.errors import UserError
 from crma.route import Route, Router, RouteSettings, adapter_key, pad_id
-from crma.settings import setting
+from crma.settings import SettingError, Settings, setting
 from crma.stack import Stack
 
 AUTO = "auto"
@@ -26,17 +26,24 @@ SHARED = "(shared)"  # methods without task id: their one/summed adapters answer
 
 
 @dataclass
-class GenerateSettings:
+class GenerateSettings(Settings):
     """Decoding settings."""
 
-    max_new_tokens: int = setting(64, "tokens to generate at most")
-    min_new_tokens: int = setting(0, "tokens to generate at least (end-of-text ignored before)")
-    temperature: float = setting(0.0, "sampling temperature; 0: greedy")
-    top_p: float = setting(1.0, "nucleus sampling mass (with temperature > 0)")
-    seed: int = setting(0, "sampling seed")
+    max_new_tokens: int = setting(64, "tokens to generate at most", ge=1)
+    min_new_tokens: int = setting(
+        0, "tokens to generate at least (end-of-text ignored before)", ge=0
+    )
+    temperature: float = setting(0.0, "sampling temperature; 0: greedy", ge=0)
+    top_p: float = setting(1.0, "nucleus sampling mass (with temperature > 0)", gt=0, le=1)
+    seed: int = setting(0, "sampling seed", ge=0)
     chat_template: bool = setting(
         True, "wrap the prompt in the base's chat template when it has one (instruct models)"
     )
+
+    def check_together(self) -> None:
+        if self.min_new_tokens > self.max_new_tokens:
+            allowed = f"at most max_new_tokens ({self.max_new_tokens})"
+            raise SettingError("min_new_tokens", self.min_new_tokens, allowed)
 
 
 @dataclass

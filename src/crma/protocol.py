@@ -13,43 +13,58 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from crma.adapter import CRMAConfig
 from crma.continual import ContinualModel, StackSpec
+from crma.data.corpus import DOMAINS as CORPUS_DOMAINS
 from crma.engine import LoraSettings
 from crma.errors import UserError
 from crma.evaluate import mean_token_loss
-from crma.fileio import atomic_path, write_json, write_text
+from crma.fileio import atomic_path, is_temporary, write_json, write_text
+from crma.lock import LOCK_FILE, WriterLock
 from crma.methods import METHODS, make_method
 from crma.model import EMBEDDED, base_model_id, load_base
 from crma.provenance import data_identity, recorded_data
-from crma.settings import from_dict, setting
-from crma.stack import check_domain_name
+from crma.settings import Settings, from_dict, setting
+from crma.stack import name_problem
 from crma.train import TrainConfig, mixed_precision
 
 log = logging.getLogger(__name__)
 
 
+def _path_problem(path: str) -> str | None:
+    return None if path.strip() else "a file path"
+
+
+def _method_problem(name: str) -> str | None:
+    return None if name in METHODS else "one of " + ", ".join(METHODS)
+
+
 @dataclass
-class DomainSpec:
+class DomainSpec(Settings):
     """A user domain: training file and held-out file (any format `crma.data` loads)."""
 
-    name: str = setting("", "domain name")
-    train: str = setting("", "training file")
-    holdout: str = setting("", "held-out file for the loss matrix")
+    name: str = setting("", "domain name", check=name_problem)
+    train: str = setting("", "training file", check=_path_problem)
+    holdout: str = setting("", "held-out file for the loss matrix", check=_path_problem)
 
 
 @dataclass
-class MethodSpec:
+class MethodSpec(Settings):
     """A condition of the protocol: a method and, optionally, its own settings."""
 
-    name: str = setting("crma", "method: " + ", ".join(METHODS))
-    label: str | None = setting(None, "name in the report (default: the method name)")
+    name: str = setting("crma", "method: " + ", ".join(METHODS), check=_method_problem)
+    label: str | None = setting(
+        None,
+        "name in the report and of its folder (default: the method name)",
+        check=lambda label: name_problem(label, reserved=("plots",)),
+    )
     options: dict[str, Any] = setting({}, "method options")
     crma: dict[str, Any] = setting({}, "CRMA settings overriding the run's")
     lora: dict[str, Any] = setting({}, "LoRA settings overriding the run's")
@@ -61,26 +76,30 @@ class MethodSpec:
 
 
 @dataclass
-class CorpusSpec:
+class CorpusSpec(Settings):
     """The embedded five-domain corpus (used when `domains` is empty)."""
 
-    order: list[str] = setting(
-        ["medical", "legal", "financial", "code", "science"], "domains in training order"
+    order: list[Literal[CORPUS_DOMAINS]] = setting(
+        list(CORPUS_DOMAINS), "domains in training order"
     )
-    train_size: int = setting(500, "training examples per domain (first N of the train split)")
-    holdout_size: int = setting(100, "held-out examples per domain (first N of the holdout split)")
-    split: str = setting(
+    train_size: int = setting(
+        500, "training examples per domain (first N of the train split)", ge=1
+    )
+    holdout_size: int = setting(
+        100, "held-out examples per domain (first N of the holdout split)", ge=1
+    )
+    split: Literal["holdout", "validation"] = setting(
         "holdout", "evaluate on 'holdout' or on 'validation' (carved from spare, for tuning)"
     )
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Settings):
     """Evaluation of the loss matrix."""
 
-    batch_size: int = setting(8, "examples per forward pass")
+    batch_size: int = setting(8, "examples per forward pass", ge=1)
     max_length: int | None = setting(
-        None, "tokens per held-out example (default: train.max_length)"
+        None, "tokens per held-out example (default: train.max_length)", ge=2
     )
     future_domains: bool = setting(
         True,
@@ -90,23 +109,29 @@ class EvalConfig:
     routing: bool = setting(
         False, "after each method/seed: router top-1 and confusion on the holdouts (routing.json)"
     )
-    routers: list[str] = setting(["centroid"], "routers for eval.routing: centroid, arrow, loss")
+    routers: list[Literal["centroid", "arrow", "loss"]] = setting(
+        ["centroid"], "routers for eval.routing: centroid, arrow, loss"
+    )
     qa: bool = setting(
         False, "after each method/seed: QA accuracy, base/oracle/routed/backbone off (qa.json)"
     )
-    qa_probes: int = setting(100, "continuation probes per domain for eval.qa")
-    qa_mmlu: int = setting(100, "MMLU questions per domain for eval.qa")
+    qa_probes: int = setting(100, "continuation probes per domain for eval.qa", ge=0)
+    qa_mmlu: int = setting(100, "MMLU questions per domain for eval.qa", ge=0)
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Settings):
     """A protocol run."""
 
     base: str = setting(
-        EMBEDDED, "base model: 'embedded', a HF folder or hub name, or a .gguf file"
+        EMBEDDED,
+        "base model: 'embedded', a HF folder or hub name, or a .gguf file",
+        check=_path_problem,
     )
     methods: list[MethodSpec] = setting([], "conditions to compare")
-    seeds: list[int] = setting([0], "seeds; each method runs once per seed on identical data")
+    seeds: list[int] = setting(
+        [0], "seeds; each method runs once per seed on identical data", ge=0, lt=2**32
+    )
     domains: list[DomainSpec] = setting(
         [], "user domains in training order (empty: embedded corpus)"
     )
@@ -176,22 +201,14 @@ def parse_config(data: dict[str, Any], where: str) -> RunConfig:
         raise UserError(
             f"{where}: {key}: list at least two domains (drift is measured on the earlier ones)"
         )
-    for i, spec in enumerate(config.domains):
-        for field in ("name", "train", "holdout"):
-            if not getattr(spec, field):
-                raise UserError(f"{where}: domains: every domain needs name, train and holdout")
-        try:
-            check_domain_name(spec.name)
-        except UserError as exc:
-            raise UserError(f"{where}: domains[{i}]: {exc}") from None
+    names = [d.name for d in config.domains]
+    if len(set(names)) != len(names):
+        raise UserError(f"{where}: domains: every name once (got {', '.join(names)})")
     return config
 
 
 def _method_spec(item: Any, where: str) -> MethodSpec:
-    spec = MethodSpec(name=item) if isinstance(item, str) else from_dict(MethodSpec, item, where)
-    if spec.name not in METHODS:
-        raise UserError(f"{where}: unknown method {spec.name!r}; choose from {', '.join(METHODS)}")
-    return spec
+    return from_dict(MethodSpec, {"name": item} if isinstance(item, str) else item, where)
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
@@ -247,8 +264,6 @@ def load_domains(config: RunConfig, tokenizer) -> list[DomainData]:
     else:
         root = ensure_corpus()
         c = config.corpus
-        if c.split not in ("holdout", "validation"):
-            raise UserError(f"corpus.split: {c.split!r} is not one of holdout, validation")
         specs = [
             (
                 name,
@@ -305,18 +320,26 @@ class ProtocolRun:
         self._caches_merged: set[Path] = set()  # reuse runs whose eval cache is merged already
         self.model_loader = model_loader or (lambda: load_base(config.base))
         self.cache_path = self.out / "eval_cache.json"
-        self.data = data_identity(config.domains)
+        self.data: dict[str, Any] = {}  # what the results are computed on, once it is read
 
     def run(self) -> dict[str, Any]:
         from accelerate import Accelerator
 
+        acc = Accelerator(mixed_precision=mixed_precision(self.config.train.precision))
+        self._refuse_other_config()
+        with WriterLock(self.out) if acc.is_main_process else nullcontext():
+            return self._run(acc)
+
+    def _run(self, acc) -> dict[str, Any]:
         from crma.report import build_report
 
-        acc = Accelerator(mixed_precision=mixed_precision(self.config.train.precision))
-        self._check_out_dir(acc)
         base_id = base_model_id(self.config.base)
-        _, tokenizer = self.model_loader()
+        model, tokenizer = self.model_loader()
+        for spec in self.config.methods:  # settings the model cannot take fail before any write
+            method_settings(self.config, spec)[0].check_model(model)
         domains = load_domains(self.config, tokenizer)
+        self.data = data_identity(self.config.domains)  # the files exist: load_domains read them
+        self._write_config(acc)
         cache = json.loads(self.cache_path.read_text()) if self.cache_path.is_file() else {}
         units = [(spec, seed) for seed in self.config.seeds for spec in self.config.methods]
         clock = _Clock(total=len(units) * len(domains))
@@ -390,15 +413,30 @@ class ProtocolRun:
                 "evaluating those needs the weights: reuse the full run, or delete this folder to retrain"
             )
 
-    def _check_out_dir(self, acc) -> None:
-        text = yaml.safe_dump(resolved(self.config), sort_keys=False)
+    def _refuse_other_config(self) -> None:
+        """The run directory must be this run's (same config), or new: nothing else in it."""
         path = self.out / "config.yaml"
-        if path.is_file() and yaml.safe_load(path.read_text()) != yaml.safe_load(text):
+        ours = yaml.safe_load(yaml.safe_dump(resolved(self.config), sort_keys=False))
+        if path.is_file() and yaml.safe_load(path.read_text()) != ours:
             raise UserError(
                 f"{path}: this run directory holds a different config; use another --out or the same config"
             )
+        other = (
+            [p.name for p in self.out.iterdir() if p.name != LOCK_FILE and not is_temporary(p.name)]
+            if self.out.is_dir() and not path.is_file()
+            else []
+        )
+        if other:
+            raise UserError(
+                f"{self.out}: exists and is not a crma run directory (no config.yaml, holds "
+                f"{sorted(other)[0]!r}); use a new or empty --out"
+            )
+
+    def _write_config(self, acc) -> None:
         if acc.is_main_process:
-            write_text(path, text)
+            write_text(
+                self.out / "config.yaml", yaml.safe_dump(resolved(self.config), sort_keys=False)
+            )
         acc.wait_for_everyone()
 
     def _run_one(
@@ -414,6 +452,7 @@ class ProtocolRun:
         cm = ContinualModel.open_or_create(
             run_dir / "stack", self.model_loader, base_id, stack_spec
         )
+        cm.tidy(acc)
         names = [d.name for d in domains]
         matrix_path = run_dir / "loss_matrix.json"
         rows = json.loads(matrix_path.read_text())["loss_matrix"] if matrix_path.is_file() else []

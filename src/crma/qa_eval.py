@@ -39,7 +39,7 @@ from crma.route import (
     refresh_router,
     routing_metrics,
 )
-from crma.settings import setting
+from crma.settings import Settings, setting
 
 if TYPE_CHECKING:
     from crma.continual import ContinualModel
@@ -49,13 +49,15 @@ KINDS = ("probes", "mmlu")
 
 
 @dataclass
-class QASettings:
+class QASettings(Settings):
     """Which items are scored and how."""
 
-    probes_limit: int = setting(100, "continuation probes per domain (first N)")
-    mmlu_limit: int = setting(100, "MMLU questions per domain, spread evenly over its subjects")
-    batch_size: int = setting(8, "sequences per forward pass")
-    max_length: int = setting(512, "tokens per prompt + option")
+    probes_limit: int = setting(100, "continuation probes per domain (first N)", ge=0)
+    mmlu_limit: int = setting(
+        100, "MMLU questions per domain, spread evenly over its subjects", ge=0
+    )
+    batch_size: int = setting(8, "sequences per forward pass", ge=1)
+    max_length: int = setting(512, "tokens per prompt + option", ge=2)
 
 
 # -- items ------------------------------------------------------------------------------------------

@@ -29,16 +29,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from crma.errors import UserError
+from crma.errors import UserError, first_line
 from crma.fileio import atomic_path
-from crma.settings import setting
+from crma.settings import Settings, setting
+from crma.stack import DAMAGED, ROUTER_FILE
 
 if TYPE_CHECKING:
     from crma.continual import ContinualModel
     from crma.engine import Engine
-    from crma.stack import Stack
+    from crma.stack import Commit, Stack
 
-ROUTER_FILE = "router.safetensors"
 ROUTERS = ("centroid", "arrow", "loss")
 FALLBACK = "none"  # label of "no adapter" in confusion matrices
 # Softmax temperatures that turn scores into confidences; the logistic head's scores are
@@ -47,19 +47,20 @@ DEFAULT_TEMPERATURE = {"prototype": 0.05, "logistic": 1.0, "arrow": 0.01, "loss"
 
 
 @dataclass
-class RouteSettings:
+class RouteSettings(Settings):
     """How prompts are routed to a domain's adapter."""
 
     router: Literal["centroid", "arrow", "loss"] = setting(
         "centroid", "centroid (stored prototypes), arrow (from adapter weights), loss (slow bound)"
     )
     threshold: float = setting(
-        0.0, "below this confidence, answer without adapter (base + CRMA backbone)"
+        0.0, "below this confidence, answer without adapter (base + CRMA backbone)", ge=0, le=1
     )
     confidence_temperature: float | None = setting(
         None,
         "softmax temperature of the confidence (default: 1 logistic head, 0.05 prototype head, "
         "0.01 arrow, 0.1 loss)",
+        gt=0,
     )
 
 
@@ -260,8 +261,8 @@ class CentroidRouter:
         return self._head
 
     # -- persistence --------------------------------------------------------------------------
-    def save(self, stack: Stack) -> None:
-        """Write router.safetensors atomically and describe it in the (uncommitted) manifest."""
+    def save(self, commit: Commit) -> None:
+        """Write the router into `commit` and describe it in its manifest."""
         from safetensors.torch import save_file
 
         tensors = {
@@ -271,12 +272,12 @@ class CentroidRouter:
             "embeddings": self.embeddings,
             "labels": self.labels,
         }
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
         meta = {"domains": json.dumps(self.domains)}
-        with atomic_path(stack.path / ROUTER_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        stack.manifest["router"] = {
+        rel = commit.write(ROUTER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        commit.manifest["router"] = {
             "kind": "centroid",
-            "file": ROUTER_FILE,
+            "file": rel,
             "domains": list(self.domains),
             **dataclasses.asdict(self.settings),
         }
@@ -289,8 +290,8 @@ class CentroidRouter:
         entry = stack.manifest.get("router") or {}
         fields = [f.name for f in dataclasses.fields(CentroidSettings)]
         router = cls(CentroidSettings(**{k: entry[k] for k in fields if k in entry}))
-        path = stack.path / entry.get("file", ROUTER_FILE)
-        if not entry or not path.is_file():
+        path = stack.component("router")
+        if path is None:
             return router
         try:
             with safe_open(str(path), framework="pt") as fh:
@@ -299,9 +300,11 @@ class CentroidRouter:
                 for name in ("count", "sum", "sumsq", "embeddings", "labels"):
                     if name in names:
                         setattr(router, name, fh.get_tensor(name))
+            router.keep(stack.domains)
         except Exception as exc:  # safetensors raises several kinds on damaged files
-            raise UserError(f"{path}: cannot read the router ({exc}); retrain a domain") from exc
-        router.keep(stack.domains)
+            raise UserError(
+                f"{path}: cannot read the router ({first_line(exc)}); {DAMAGED}"
+            ) from exc
         return router
 
 
@@ -331,11 +334,11 @@ def fit_logistic(
     return W.detach(), b.detach()
 
 
-def update_router(stack: Stack, engine: Engine, domain: str, examples: list[dict]) -> None:
+def update_router(commit: Commit, engine: Engine, domain: str, examples: list[dict]) -> None:
     """Add `domain`'s entry from its training examples (called when a domain is committed)."""
-    router = CentroidRouter.load(stack)
+    router = CentroidRouter.load(commit.stack)
     router.add_examples(engine, domain, examples)
-    router.save(stack)
+    router.save(commit)
 
 
 def refresh_router(cm: ContinualModel, examples: dict[str, list[dict]]) -> bool:
@@ -349,8 +352,10 @@ def refresh_router(cm: ContinualModel, examples: dict[str, list[dict]]) -> bool:
     router = CentroidRouter()
     for domain in cm.stack.domains:
         router.add_examples(cm.engine, domain, examples[domain])
-    router.save(cm.stack)
-    cm.stack.commit()
+    with cm.writing():
+        commit = cm.stack.begin_commit()
+        router.save(commit)
+        commit.finish()
     return True
 
 
@@ -360,8 +365,6 @@ class Router:
 
     def __init__(self, cm: ContinualModel, settings: RouteSettings | None = None):
         self.cm, self.settings = cm, settings or RouteSettings()
-        if self.settings.router not in ROUTERS:
-            raise UserError(f"router {self.settings.router!r}: choose from {', '.join(ROUTERS)}")
         self.domains = list(cm.stack.domains)
         self._centroid: CentroidRouter | None = None
         self._arrow: dict[str, dict[str, torch.Tensor]] | None = None

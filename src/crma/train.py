@@ -2,7 +2,10 @@
 
 Checkpoints hold everything that decides the next step (trainable weights, AdamW state, ZClip
 statistics, the torch RNG, the method's state, the metrics file offset) and data order comes
-from the seed, so a run killed at any moment and rerun ends with the same numbers.
+from the seed, so a run killed at any moment and rerun ends with the same numbers. A checkpoint
+is one file, replaced atomically, and is resumed only by the same task with the same settings
+and data from the same committed stack. A non-finite loss, gradient or weight stops the domain
+before anything is written.
 """
 
 from __future__ import annotations
@@ -17,37 +20,49 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from crma.batching import batch_order, collate, shard, steps_for
 from crma.engine import Engine
-from crma.fileio import atomic_path, write_json
+from crma.errors import UserError
+from crma.fileio import atomic_path
 from crma.methods.base import Example, Method, Task, params_of
-from crma.settings import setting
+from crma.settings import SettingError, Settings, setting
 from crma.zclip import ZClip
+
+CHECKPOINT_FILE = "state.safetensors"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Training of each domain."""
 
-    lr: float = setting(1e-3, "LoRA learning rate (CRMA groups use crma.lr_*)")
-    batch_size: int = setting(8, "examples per optimizer step (global, across processes)")
-    grad_accum: int = setting(1, "micro-batches per optimizer step")
-    epochs: float = setting(1.0, "passes over each domain's training data")
-    max_steps: int | None = setting(None, "optimizer steps per domain; overrides epochs")
-    max_length: int = setting(256, "tokens per example (longer ones are truncated)")
-    warmup_ratio: float = setting(0.1, "fraction of a domain's steps with linear warm-up")
-    min_lr_ratio: float = setting(0.1, "cosine decays to this fraction of the peak lr")
-    weight_decay: float = setting(0.0, "AdamW weight decay on LoRA/projection weights")
+    lr: float = setting(1e-3, "LoRA learning rate (CRMA groups use crma.lr_*)", gt=0)
+    batch_size: int = setting(8, "examples per optimizer step (global, across processes)", ge=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1)
+    epochs: float = setting(1.0, "passes over each domain's training data", gt=0)
+    max_steps: int | None = setting(None, "optimizer steps per domain; overrides epochs", ge=1)
+    max_length: int = setting(256, "tokens per example (longer ones are truncated)", ge=2)
+    warmup_ratio: float = setting(
+        0.1, "fraction of a domain's steps with linear warm-up", ge=0, lt=1
+    )
+    min_lr_ratio: float = setting(0.1, "cosine decays to this fraction of the peak lr", ge=0, le=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay on LoRA/projection weights", ge=0)
     zclip: bool = setting(True, "ZClip adaptive gradient clipping (EMA 0.97, z 2.5, max norm 1)")
     precision: Literal["auto", "fp32", "bf16"] = setting(
         "auto", "auto: bf16 autocast on GPUs that support it, fp32 otherwise"
     )
-    log_every: int = setting(1, "write metrics.jsonl every N steps")
-    checkpoint_every: int = setting(25, "checkpoint every N steps (and at domain ends)")
+    log_every: int = setting(1, "write metrics.jsonl every N steps", ge=1)
+    checkpoint_every: int = setting(25, "checkpoint every N steps (and at domain ends)", ge=1)
     tensorboard: bool = setting(False, "also log to TensorBoard (needs `pip install tensorboard`)")
+
+    def check_together(self) -> None:
+        if self.grad_accum > self.batch_size:  # a micro-batch needs at least one example
+            raise SettingError(
+                "grad_accum", self.grad_accum, f"at most batch_size ({self.batch_size})"
+            )
 
 
 def mixed_precision(precision: str) -> str:
@@ -90,8 +105,11 @@ class Trainer:
         metrics_path: Path,
         global_step_offset: int = 0,
         progress: str = "",
+        resume_key: str = "",
+        generation: int = 0,
     ) -> dict[str, Any]:
-        """Train `task` to the end (resuming from `checkpoint_dir` if it holds this task)."""
+        """Train `task` to the end, resuming from `checkpoint_dir` if it holds this task with
+        this `resume_key`, made on stack `generation`."""
         cfg, acc, engine = self.config, self.accelerator, self.engine
         self.method.begin_task(engine, task, examples)
         groups = self.method.trainable_groups(engine, task)
@@ -108,9 +126,10 @@ class Trainer:
         torch.manual_seed(task.rng_seed("dropout"))
 
         named = {n: p for n, p in engine.model.named_parameters() if p.requires_grad}
-        start = self._resume(checkpoint_dir, task, named, optimizer, zclip, metrics_path)
+        ckpt = _Checkpoint(checkpoint_dir, metrics_path, resume_key, generation)
+        start = self._resume(ckpt, named, optimizer, zclip)
         if start == 0:  # marks where this task's metrics begin, for a resume before step 1
-            self._save_checkpoint(checkpoint_dir, task, 0, named, optimizer, zclip, metrics_path)
+            self._save_checkpoint(ckpt, task, 0, named, optimizer, zclip)
         model = acc.prepare_model(engine.model) if acc.num_processes > 1 else engine.model
         model.train()
         writer = (
@@ -126,7 +145,7 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
-        last_loss, tokens, t0 = float("nan"), 0, time.perf_counter()
+        tokens, t0 = 0, time.perf_counter()
         for step in range(start, steps):
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(
@@ -135,9 +154,13 @@ class Trainer:
             chosen = self.method.batch_examples(task, step, [examples[j] for j in order[step]])
             loss_value, n_tokens = self._step(model, chosen, params)
             stats = zclip.step(params) if zclip else _plain_norm(params)
+            finite = {"loss": loss_value, "gradient": stats["grad_norm"]}
+            _stop_unless_finite(task, step, ckpt, {k: math.isfinite(v) for k, v in finite.items()})
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            last_loss, tokens = loss_value, tokens + n_tokens
+            weights = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
+            _stop_unless_finite(task, step, ckpt, {"weight": weights})
+            ckpt.last_loss, tokens = loss_value, tokens + n_tokens
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 line = self._metrics_line(
                     task, step, global_step_offset, loss_value, stats, optimizer, tokens, t0
@@ -148,14 +171,12 @@ class Trainer:
             )
             bar.update(1)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
-                self._save_checkpoint(
-                    checkpoint_dir, task, step + 1, named, optimizer, zclip, metrics_path
-                )
+                self._save_checkpoint(ckpt, task, step + 1, named, optimizer, zclip)
         bar.close()
         if writer is not None:
             writer.close()
         self.method.end_task(engine, task, examples)
-        return {"steps": steps, "final_train_loss": last_loss, "examples": len(examples)}
+        return {"steps": steps, "final_train_loss": ckpt.last_loss, "examples": len(examples)}
 
     # -- one optimizer step -----------------------------------------------------------------
     def _step(self, model, chosen: list[Example], params) -> tuple[float, int]:
@@ -214,8 +235,6 @@ class Trainer:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            from crma.errors import UserError
-
             raise UserError(
                 "train.tensorboard: needs the tensorboard package (pip install tensorboard)"
             ) from exc
@@ -223,8 +242,8 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _save_checkpoint(
-        self, directory: Path, task: Task, step: int, named, optimizer, zclip, metrics_path: Path
-    ):
+        self, ckpt: _Checkpoint, task: Task, step: int, named, optimizer, zclip
+    ) -> None:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
@@ -242,29 +261,45 @@ class Trainer:
         )
         state = {
             "domain": task.domain,
-            "index": task.index,
-            "seed": task.seed,
             "step": step,
+            "resume_key": ckpt.resume_key,
+            "generation": ckpt.generation,
             "optimizer_groups": opt_state["param_groups"],
             "zclip": zclip.state_dict() if zclip else None,
-            "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
+            "metrics_bytes": _size(ckpt.metrics),
+            "metrics_start": ckpt.metrics_start,
+            "last_loss": ckpt.last_loss,
         }
-        with atomic_path(directory) as tmp:
-            tmp.mkdir()
-            save_file(tensors, str(tmp / "state.safetensors"))
-            write_json(tmp / "state.json", state)
+        ckpt.directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(ckpt.file) as tmp:
+            save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
 
-    def _resume(
-        self, directory: Path, task: Task, named, optimizer, zclip, metrics_path: Path
-    ) -> int:
-        """Restore a checkpoint of this very task; return the step to continue from (0: fresh)."""
-        state_file = directory / "state.json"
-        if not state_file.is_file():
-            return 0
-        state = json.loads(state_file.read_text())
-        if (state["domain"], state["index"], state["seed"]) != (task.domain, task.index, task.seed):
-            return 0
-        tensors = load_file(str(directory / "state.safetensors"))
+    def _resume(self, ckpt: _Checkpoint, named, optimizer, zclip) -> int:
+        """Restore the checkpoint if it is this task's; return the step to continue from.
+
+        A checkpoint made on this stack generation did not commit (killed, or stopped by an
+        error). With the same settings and data it is resumed, the metrics cut back to its
+        step; otherwise training starts afresh and the metrics are cut back to where that
+        attempt began. Any other checkpoint belongs to a commit already made, or to another
+        stack state, and is ignored.
+        """
+        state = ckpt.state()
+        if state is not None and state.get("generation") == ckpt.generation:
+            resume = state.get("resume_key") == ckpt.resume_key
+            self._cut_metrics(ckpt.metrics, state["metrics_bytes" if resume else "metrics_start"])
+            if resume:
+                ckpt.metrics_start, ckpt.last_loss = state["metrics_start"], state["last_loss"]
+                return self._restore(ckpt, state, named, optimizer, zclip)
+        ckpt.metrics_start = _size(ckpt.metrics)
+        return 0
+
+    def _cut_metrics(self, path: Path, size: int) -> None:
+        if path.exists() and self.accelerator.is_main_process:
+            with open(path, "r+b") as fh:
+                fh.truncate(size)
+
+    def _restore(self, ckpt: _Checkpoint, state: dict[str, Any], named, optimizer, zclip) -> int:
+        tensors = load_file(str(ckpt.file))
         with torch.no_grad():
             for name, param in named.items():
                 param.copy_(tensors[f"param/{name}"])
@@ -282,10 +317,56 @@ class Trainer:
         }
         if method_state:
             self.method.load_state_tensors(method_state)
-        if metrics_path.exists() and self.accelerator.is_main_process:
-            with open(metrics_path, "r+b") as fh:
-                fh.truncate(state["metrics_bytes"])
         return state["step"]
+
+
+@dataclass
+class _Checkpoint:
+    """Where a task's checkpoint lives and what may resume it."""
+
+    directory: Path
+    metrics: Path
+    resume_key: str
+    generation: int
+    metrics_start: int = 0  # the metrics file's size when this task began
+    last_loss: float | None = None  # the last step's loss (None before step 1)
+
+    @property
+    def file(self) -> Path:
+        return self.directory / CHECKPOINT_FILE
+
+    def state(self) -> dict[str, Any] | None:
+        return checkpoint_state(self.directory)
+
+    def last_step(self) -> int:
+        state = self.state()
+        return state["step"] if state and state.get("resume_key") == self.resume_key else 0
+
+
+def checkpoint_state(directory: Path) -> dict[str, Any] | None:
+    """A checkpoint's step, keys, generation and offsets; None if there is none (or it is
+    unreadable: one from an older crma, or damaged)."""
+    try:
+        with safe_open(str(directory / CHECKPOINT_FILE), framework="pt") as fh:
+            return json.loads(fh.metadata()["state"])
+    except Exception:  # missing, damaged or older layout: start the task afresh
+        return None
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _stop_unless_finite(task: Task, step: int, ckpt: _Checkpoint, finite: dict[str, bool]) -> None:
+    """A UserError naming the domain and step when a loss, gradient or weight is NaN/infinite:
+    the step is not taken, nothing is committed, the last checkpoint stays."""
+    for what, ok in finite.items():
+        if not ok:
+            raise UserError(
+                f"domain {task.domain!r}: non-finite {what} at step {step + 1}; nothing was "
+                f"committed (the checkpoint at step {ckpt.last_step()} is kept); lower the "
+                "learning rate or check the data"
+            )
 
 
 def _plain_norm(params) -> dict[str, float]:

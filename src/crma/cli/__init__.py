@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 from crma.errors import UserError
 
@@ -18,12 +19,20 @@ COMMANDS = [
     "crma.cli.generate",
     "crma.cli.eval",
     "crma.cli.run",
+    "crma.cli.check",
     "crma.cli.data",
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error shape: one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"crma: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="crma",
         description="Continual learning for language models: stack domains without forgetting.",
     )

@@ -12,7 +12,7 @@ from crma.settings import add_arguments, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from crma.data.clean import CleanConfig
+    from crma.data.clean import CheckSettings, CleanConfig
 
     p = sub.add_parser("data", help="build the embedded corpus, clean data, check contamination")
     data = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
@@ -34,32 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     check.add_argument("train", type=Path, metavar="TRAIN", help="training file, or a corpus dir")
     check.add_argument("holdout", type=Path, nargs="*", metavar="HOLDOUT", help="holdout files")
-    check.add_argument(
-        "--threshold",
-        type=float,
-        default=0.0,
-        help="largest share of contaminated holdout rows that passes (default: 0.0)",
-    )
-    check.add_argument(
-        "--near-dup-threshold",
-        type=float,
-        default=CleanConfig.near_dup_threshold,
-        help="Jaccard similarity (word 3-grams) that counts as a near duplicate (default: 0.7)",
-    )
-    check.add_argument(
-        "--containment-threshold",
-        type=float,
-        default=CleanConfig.containment_threshold,
-        help="share of a holdout row's word n-grams found in one training row, or in all of "
-        "them together, that counts as contamination (default: 0.5)",
-    )
-    check.add_argument(
-        "--ngram",
-        type=int,
-        default=CleanConfig.containment_ngram,
-        help="word n-gram length of the containment measure (default: 8)",
-    )
     check.add_argument("--report", type=Path, help="write every leak as JSON")
+    add_arguments(check, CheckSettings)
     check.set_defaults(func=run_check)
 
     stats = data.add_parser("stats", help="print the counts and sources of a built corpus")
@@ -110,14 +86,15 @@ def run_clean(args: argparse.Namespace) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from crma.data.clean import CleanConfig, find_contamination
+    from crma.data.clean import CheckSettings, CleanConfig, find_contamination
     from crma.fileio import write_json
 
+    settings = from_args(CheckSettings, args)
     train, holdout = _check_inputs(args)
     cfg = CleanConfig(
-        near_dup_threshold=args.near_dup_threshold,
-        containment_threshold=args.containment_threshold,
-        containment_ngram=args.ngram,
+        near_dup_threshold=settings.near_dup_threshold,
+        containment_threshold=settings.containment_threshold,
+        containment_ngram=settings.ngram,
     )
     leaks = find_contamination([r[:2] for r in train], [r[:2] for r in holdout], cfg)
     for leak in leaks:
@@ -133,9 +110,10 @@ def run_check(args: argparse.Namespace) -> int:
         )
     if args.report:
         write_json(args.report, {"holdout_rows": len(holdout), "share": share, "leaks": leaks})
-    if share > args.threshold:
+    if share > settings.threshold:
         print(
-            f"contamination {share:.2%} is above --threshold {args.threshold:.2%}", file=sys.stderr
+            f"contamination {share:.2%} is above --threshold {settings.threshold:.2%}",
+            file=sys.stderr,
         )
         return 1
     return 0

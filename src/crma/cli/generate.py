@@ -49,10 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _open(args: argparse.Namespace):
     from crma.generate import GenerateSettings, load_stack
 
-    model = load_stack(args.stack, args.base, from_args(RouteSettings, args))
+    settings, route = from_args(GenerateSettings, args), from_args(RouteSettings, args)
+    model = load_stack(args.stack, args.base, route)
     if args.domain != "auto":
         model.check_domain(args.domain)
-    return model, from_args(GenerateSettings, args)
+    return model, settings
 
 
 def _who(answer) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from crma.errors import UserError
 from crma.methods import METHODS, make_method
 from crma.model import EMBEDDED, base_model_id, file_sha256, load_base
 from crma.settings import add_arguments, from_args
-from crma.stack import check_domain_name
+from crma.stack import METRICS, check_domain_name
 from crma.train import TrainConfig, mixed_precision
 
 
@@ -81,10 +82,18 @@ def parse_domains(items: list[str]) -> list[tuple[str, Path]]:
         if not path.is_file():
             raise UserError(f"--domain {item!r}: {path} not found")
         out.append((check_domain_name(name), path))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise UserError(f"--domain: a name appears twice in {names}")
+    check_distinct([n for n, _ in out], "--domain")
     return out
+
+
+def check_distinct(names: list[str], where: str) -> None:
+    """Names must differ beyond case: adapters/<name>/ folders clash on case-blind disks."""
+    folded = [n.lower() for n in names]
+    for i, name in enumerate(folded):
+        if name in folded[:i]:
+            raise UserError(
+                f"{where}: {names[i]!r} and {names[folded.index(name)]!r} differ only in case"
+            )
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -104,14 +113,16 @@ def run(args: argparse.Namespace) -> None:
 
     domains = parse_domains(args.domain)
     options = parse_options(args.option)
-    make_method(args.method or "crma", options, "--option")  # a typo fails before any work
+    method = args.method or "crma"
+    make_method(method, options, f"--method {method}")  # a typo fails before any work
     spec = StackSpec(
-        method=args.method or "crma",
+        method=method,
         method_options=options,
         lora=from_args(LoraSettings, args, prefix="lora_"),
         crma=from_args(CRMAConfig, args, prefix="crma_"),
     )
     train_cfg = from_args(TrainConfig, args)
+    records = {name: load_records(path) for name, path in domains}  # every file before training
     cm = ContinualModel.open_or_create(
         args.stack, lambda: load_base(args.base), base_model_id(args.base), spec
     )
@@ -120,33 +131,33 @@ def run(args: argparse.Namespace) -> None:
             f"{args.stack}: method options are fixed when a stack is created "
             f"(this one has {cm.spec.method_options or 'none'}); drop --option or use a new stack"
         )
-    for name, _ in domains:
+    infos = {name: _data_info(path) for name, path in domains}
+    done = {n for n, _ in domains if _done(cm, n, infos[n], train_cfg, args.seed)}
+    todo = [n for n, _ in domains if n not in done]
+    for name in todo:
         if name in cm.stack.domains and not args.replace:
             raise UserError(
-                f"{args.stack}: domain {name!r} already exists; pass --replace to retrain it"
+                f"{args.stack}: domain {name!r} already exists (trained on other data or "
+                "settings); pass --replace to retrain it"
             )
-    records = {
-        name: load_records(path) for name, path in domains
-    }  # check every file before training
+    check_distinct(cm.stack.domains + [n for n in todo if n not in cm.stack.domains], "--domain")
     acc = Accelerator(mixed_precision=mixed_precision(train_cfg.precision))
-    for i, (name, path) in enumerate(domains):
+    cm.tidy(acc)
+    if done and acc.is_main_process:
+        print(f"{', '.join(sorted(done))}: already trained on this data with these settings")
+    for i, name in enumerate(todo):
         examples = tokenize_records(records[name], cm.engine.tokenizer, train_cfg.max_length)
-        info = {
-            "train_file": str(path),
-            "train_sha256": file_sha256(path),
-            "train_examples": len(examples),
-        }
         result = cm.add_domain(
             name,
             examples,
             train_cfg,
             acc,
             args.seed,
-            args.stack / "metrics.jsonl",
+            args.stack / METRICS,
             {"method": cm.spec.method, "seed": args.seed},
-            info,
+            {**infos[name], "train_examples": len(examples)},
             replace=args.replace,
-            progress=f"{name} ({i + 1}/{len(domains)})",
+            progress=f"{name} ({i + 1}/{len(todo)})",
         )
         if acc.is_main_process:
             print(
@@ -156,3 +167,20 @@ def run(args: argparse.Namespace) -> None:
         print(
             f"{args.stack}: {len(cm.stack.domains)} domains ({', '.join(cm.stack.domains)}), method {cm.spec.method}"
         )
+
+
+def _data_info(path: Path) -> dict[str, Any]:
+    return {"train_file": str(path), "train_sha256": file_sha256(path)}
+
+
+def _done(cm: ContinualModel, name: str, info: dict[str, Any], cfg: TrainConfig, seed: int) -> bool:
+    """Whether the stack already holds `name` from this very data and settings: the same
+    command run again after a kill continues with the next domain instead of refusing."""
+    if name not in cm.stack.domains:
+        return False
+    entry = cm.stack.domain_entry(name)
+    return (entry.get("train_sha256"), entry.get("train_config"), entry.get("seed")) == (
+        info["train_sha256"],
+        dataclasses.asdict(cfg),
+        seed,
+    )

@@ -14,13 +14,13 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from datasketch import MinHash, MinHashLSH
 from tqdm import tqdm
 
 from crma.data.formats import record_kind, record_text
-from crma.settings import setting
+from crma.settings import SettingError, Settings, setting
 
 WORD = re.compile(r"\w+")
 ODD_SPACE = re.compile(r"[^\S\n\t]")  # every whitespace but newline and tab, e.g. NBSP
@@ -36,29 +36,51 @@ EXAMPLES_PER_REASON = 3
 
 
 @dataclass
-class CleanConfig:
+class CleanConfig(Settings):
     """Dataset cleaning: length and text filters, exact and near-duplicate removal."""
 
-    min_chars: int = setting(20, "drop rows shorter than this many characters")
-    max_chars: int = setting(100_000, "drop rows longer than this many characters")
+    min_chars: int = setting(20, "drop rows shorter than this many characters", ge=0)
+    max_chars: int = setting(100_000, "drop rows longer than this many characters", ge=1)
     min_alpha: float = setting(
-        0.4, "drop rows whose share of letters among non-space chars is lower"
+        0.4, "drop rows whose share of letters among non-space chars is lower", ge=0, le=1
     )
-    language: str | None = setting(None, "keep only rows in this language (supported: en)")
+    language: Literal["en"] | None = setting(None, "keep only rows in this language")
     min_language_share: float = setting(
-        0.15, "with --language en: least share of common English words"
+        0.15, "with --language en: least share of common English words", ge=0, le=1
     )
     near_dup_threshold: float = setting(
-        0.7, "Jaccard similarity (word 3-grams) that counts as a near duplicate"
+        0.7, "Jaccard similarity (word 3-grams) that counts as a near duplicate", gt=0, le=1
     )
-    num_perm: int = setting(128, "MinHash permutations (more = more exact, slower)")
-    seed: int = setting(1, "MinHash seed; fixed so the same rows are kept on every run")
-    containment_ngram: int = setting(8, "word n-gram length of the containment measure")
+    num_perm: int = setting(128, "MinHash permutations (more = more exact, slower)", ge=2)
+    seed: int = setting(1, "MinHash seed; fixed so the same rows are kept on every run", ge=0)
+    containment_ngram: int = setting(8, "word n-gram length of the containment measure", ge=1)
     containment_threshold: float = setting(
         0.5,
         "share of a holdout row's word n-grams found in one training row (or in all of them "
         "together) that counts as contamination: catches templated near-duplicates",
+        gt=0,
+        le=1,
     )
+
+    def check_together(self) -> None:
+        if self.min_chars > self.max_chars:
+            raise SettingError("min_chars", self.min_chars, f"at most max_chars ({self.max_chars})")
+
+
+@dataclass
+class CheckSettings(Settings):
+    """Contamination check of holdout rows against training rows."""
+
+    threshold: float = setting(
+        0.0, "largest share of contaminated holdout rows that passes", ge=0, le=1
+    )
+    near_dup_threshold: float = setting(
+        0.7, "Jaccard similarity that counts as a near duplicate (as in `data clean`)", gt=0, le=1
+    )
+    containment_threshold: float = setting(
+        0.5, "share of a holdout row's word n-grams in training rows that counts", gt=0, le=1
+    )
+    ngram: int = setting(8, "word n-gram length of the containment measure", ge=1)
 
 
 # -- per-row steps ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from crma.engine import Engine
+from crma.settings import Settings
 
 Example = dict[str, list[int]]  # one tokenized example: input_ids and labels (-100: no loss)
 
@@ -36,8 +37,18 @@ class Task:
 
 
 @dataclass
-class NoOptions:
+class NoOptions(Settings):
     """This method has no options."""
+
+
+def domain_adapter(domain: str) -> str:
+    """The PEFT name of `domain`'s own adapter: the domain with a `d-` prefix.
+
+    PEFT finds an adapter's parameters by its name as a segment of their dotted names (and in
+    places as a substring), so a domain named after a module (`layers`, `0`) or inside PEFT's
+    prefixes (`a`, `lora`) would take other parameters; no module or PEFT name holds a '-'.
+    """
+    return f"d-{domain}"
 
 
 class Method:
@@ -53,8 +64,12 @@ class Method:
 
     # -- per domain ----------------------------------------------------------------------
     def adapter_name(self, domain: str) -> str:
-        """The adapter that learns `domain` (a fresh one per domain by default)."""
-        return domain
+        """The PEFT adapter that learns `domain` (a fresh one per domain by default)."""
+        return domain_adapter(domain)
+
+    def adapter_folder(self, domain: str) -> str:
+        """Its folder in the stack's adapters/: the domain's name, or the shared adapter's."""
+        return domain if self.per_domain_adapter else self.adapter_name(domain)
 
     def begin_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
         """Create or select the adapter for `task` and make it the active one.

@@ -6,27 +6,23 @@ import torch
 
 from crma.engine import Engine
 from crma.methods.base import Example, Task
-from crma.methods.layouts import SharedLora, batches, check, eval_mode
-from crma.settings import setting
+from crma.methods.layouts import SharedLora, batches, eval_mode
+from crma.settings import Settings, setting
 
 
 @dataclass
-class EwcOptions:
+class EwcOptions(Settings):
     """Online EWC on the shared LoRA."""
 
     ewc_lambda: float = setting(
-        1e4, "penalty strength λ on the raw empirical Fisher (no paper value: tune it)"
+        1e4, "penalty strength λ on the raw empirical Fisher (no paper value: tune it)", ge=0
     )
-    gamma: float = setting(1.0, "online EWC decay of the Fisher of older domains (1: plain sum)")
+    gamma: float = setting(
+        1.0, "online EWC decay of the Fisher of older domains (1: plain sum)", ge=0, le=1
+    )
     fisher_examples: int | None = setting(
-        None, "training examples per domain for the Fisher (None: all of them)"
+        None, "training examples per domain for the Fisher (None: all of them)", ge=1
     )
-
-    def __post_init__(self) -> None:
-        check(self.ewc_lambda >= 0, f"ewc: ewc_lambda must be >= 0, got {self.ewc_lambda}")
-        check(0 <= self.gamma <= 1, f"ewc: gamma must be in [0, 1], got {self.gamma}")
-        n = self.fisher_examples
-        check(n is None or n > 0, f"ewc: fisher_examples must be > 0 or None, got {n}")
 
 
 class Ewc(SharedLora):

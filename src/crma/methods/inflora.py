@@ -8,35 +8,33 @@ import torch
 
 from crma.engine import Engine
 from crma.methods.base import Example, Task
-from crma.methods.layouts import SummedLoras, batches, check, eval_mode, lora_matrices
-from crma.settings import setting
+from crma.methods.layouts import SummedLoras, batches, eval_mode, lora_matrices
+from crma.settings import Settings, setting
 
 STATS_BATCH = 8  # examples per forward pass when measuring input statistics
 Variant = Literal["code", "paper"]
 
 
 @dataclass
-class InfloraOptions:
+class InfloraOptions(Settings):
     """InfLoRA: interference-free LoRA per domain."""
 
     threshold_start: float = setting(
-        0.95, "energy kept in the memory of earlier inputs after the first domain (lamb)"
+        0.95,
+        "energy kept in the memory of earlier inputs after the first domain (lamb)",
+        gt=0,
+        le=1,
     )
-    threshold_end: float = setting(1.0, "energy threshold reached after total_domains (lame)")
-    total_domains: int = setting(5, "domains over which the threshold rises (total_sessions)")
+    threshold_end: float = setting(
+        1.0, "energy threshold reached after total_domains (lame)", gt=0, le=1
+    )
+    total_domains: int = setting(5, "domains over which the threshold rises (total_sessions)", ge=1)
     variant: Variant = setting(
         "code",
         "code: the authors' code (energies σ⁴ of the inputs, from the SVD of their covariance C; "
         "A from the one-sided projection (I − M Mᵀ) C); paper: GPM on the inputs themselves "
         "(energies σ², A from (I − M Mᵀ) C (I − M Mᵀ))",
     )
-
-    def __post_init__(self) -> None:
-        for name in ("threshold_start", "threshold_end"):
-            value = getattr(self, name)
-            check(0 < value <= 1, f"inflora: {name} must be in (0, 1], got {value}")
-        n = self.total_domains
-        check(n > 0, f"inflora: total_domains must be > 0, got {n}")
 
 
 class Inflora(SummedLoras):

@@ -16,7 +16,6 @@ from torch import nn
 
 from crma.batching import collate
 from crma.engine import Engine
-from crma.errors import UserError
 from crma.methods.base import Example, Method, Task
 
 
@@ -78,9 +77,3 @@ def batches(
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], engine.tokenizer.pad_token_id)
         yield {k: v.to(device) for k, v in batch.items()}
-
-
-def check(condition: bool, message: str) -> None:
-    """Options validation: a clear one-line error naming the method and the option."""
-    if not condition:
-        raise UserError(message)

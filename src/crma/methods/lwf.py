@@ -7,22 +7,18 @@ import torch.nn.functional as F
 
 from crma.engine import Engine
 from crma.methods.base import Example, Task
-from crma.methods.layouts import SharedLora, check, eval_mode
-from crma.settings import setting
+from crma.methods.layouts import SharedLora, eval_mode
+from crma.settings import Settings, setting
 
 TEACHER = "lwf_teacher"  # in-memory copy of the shared LoRA as it was before this domain
 
 
 @dataclass
-class LwfOptions:
+class LwfOptions(Settings):
     """Learning without Forgetting on the shared LoRA."""
 
-    weight: float = setting(1.0, "weight λ_o of the distillation term")
-    temperature: float = setting(2.0, "softmax temperature T of teacher and student")
-
-    def __post_init__(self) -> None:
-        check(self.weight >= 0, f"lwf: weight must be >= 0, got {self.weight}")
-        check(self.temperature > 0, f"lwf: temperature must be > 0, got {self.temperature}")
+    weight: float = setting(1.0, "weight λ_o of the distillation term", ge=0)
+    temperature: float = setting(2.0, "softmax temperature T of teacher and student", gt=0)
 
 
 class Lwf(SharedLora):

@@ -6,18 +6,15 @@ import torch
 
 from crma.engine import Engine
 from crma.methods.base import Example, Task
-from crma.methods.layouts import SummedLoras, check, lora_matrices
-from crma.settings import setting
+from crma.methods.layouts import SummedLoras, lora_matrices
+from crma.settings import Settings, setting
 
 
 @dataclass
-class OloraOptions:
+class OloraOptions(Settings):
     """O-LoRA: orthogonal LoRA subspaces per domain."""
 
-    lambda_1: float = setting(0.5, "weight λ1 of the orthogonality loss Σ|A_oldᵀ A_new|")
-
-    def __post_init__(self) -> None:
-        check(self.lambda_1 >= 0, f"olora: lambda_1 must be >= 0, got {self.lambda_1}")
+    lambda_1: float = setting(0.5, "weight λ1 of the orthogonality loss Σ|A_oldᵀ A_new|", ge=0)
 
 
 class Olora(SummedLoras):

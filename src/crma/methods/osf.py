@@ -10,48 +10,43 @@ from peft.tuners.osf.layer import OSFLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_OSF_TARGET_MODULES_MAPPING as OSF_TARGETS
 from torch import nn
 
-from crma.engine import Engine
+from crma.engine import Engine, module_name
 from crma.errors import UserError
 from crma.methods.base import Example, Method, Task
-from crma.methods.layouts import check
-from crma.settings import setting
+from crma.settings import Settings, setting
 
 ADAPTER = "subspace"  # not "osf": PEFT warns when the name is inside its prefix "osf_"
 
 
 @dataclass
-class OsfOptions:
+class OsfOptions(Settings):
     """OSF: one model, fine-tuned in the orthogonal complement of its top singular directions."""
 
     effective_rank: float = setting(
         0.5,
         "fraction of each target matrix's smaller dimension whose top singular directions are "
         "frozen on the first domain (PEFT's default: half)",
+        gt=0,
+        lt=1,
     )
     total_domains: int = setting(
-        5, "domains over which the frozen fraction rises from effective_rank towards 1"
+        5, "domains over which the frozen fraction rises from effective_rank towards 1", ge=1
     )
     lr: float | None = setting(
-        1e-4, "learning rate of the singular factors (PEFT: 1e-5 to 1e-4); empty: train.lr"
+        1e-4, "learning rate of the singular factors (PEFT: 1e-5 to 1e-4); empty: train.lr", gt=0
     )
     target_modules: list[str] | None = setting(
-        None, "modules to fine-tune; empty: PEFT's OSF default (Llama: all 7 projections)"
+        None,
+        "modules to fine-tune; empty: PEFT's OSF default (Llama: all 7 projections)",
+        check=module_name,
     )
     trainable_rank: int | None = setting(
         None,
         "train exactly the bottom r singular directions of every target matrix on every domain "
         "(a budget control: r·(d_out + d_in + 1) parameters per matrix, a rank-r LoRA has "
         "r·(d_out + d_in)); effective_rank and total_domains then do not apply; empty: off",
+        ge=1,
     )
-
-    def __post_init__(self) -> None:
-        f = self.effective_rank
-        check(0 < f < 1, f"osf: effective_rank must be a fraction in (0, 1), got {f}")
-        n = self.total_domains
-        check(n > 0, f"osf: total_domains must be > 0, got {n}")
-        check(self.lr is None or self.lr > 0, f"osf: lr must be > 0, got {self.lr}")
-        r = self.trainable_rank
-        check(r is None or r > 0, f"osf: trainable_rank must be > 0 or empty, got {r}")
 
     def frozen_fraction(self, index: int) -> float:
         """Frozen share of each matrix on domain `index` (0-based): equal steps towards 1.

@@ -6,24 +6,20 @@ import torch
 
 from crma.engine import Engine
 from crma.methods.base import Example, Task
-from crma.methods.layouts import SharedLora, check
-from crma.settings import setting
+from crma.methods.layouts import SharedLora
+from crma.settings import Settings, setting
 
 
 @dataclass
-class ReplayOptions:
+class ReplayOptions(Settings):
     """Experience replay on the shared LoRA."""
 
     per_domain: int = setting(
-        50, "examples kept per earlier domain (reservoir sample of those it trained on)"
+        50, "examples kept per earlier domain (reservoir sample of those it trained on)", ge=0
     )
     ratio: float = setting(
-        1.0, "replayed examples added per new example in each batch (1: as many as new ones)"
+        1.0, "replayed examples added per new example in each batch (1: as many as new ones)", ge=0
     )
-
-    def __post_init__(self) -> None:
-        check(self.per_domain >= 0, f"replay: per_domain must be >= 0, got {self.per_domain}")
-        check(self.ratio >= 0, f"replay: ratio must be >= 0, got {self.ratio}")
 
 
 class Replay(SharedLora):
