@@ -100,7 +100,7 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
-    from crma.data import load_records, tokenize_records
+    from crma.data import load_records
 
     domains = parse_domains(args.domain)
     options = parse_options(args.option)
@@ -130,21 +130,14 @@ def run(args: argparse.Namespace) -> None:
     }  # check every file before training
     acc = Accelerator(mixed_precision=mixed_precision(train_cfg.precision))
     for i, (name, path) in enumerate(domains):
-        examples = tokenize_records(records[name], cm.engine.tokenizer, train_cfg.max_length)
-        info = {
-            "train_file": str(path),
-            "train_sha256": file_sha256(path),
-            "train_examples": len(examples),
-        }
-        result = cm.add_domain(
+        result = train_domain(
+            cm,
             name,
-            examples,
+            path,
+            records[name],
             train_cfg,
             acc,
             args.seed,
-            args.stack / "metrics.jsonl",
-            {"method": cm.spec.method, "seed": args.seed},
-            info,
             replace=args.replace,
             progress=f"{name} ({i + 1}/{len(domains)})",
         )
@@ -156,3 +149,42 @@ def run(args: argparse.Namespace) -> None:
         print(
             f"{args.stack}: {len(cm.stack.domains)} domains ({', '.join(cm.stack.domains)}), method {cm.spec.method}"
         )
+
+
+def train_domain(
+    cm: ContinualModel,
+    name: str,
+    path: Path,
+    records: list[dict[str, Any]],
+    train_cfg: TrainConfig,
+    accelerator,
+    seed: int,
+    replace: bool = False,
+    progress: str = "",
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train domain `name` on the records of file `path` and commit it to the stack.
+
+    What `crma train` does per domain; `crma serve`'s fine-tuning jobs call it too.
+    """
+    from crma.data import tokenize_records
+
+    examples = tokenize_records(records, cm.engine.tokenizer, train_cfg.max_length)
+    info = {
+        "train_file": str(path),
+        "train_sha256": file_sha256(path),
+        "train_examples": len(examples),
+        **(info or {}),
+    }
+    return cm.add_domain(
+        name,
+        examples,
+        train_cfg,
+        accelerator,
+        seed,
+        cm.stack.path / "metrics.jsonl",
+        {"method": cm.spec.method, "seed": seed},
+        info,
+        replace=replace,
+        progress=progress,
+    )
