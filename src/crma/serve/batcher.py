@@ -96,6 +96,8 @@ class Snapshot:
         except UserError:
             self.mixable = False
         self.eos = _eos_ids(self.engine)
+        # Embedding tables are often padded beyond the tokenizer: those ids decode to nothing.
+        self.vocab = len(self.engine.tokenizer)
 
     @property
     def names(self) -> list[str]:
@@ -345,7 +347,7 @@ class Batcher:
             "input_ids": ids,
             "attention_mask": mask,
             "position_ids": positions,
-            "past_key_values": cache,
+            "cache": cache,
             "use_cache": True,
             "logits_to_keep": 1,
         }
@@ -361,7 +363,7 @@ class Batcher:
 
     def _advance(self, snap: Snapshot, rows: list[Row], logits, positions) -> set[int]:
         """Pick each row's next token and emit its text; the indices of rows that finished."""
-        chosen = _sample(logits, rows)
+        chosen = _sample(logits[:, : snap.vocab], rows)
         finished = set()
         for i, (row, token) in enumerate(zip(rows, chosen)):
             reason = self._extend(snap, row, token, int(positions[i]))
