@@ -19,7 +19,10 @@ from crma.train import TrainConfig
 KEY = "test-key"
 # Jobs on the tiny model: short sequences, the tiny-stack learning rate, exact fp32.
 JOB_TRAIN = TrainConfig(lr=0.03, max_length=32, precision="fp32", checkpoint_every=5)
-JOB_ARGS = ["--train-lr", "0.03", "--train-max-length", "32", "--train-precision", "fp32"]
+JOB_ARGS = [
+    *("--train-lr", "0.03", "--train-max-length", "32"),
+    *("--train-precision", "fp32", "--train-checkpoint-every", "5"),
+]
 
 
 def wait_for(check: Callable[[], object], timeout: float, what: str, every: float = 0.1):

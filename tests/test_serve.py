@@ -12,8 +12,8 @@ import torch
 from serving import JOB_TRAIN, KEY, app_client, wait_for
 from stacks import build_stack, texts
 
-from crma.serve.app import Server
 from crma.generate import load_stack
+from crma.serve.app import Server
 from crma.serve.batcher import Batcher, Request, Sampling, Snapshot
 from crma.serve.config import ServeSettings
 
@@ -97,7 +97,9 @@ def test_auto_routes_a_named_domain_does_not(client):
     assert named.model == "code" and named.model_extra["crma"]["confidence"] is None
     assert chat(client, "base", "hello", max_tokens=2).model == "base"
     # The adapters differ, so answering through another domain changes the text.
-    answers = {d: chat(client, d, texts("money", 1, 3)[0]).choices[0].message.content for d in DOMAINS}
+    answers = {
+        d: chat(client, d, texts("money", 1, 3)[0]).choices[0].message.content for d in DOMAINS
+    }
     assert len(set(answers.values())) > 1
 
 
@@ -204,7 +206,9 @@ def test_bad_requests_get_openai_shaped_4xx_and_the_server_stays_healthy(http, c
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
     no_key = http.get("/v1/models", headers={"Authorization": ""})
     assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
-    bad_line = http.post("/v1/files", **_upload("d.jsonl", b'{"text": "a fine line of text"}\n{oops\n'))
+    bad_line = http.post(
+        "/v1/files", **_upload("d.jsonl", b'{"text": "a fine line of text"}\n{oops\n')
+    )
     assert "d.jsonl:2: invalid JSON" in bad_line.json()["error"]["message"]
     assert http.get("/health").json()["status"] == "ok"
     assert chat(client, "auto", texts("code", 1, 1)[0], max_tokens=3).usage.completion_tokens == 3
@@ -229,7 +233,9 @@ def test_full_queue_is_429_and_loading_is_503(stack_path):
     small = Server(stack_path, ServeSettings(max_queue=0), api_key=KEY)
     with app_client(small) as http:
         response = http.post("/v1/completions", json={"model": "auto", "prompt": "x"})
-        assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
+        assert (
+            response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
+        )
     loading = Server(stack_path, api_key=KEY)  # never started: its stack is not loaded
     from fastapi.testclient import TestClient
 
@@ -315,18 +321,23 @@ def job_server(stack_path, tmp_path):
     copy = tmp_path / "stack"
     shutil.copytree(stack_path, copy, ignore=shutil.ignore_patterns("serve"))
     with app_client(Server(copy, api_key=KEY, train=JOB_TRAIN)) as http:
-        yield http, openai.OpenAI(
-            base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0
+        yield (
+            http,
+            openai.OpenAI(
+                base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0
+            ),
         )
 
 
 def _physics_file(client, n: int = 40):
     rows = [json.dumps({"text": t}) for t in texts("physics", n, 1)]
     rows.append(rows[0])  # the optimizer drops the duplicate
-    return client.files.create(file=("physics.jsonl", "\n".join(rows).encode()), purpose="fine-tune")
+    return client.files.create(
+        file=("physics.jsonl", "\n".join(rows).encode()), purpose="fine-tune"
+    )
 
 
-def test_fine_tuning_job_adds_a_routed_domain_without_restart(job_server):
+def test_cancel_a_running_job(job_server):
     http, client = job_server
     upload = _physics_file(client)
     report = upload.model_extra["crma"]
@@ -338,48 +349,12 @@ def test_fine_tuning_job_adds_a_routed_domain_without_restart(job_server):
         model="auto",
         training_file=upload.id,
         suffix="physics",
-        hyperparameters={"n_epochs": 2, "batch_size": 8},
-        seed=3,
-    )
-    assert job.status == "queued" and job.hyperparameters.n_epochs == 2
-    with pytest.raises(openai.ConflictError):  # the suffix is taken by the job in flight
-        client.fine_tuning.jobs.create(model="auto", training_file=upload.id, suffix="physics")
-    done = wait_for(
-        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status
-        in ("succeeded", "failed")
-        and j,
-        180,
-        "the job to finish",
-        every=0.3,
-    )
-    assert done.status == "succeeded", done.error
-    assert done.fine_tuned_model == "physics"
-    assert "physics" in [m.id for m in client.models.list()]
-    routed = chat(client, "auto", texts("physics", 1, 77)[0], max_tokens=3)
-    assert routed.model == "physics"
-    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
-    steps = sorted(e.data["step"] for e in events if e.type == "metrics")
-    assert steps == list(range(1, 11))  # 2 epochs x 40 rows / 8
-    metric = next(e for e in events if e.type == "metrics")
-    for key in ("train_loss", "learning_rate", "grad_norm", "grad_norm_clipped", "spectral_norm_max"):
-        assert isinstance(metric.data[key], float)
-    assert [j.id for j in client.fine_tuning.jobs.list(limit=1).data] == [job.id]
-    with pytest.raises(openai.ConflictError):  # now a domain of the stack
-        client.fine_tuning.jobs.create(model="auto", training_file=upload.id, suffix="physics")
-    assert client.files.delete(upload.id).deleted
-
-
-def test_cancel_a_running_job(job_server):
-    http, client = job_server
-    upload = _physics_file(client)
-    job = client.fine_tuning.jobs.create(
-        model="auto",
-        training_file=upload.id,
-        suffix="physics",
         hyperparameters={"n_epochs": 1000, "batch_size": 2},
     )
     with pytest.raises(openai.ConflictError):  # in use by a job in flight
         client.files.delete(upload.id)
+    with pytest.raises(openai.ConflictError):  # the suffix is taken by the job in flight
+        client.fine_tuning.jobs.create(model="auto", training_file=upload.id, suffix="physics")
     wait_for(
         lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id)),
         120,
@@ -393,3 +368,4 @@ def test_cancel_a_running_job(job_server):
     assert "physics" not in [m.id for m in client.models.list()]
     assert not (http.app.state.server.stack / "checkpoint").exists()
     assert chat(client, "auto", "hello", max_tokens=2).usage.completion_tokens == 2
+    assert client.files.delete(upload.id).deleted
