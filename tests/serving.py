@@ -22,6 +22,7 @@ JOB_TRAIN = TrainConfig(lr=0.03, max_length=32, precision="fp32", checkpoint_eve
 JOB_ARGS = [
     *("--train-lr", "0.03", "--train-max-length", "32"),
     *("--train-precision", "fp32", "--train-checkpoint-every", "5"),
+    *("--job-nice", "0"),  # the test waits for the job: no reason to yield the CPU
 ]
 
 

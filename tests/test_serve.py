@@ -320,7 +320,7 @@ def test_greedy_tokens_identical_alone_and_in_a_mixed_continuous_batch(sharp, se
 def job_server(stack_path, tmp_path):
     copy = tmp_path / "stack"
     shutil.copytree(stack_path, copy, ignore=shutil.ignore_patterns("serve"))
-    with app_client(Server(copy, api_key=KEY, train=JOB_TRAIN)) as http:
+    with app_client(Server(copy, ServeSettings(job_nice=0), api_key=KEY, train=JOB_TRAIN)) as http:
         yield (
             http,
             openai.OpenAI(

@@ -6,23 +6,49 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 
 import openai
 import pytest
-from helpers import TINY_BASE, run_crma
+from helpers import ROOT, TINY_BASE, crma_cmd, crma_env
 from safetensors.torch import load_file
 from serving import KEY, free_port, serve_process, wait_for
 from stacks import build_stack, texts
 
+EPOCHS, BATCH = 4, 2
+
 
 def test_serve_process_sigkill_mid_job_resumes_to_the_uninterrupted_stack(tmp_path):
-    stack = tmp_path / "stack"
+    stack, twin, data = tmp_path / "stack", tmp_path / "twin", tmp_path / "physics.jsonl"
     build_stack(stack, ["medic", "money"])
-    twin = tmp_path / "twin"
     shutil.copytree(stack, twin)
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts("physics", 30, 2)))
+    # The same domain trained by `crma train` without interruption, meanwhile.
+    straight = subprocess.Popen(
+        crma_cmd(
+            "train", str(twin), "--base", str(TINY_BASE), "--domain", f"physics={data}",
+            "--seed", "7", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--lr", "0.03",
+            "--max-length", "32", "--precision", "fp32", "--checkpoint-every", "5",
+        ),
+        cwd=ROOT, env=crma_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _serve_kill_and_resume(stack, data)
+        assert straight.wait(timeout=300) == 0, straight.stderr.read()[-2000:]
+    finally:
+        if straight.poll() is None:
+            straight.kill()
+    for name in ("adapters/physics/adapter_model.safetensors", "crma_backbone.safetensors"):
+        resumed, uninterrupted = load_file(str(stack / name)), load_file(str(twin / name))
+        assert resumed.keys() == uninterrupted.keys()
+        for key in resumed:
+            assert (resumed[key] == uninterrupted[key]).all(), (name, key)
+
+
+def _serve_kill_and_resume(stack, data) -> None:
     port = free_port()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
     with serve_process(stack, port) as proc:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
         answer = client.chat.completions.create(
             model="auto",
             messages=[{"role": "user", "content": texts("money", 1, 5)[0]}],
@@ -30,17 +56,16 @@ def test_serve_process_sigkill_mid_job_resumes_to_the_uninterrupted_stack(tmp_pa
             temperature=0,
         )
         assert answer.model == "money" and answer.usage.completion_tokens == 4
-        rows = "\n".join(json.dumps({"text": t}) for t in texts("physics", 30, 2))
-        upload = client.files.create(file=("physics.jsonl", rows.encode()), purpose="fine-tune")
+        upload = client.files.create(file=("physics.jsonl", data.read_bytes()), purpose="fine-tune")
+        assert upload.model_extra["crma"]["rows"] == 30  # the optimizer kept every row
         job = client.fine_tuning.jobs.create(
             model="auto",
             training_file=upload.id,
             suffix="physics",
-            hyperparameters={"n_epochs": 4, "batch_size": 2},
+            hyperparameters={"n_epochs": EPOCHS, "batch_size": BATCH},
             seed=7,
         )
-        assert job.status == "queued" and job.hyperparameters.n_epochs == 4
-        steps = math.ceil(4 * upload.model_extra["crma"]["rows"] / 2)
+        assert job.status == "queued" and job.hyperparameters.n_epochs == EPOCHS
         wait_for(lambda: _steps(client, job.id) >= 7, 120, "step 7", every=0.05)
         proc.kill()  # SIGKILL: no cleanup; the worker follows its parent
     with serve_process(stack, port):
@@ -57,6 +82,7 @@ def test_serve_process_sigkill_mid_job_resumes_to_the_uninterrupted_stack(tmp_pa
         assert done.fine_tuned_model == "physics"
         events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
         metrics = [e for e in events if e.type == "metrics"]
+        steps = math.ceil(EPOCHS * 30 / BATCH)
         assert sorted(e.data["step"] for e in metrics) == list(range(1, steps + 1))
         for key in ("train_loss", "learning_rate", "grad_norm", "grad_norm_clipped"):
             assert isinstance(metrics[0].data[key], float)
@@ -70,17 +96,6 @@ def test_serve_process_sigkill_mid_job_resumes_to_the_uninterrupted_stack(tmp_pa
         assert routed.model == "physics"
         with pytest.raises(openai.ConflictError):  # now a domain of the stack
             client.fine_tuning.jobs.create(model="auto", training_file=upload.id, suffix="physics")
-    trained = stack / "serve" / "files" / f"{upload.id}.jsonl"
-    run_crma(
-        "train", str(twin), "--base", str(TINY_BASE), "--domain", f"physics={trained}",
-        "--seed", "7", "--epochs", "4", "--batch-size", "2", "--lr", "0.03",
-        "--max-length", "32", "--precision", "fp32", "--checkpoint-every", "5",
-    )  # fmt: skip
-    for name in ("adapters/physics/adapter_model.safetensors", "crma_backbone.safetensors"):
-        resumed, straight = load_file(str(stack / name)), load_file(str(twin / name))
-        assert resumed.keys() == straight.keys()
-        for key in resumed:
-            assert (resumed[key] == straight[key]).all(), (name, key)
 
 
 def _steps(client: openai.OpenAI, job_id: str) -> int:

@@ -60,7 +60,14 @@ class Server:
         self.store = Store(serve_dir / "serve.sqlite")
         self.files = Files(serve_dir / "files", self.store)
         self.scheduler = Scheduler(
-            self.stack, serve_dir, self.store, self.files, train or TrainConfig(), base, self.reload
+            self.stack,
+            serve_dir,
+            self.store,
+            self.files,
+            train or TrainConfig(),
+            base,
+            self.reload,
+            self.settings.job_nice,
         )
         self.load_error: str | None = None
 

@@ -21,3 +21,4 @@ class ServeSettings:
     max_body_bytes: int = setting(1 << 20, "largest JSON request body; beyond: 413")
     max_file_bytes: int = setting(64 << 20, "largest uploaded file; beyond: 413")
     request_timeout: float = setting(600.0, "seconds a request may wait and decode in total")
+    job_nice: int = setting(10, "niceness of the fine-tuning worker process: serving comes first")

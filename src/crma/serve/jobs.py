@@ -30,7 +30,6 @@ from crma.stack import Stack, check_domain_name
 from crma.train import TrainConfig
 
 log = logging.getLogger(__name__)
-WORKER_NICE = 10  # training yields the CPU to serving
 POLL_S = 0.5
 METRIC_FIELDS = {  # metrics.jsonl key -> event data key (OpenAI's names where it has them)
     "step": "step",
@@ -57,9 +56,10 @@ class Scheduler:
         train: TrainConfig,
         base: str | None,
         commit: Callable[[], None],
+        nice: int = 0,
     ):
         self.stack, self.serve_dir, self.store, self.files = stack, serve_dir, store, files
-        self.train, self.base, self.commit = train, base, commit
+        self.train, self.base, self.commit, self.nice = train, base, commit, nice
         self._wake = threading.Event()
         self._stopping = False
         self._proc: subprocess.Popen | None = None
@@ -214,7 +214,7 @@ class Scheduler:
                 "file": str(self.files.path(job["training_file"])),
                 "seed": job["seed"],
                 "train": dataclasses.asdict(train),
-                "nice": WORKER_NICE,
+                "nice": self.nice,
             },
         )
         return spec
