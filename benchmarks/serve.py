@@ -184,13 +184,13 @@ def prompts(domains: list[str], per_domain: int, chars: int) -> list[tuple[str, 
     return [(d, by_domain[d][i]) for i in range(per_domain) for d in domains]
 
 
-def run_levels(url: str, pairs, levels, rounds: int, max_tokens: int, model=None) -> dict:
-    """Each level: `rounds` requests per client (at least 6), prompts cycling."""
+def run_levels(url, pairs, levels, args, model=None, rounds=None) -> dict:
+    """Each level: `rounds` requests per client (at least --min-requests), prompts cycling."""
     out = {}
     for clients in levels:
-        n = max(6, rounds * clients)
+        n = max(args.min_requests, (rounds or args.rounds) * clients)
         jobs = [(model or "auto", pairs[i % len(pairs)][1]) for i in range(n)]
-        out[clients] = summarize(*asyncio.run(load(url, jobs, clients, max_tokens)))
+        out[clients] = summarize(*asyncio.run(load(url, jobs, clients, args.max_tokens)))
         print(f"  {clients:>3} clients: {out[clients]}", flush=True)
     return out
 
@@ -293,6 +293,7 @@ def main() -> None:
     parser.add_argument("--levels", default="1,4,16,64", help="concurrent clients")
     parser.add_argument("--peer-levels", default="1,4,16,64")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    parser.add_argument("--min-requests", type=int, default=6, help="requests per level, at least")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--prompt-chars", type=int, default=200)
     parser.add_argument("--burst", type=int, default=200)
@@ -324,7 +325,7 @@ def main() -> None:
     print("crma serve", flush=True)
     with process(serve, port, work / "crma.log", "/health") as url:
         asyncio.run(load(url, [("auto", pairs[0][1])], 1, 2))  # warm-up
-        report["crma"] = run_levels(url, pairs, levels, args.rounds, args.max_tokens)
+        report["crma"] = run_levels(url, pairs, levels, args)
         if "overhead" not in skip:
             report["overhead"] = routing_overhead(
                 url, pairs, 16, args.max_tokens, args.overhead_repeats
@@ -339,7 +340,7 @@ def main() -> None:
             report["burst"] = burst(url, pairs, args.burst, args.burst_tokens)
             print(f"  burst: {report['burst']}", flush=True)
         if "job" not in skip:
-            report["idle4"] = run_levels(url, pairs, [4], 4, args.max_tokens)[4]
+            report["idle4"] = run_levels(url, pairs, [4], args, rounds=4)[4]
             report["job"] = fine_tune_while_serving(url, pairs, args)
             print(f"  job: {report['job']}", flush=True)
     if "peer" not in skip:
@@ -373,7 +374,7 @@ def render(report: dict) -> str:
         f"{os.cpu_count()} CPUs, embedded model (SmolLM2-135M-Instruct, float32), stack of "
         f"{s['domains']} ({s['train_steps']} training steps each), greedy, max_tokens "
         f"{s['max_tokens']}, prompts: holdout passages cut to {s['prompt_chars']} characters, "
-        "domains interleaved, chat template, streamed. Each level: max(6, "
+        f"domains interleaved, chat template, streamed. Each level: max({s['min_requests']}, "
         f"{s['rounds']} × clients) requests.",
         "",
         "| server | model | clients | requests | errors | tokens/s | TTFT p50 | TTFT p95 | total p50 | total p95 |",

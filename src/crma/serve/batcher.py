@@ -95,6 +95,10 @@ class Snapshot:
             self.mixable = True
         except UserError:
             self.mixable = False
+        # Requests join a batch by merging caches: plain full-attention layers only (not
+        # sliding windows); otherwise one request is decoded at a time.
+        layers = DynamicCache(config=self.engine.base.config).layers
+        self.batchable = self.mixable and all(type(layer) is DynamicLayer for layer in layers)
         self.eos = _eos_ids(self.engine)
         # Embedding tables are often padded beyond the tokenizer: those ids decode to nothing.
         self.vocab = len(self.engine.tokenizer)
@@ -198,7 +202,7 @@ class Batcher:
         snap = self.snapshot
         if self._pending is not None or snap is None:
             return []
-        free = self.settings.max_batch - len(self.rows) if snap.mixable else int(not self.rows)
+        free = self.settings.max_batch - len(self.rows) if snap.batchable else int(not self.rows)
         taken: list[Request] = []
         while self._waiting and free > 0:
             request = self._waiting.popleft()
@@ -303,11 +307,8 @@ class Batcher:
         if len(keep) < len(rows):
             _select(cache, keep)
             mask, rows = mask[keep], [rows[i] for i in keep]
-        mergeable = all(type(layer) is DynamicLayer for layer in cache.layers)
         if self._cache is None:
             self._cache, self._mask = cache, mask
-        elif not mergeable:  # e.g. sliding-window layers: no merge; a row waits for an empty batch
-            raise APIError(503, "this model's cache cannot be batched; retry", code="busy")
         else:
             self._cache, self._mask = _merge(self._cache, self._mask, cache, mask)
         self.rows += rows
