@@ -129,6 +129,8 @@ def _pct(values: list[float], q: float) -> float:
 # -- servers ---------------------------------------------------------------------------------------
 def _env() -> dict[str, str]:
     offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}  # the peer, offline
+    # One thread per server: on a shared CPU, OpenMP's spinning threads cost several times.
+    offline["OMP_NUM_THREADS"] = "1"
     return {
         **os.environ,
         "PYTHONPATH": str(ROOT / "src"),
@@ -198,7 +200,7 @@ def run_levels(url, pairs, levels, args, model=None, rounds=None) -> dict:
 def routing_overhead(url: str, pairs, clients: int, max_tokens: int, repeats: int) -> dict:
     """auto vs each prompt's own domain named, alternated so machine noise hits both alike."""
     arms: dict[str, list[dict]] = {"auto": [], "named": []}
-    n = 2 * clients
+    n = clients
     for _ in range(repeats):
         for arm in arms:
             jobs = [("auto" if arm == "auto" else d, p) for d, p in (pairs * 4)[:n]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
 import hmac
 import json
 import logging
@@ -311,7 +312,7 @@ async def _generate(server: Server, kind: str, body, prompt, route_text: str, ma
         chat=kind == "chat",
         sampling=Sampling(max_tokens, body.temperature, body.top_p, body.stops, body.seed),
         n=body.n,
-        emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        emit=lambda event: _deliver(loop, events, event),
         deadline=start + s.request_timeout,
     )
     server.batcher.submit(request)
@@ -326,6 +327,12 @@ async def _generate(server: Server, kind: str, body, prompt, route_text: str, ma
     except BaseException:
         request.cancelled = True
         raise
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, event: tuple) -> None:
+    """Hand an event from the decode thread to the request's event loop (if it still runs)."""
+    with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+        loop.call_soon_threadsafe(events.put_nowait, event)
 
 
 class _Call:

@@ -99,6 +99,8 @@ class Snapshot:
         # sliding windows); otherwise one request is decoded at a time.
         layers = DynamicCache(config=self.engine.base.config).layers
         self.batchable = self.mixable and all(type(layer) is DynamicLayer for layer in layers)
+        if self.engine.peft is not None and self.mixable:  # once: rows pick their own adapter
+            self.engine.activate(self.engine.adapters[0])
         self.eos = _eos_ids(self.engine)
         # Embedding tables are often padded beyond the tokenizer: those ids decode to nothing.
         self.vocab = len(self.engine.tokenizer)
@@ -182,13 +184,17 @@ class Batcher:
                         return
                     self._swap_if_idle()
                     admitted = self._take()
-                self._expire()
-                if admitted:
-                    self._admit(admitted)
-                if self.rows:
-                    self._step()
-                elif self._pending is None and not admitted and self._waiting:
-                    time.sleep(0.001)  # requests wait on a swap: do not spin
+                try:
+                    self._expire()
+                    if admitted:
+                        self._admit(admitted)
+                    if self.rows:
+                        self._step()
+                    elif self._pending is None and not admitted and self._waiting:
+                        time.sleep(0.001)  # requests wait on a swap: do not spin
+                except Exception as exc:  # the loop must outlive any one batch
+                    log.exception("decode loop")
+                    self._fail_all(exc)
 
     def _swap_if_idle(self) -> None:
         if self._pending is not None and not self.rows:
@@ -333,12 +339,15 @@ class Batcher:
             )
         except Exception as exc:
             log.exception("decode step failed")
-            for request in {id(r.request): r.request for r in self.rows}.values():
-                request.emit(("error", APIError(500, f"decode failed: {exc}")))
-            self._retire(list(range(len(self.rows))))
+            self._fail_all(exc)
             return
         self._mask = mask
         self._retire(sorted(self._advance(snap, self.rows, logits, positions + 1)))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request in {id(r.request): r.request for r in self.rows}.values():
+            request.emit(("error", APIError(500, f"decoding failed: {exc}")))
+        self.rows, self._cache, self._mask = [], None, None
 
     @staticmethod
     def _forward(snap: Snapshot, ids, mask, positions, cache, adapters: list) -> torch.Tensor:
@@ -352,12 +361,10 @@ class Batcher:
             "use_cache": True,
             "logits_to_keep": 1,
         }
-        if engine.peft is None:
-            context = nullcontext()
-        elif snap.mixable:
-            context = engine.using(engine.adapters[0])  # enabled; each row picks its own
+        context = nullcontext()
+        if engine.peft is not None and snap.mixable:
             kwargs["adapter_names"] = [a or BASE for a in adapters]
-        else:
+        elif engine.peft is not None:
             context = engine.using(adapters[0])
         with context:
             return engine.model(**kwargs).logits[:, -1].float()

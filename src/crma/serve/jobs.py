@@ -67,7 +67,11 @@ class Scheduler:
 
     def start(self) -> None:
         for job in self.store.jobs(limit=10**9):
-            if job["status"] in ("running", "validating_files"):
+            if job["status"] in ("running", "validating_files") and job["cancel"]:
+                Stack.open(self.stack).clear_checkpoint()
+                self.store.update_job(job["id"], status="cancelled")
+                self.store.add_event(job["id"], "Job cancelled")
+            elif job["status"] in ("running", "validating_files"):
                 self.store.update_job(job["id"], status="queued")
                 self.store.add_event(job["id"], "Server restarted; the job resumes")
         self._thread.start()
