@@ -305,7 +305,11 @@ def main() -> None:
     parser.add_argument("--route-checks", type=int, default=20)
     parser.add_argument("--train-steps", type=int, default=4, help="steps per built domain")
     parser.add_argument("--skip", default="", help="comma list of: peer, job, burst, overhead")
+    parser.add_argument("--render", type=Path, help="only rewrite --out from this report JSON")
     args = parser.parse_args()
+    if args.render:
+        args.out.write_text(render(json.loads(args.render.read_text())))
+        return
     skip = set(filter(None, args.skip.split(",")))
     domains = args.domains.split(",")
     levels = [int(x) for x in args.levels.split(",")]
@@ -320,7 +324,13 @@ def main() -> None:
     live = work / "live"  # the job grows a copy; the built stack stays reusable
     shutil.copytree(stack, live, ignore=shutil.ignore_patterns("serve", "checkpoint"))
     pairs = prompts(domains, 8, args.prompt_chars)
-    report: dict = {"settings": vars(args) | {"out": str(args.out), "stack": str(stack)}}
+    report: dict = {
+        "command": " ".join(["benchmarks/serve.py", *sys.argv[1:]]),
+        "settings": vars(args) | {"out": str(args.out), "stack": str(stack)},
+        "stack_steps": [
+            d["steps"] for d in json.loads((stack / "manifest.json").read_text())["domains"]
+        ],
+    }
     port = free_port()
     serve = [sys.executable, "-m", "crma", "serve", str(live), "--port", str(port)]
     serve += ["--api-key", KEY, "--train-max-length", "64"]
@@ -372,9 +382,10 @@ def render(report: dict) -> str:
     lines = [
         "# Serving benchmark",
         "",
-        f"`{' '.join(['benchmarks/serve.py', *sys.argv[1:]])}` on {platform.platform()}, "
-        f"{os.cpu_count()} CPUs, embedded model (SmolLM2-135M-Instruct, float32), stack of "
-        f"{s['domains']} ({s['train_steps']} training steps each), greedy, max_tokens "
+        f"`{report['command']}` on {platform.platform()}, "
+        f"{os.cpu_count()} CPUs shared with other jobs, one OpenMP thread per server, "
+        "embedded model (SmolLM2-135M-Instruct, float32), stack of "
+        f"{s['domains']} ({report['stack_steps']} training steps each), greedy, max_tokens "
         f"{s['max_tokens']}, prompts: holdout passages cut to {s['prompt_chars']} characters, "
         f"domains interleaved, chat template, streamed. Each level: max({s['min_requests']}, "
         f"{s['rounds']} × clients) requests.",
