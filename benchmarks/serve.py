@@ -331,6 +331,11 @@ def main() -> None:
             d["steps"] for d in json.loads((stack / "manifest.json").read_text())["domains"]
         ],
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part: a crash later keeps what was measured
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+
     port = free_port()
     serve = [sys.executable, "-m", "crma", "serve", str(live), "--port", str(port)]
     serve += ["--api-key", KEY, "--train-max-length", "64"]
@@ -338,6 +343,7 @@ def main() -> None:
     with process(serve, port, work / "crma.log", "/health") as url:
         asyncio.run(load(url, [("auto", pairs[0][1])], 1, 2))  # warm-up
         report["crma"] = run_levels(url, pairs, levels, args)
+        save()
         if "overhead" not in skip:
             report["overhead"] = routing_overhead(
                 url, pairs, 16, args.max_tokens, args.overhead_repeats
@@ -345,16 +351,17 @@ def main() -> None:
             print(
                 f"  routing: {report['overhead']['auto_p50']} vs {report['overhead']['named_p50']}"
             )
-            report["crma_base16"] = run_levels(
-                url, pairs, [16], args.rounds, args.max_tokens, "base"
-            )
+            report["crma_base16"] = run_levels(url, pairs, [16], args, "base")
+            save()
         if "burst" not in skip:
             report["burst"] = burst(url, pairs, args.burst, args.burst_tokens)
             print(f"  burst: {report['burst']}", flush=True)
+            save()
         if "job" not in skip:
             report["idle4"] = run_levels(url, pairs, [4], args, rounds=4)[4]
             report["job"] = fine_tune_while_serving(url, pairs, args)
             print(f"  job: {report['job']}", flush=True)
+            save()
     if "peer" not in skip:
         from crma.model import _embedded_cache
 
@@ -367,12 +374,9 @@ def main() -> None:
         with process(peer, port, work / "peer.log", "/v1/models") as url:
             asyncio.run(load(url, [(folder, pairs[0][1])], 1, 2))
             peer_levels = [int(x) for x in args.peer_levels.split(",")]
-            report["peer"] = run_levels(
-                url, pairs, peer_levels, args.rounds, args.max_tokens, folder
-            )
+            report["peer"] = run_levels(url, pairs, peer_levels, args, folder)
             report["peer_cmd"] = " ".join(peer[1:]).replace(folder, "<embedded HF folder>")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    save()
     args.out.write_text(render(report))
     print(f"wrote {args.out}")
 
