@@ -183,16 +183,16 @@ class Scheduler:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-            offset = start
+            seen = (start, b"")
             while self._proc.poll() is None:
-                offset = self._tail(job, metrics, start, offset)
+                seen = self._tail(job, metrics, start, seen)
                 if self._stopping:
                     return
                 if self.store.job(job["id"])["cancel"]:
                     self._proc.terminate()
                 self._wake.wait(POLL_S)
                 self._wake.clear()
-        self._tail(job, metrics, start, offset)
+        self._tail(job, metrics, start, seen)
         self._finish(job, spec.with_name("result.json"), self._proc.returncode)
 
     def _spec(self, job: dict[str, Any]) -> Path:
@@ -223,24 +223,37 @@ class Scheduler:
         )
         return spec
 
-    def _tail(self, job: dict[str, Any], metrics: Path, start: int, offset: int) -> int:
-        """Record the new complete lines of metrics.jsonl as events; the next offset."""
+    def _tail(
+        self, job: dict[str, Any], metrics: Path, start: int, seen: tuple[int, bytes]
+    ) -> tuple[int, bytes]:
+        """Record the new complete lines of metrics.jsonl as events.
+
+        `seen` is (offset read up to, the line that ends there). A resumed trainer cuts the
+        lines after its checkpoint and writes them again: when the file no longer holds that
+        line there, reading starts over at the job's first line (events are keyed by step,
+        so nothing doubles).
+        """
+        offset, last = seen
         if not metrics.exists():
-            return offset
-        size = metrics.stat().st_size
-        if size < offset:  # a resumed trainer cut the lines after its checkpoint
-            offset = start
+            return seen
         with open(metrics, "rb") as fh:
+            fh.seek(offset - len(last))
+            if fh.read(len(last)) != last:
+                offset, last = start, b""
             fh.seek(offset)
-            chunk = fh.read(size - offset)
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        for raw in complete.splitlines():
-            line = json.loads(raw)
+            chunk = fh.read()
+        lines = chunk[: chunk.rfind(b"\n") + 1].splitlines(keepends=True)
+        for raw in lines:
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:  # never from the trainer; not worth failing a job
+                log.warning("%s: skipped a line that is not JSON", metrics)
+                continue
             if line.get("domain") == job["suffix"]:
                 data = {out: line[key] for key, out in METRIC_FIELDS.items() if key in line}
                 message = f"Step {line['step']}: training loss={line['loss']:.4f}"
                 self.store.add_event(job["id"], message, data=data, step=line["step"])
-        return offset + len(complete)
+        return offset + sum(map(len, lines)), lines[-1] if lines else last
 
     def _finish(self, job: dict[str, Any], result_file: Path, code: int) -> None:
         result = json.loads(result_file.read_text()) if result_file.is_file() else {}
