@@ -17,6 +17,7 @@ COMMANDS = [
     "crma.cli.demo",
     "crma.cli.train",
     "crma.cli.generate",
+    "crma.cli.serve",
     "crma.cli.eval",
     "crma.cli.run",
     "crma.cli.check",

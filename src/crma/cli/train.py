@@ -109,7 +109,7 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
-    from crma.data import load_records, tokenize_records
+    from crma.data import load_records
 
     domains = parse_domains(args.domain)
     options = parse_options(args.option)
@@ -146,16 +146,14 @@ def run(args: argparse.Namespace) -> None:
     if done and acc.is_main_process:
         print(f"{', '.join(sorted(done))}: already trained on this data with these settings")
     for i, name in enumerate(todo):
-        examples = tokenize_records(records[name], cm.engine.tokenizer, train_cfg.max_length)
-        result = cm.add_domain(
+        result = train_domain(
+            cm,
             name,
-            examples,
+            dict(domains)[name],
+            records[name],
             train_cfg,
             acc,
             args.seed,
-            args.stack / METRICS,
-            {"method": cm.spec.method, "seed": args.seed},
-            {**infos[name], "train_examples": len(examples)},
             replace=args.replace,
             progress=f"{name} ({i + 1}/{len(todo)})",
         )
@@ -183,4 +181,38 @@ def _done(cm: ContinualModel, name: str, info: dict[str, Any], cfg: TrainConfig,
         info["train_sha256"],
         dataclasses.asdict(cfg),
         seed,
+    )
+
+
+def train_domain(
+    cm: ContinualModel,
+    name: str,
+    path: Path,
+    records: list[dict[str, Any]],
+    train_cfg: TrainConfig,
+    accelerator,
+    seed: int,
+    replace: bool = False,
+    progress: str = "",
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train domain `name` on the records of file `path` and commit it to the stack.
+
+    What `crma train` does per domain; `crma serve`'s fine-tuning jobs call it too.
+    """
+    from crma.data import tokenize_records
+
+    examples = tokenize_records(records, cm.engine.tokenizer, train_cfg.max_length)
+    info = {**_data_info(path), "train_examples": len(examples), **(info or {})}
+    return cm.add_domain(
+        name,
+        examples,
+        train_cfg,
+        accelerator,
+        seed,
+        cm.stack.path / METRICS,
+        {"method": cm.spec.method, "seed": seed},
+        info,
+        replace=replace,
+        progress=progress,
     )

@@ -1,0 +1,14 @@
+"""`crma serve`: one process that serves a stack through the OpenAI API and grows it live.
+
+    app.py       FastAPI routes, OpenAI-shaped errors, the bearer key, body limits
+    schemas.py   request models (pydantic) and their checks
+    batcher.py   the continuous-batching decoder: one thread owns the model, mixed adapters
+    store.py     files, jobs and events in SQLite inside the stack (WAL)
+    files.py     uploads: the data loader's validation, the dataset optimizer, contamination
+    jobs.py      the job scheduler (one worker process at a time) and its metrics tail
+    worker.py    the worker process: trains one domain through ContinualModel.add_domain
+    metrics.py   Prometheus metrics
+
+It sits on top of crma: it uses load_stack/StackModel, Router and ContinualModel, the same
+public objects the CLI uses; nothing below imports it.
+"""

@@ -1,0 +1,506 @@
+"""Continuous batching across domains: one thread owns the model and decodes every active row.
+
+Between decode steps the thread admits waiting requests: it routes the `auto` ones together,
+prefills each request alone (its own adapter, no padding) into a DynamicCache, and merges that
+cache into the batch's by left padding. Every step then feeds all rows one token, each row
+through its own domain's adapter (PEFT `adapter_names`), with the attention mask hiding the
+padding and `position_ids` counting each row's own tokens, so a row computes what it would
+alone. Rows leave on end-of-text, a stop string, `max_tokens` or the context's end.
+
+A new snapshot of the stack (after a fine-tuning job commits) is loaded beside the serving one;
+the thread then stops admitting, lets the rows in flight finish on the old snapshot, swaps,
+and admits again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from crma.errors import UserError
+from crma.generate import AUTO, BASE, SHARED, StackModel, adapter_names
+from crma.serve.config import ServeSettings
+from crma.serve.errors import APIError
+
+log = logging.getLogger(__name__)
+BASE_MODEL = "base"  # the model name of "no domain adapter" (base + CRMA backbone)
+
+
+@dataclass
+class Sampling:
+    max_tokens: int | None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Request:
+    """One API request: its prompt, what answers it, and where its events go.
+
+    Events, in order: ("routed", model, domain, confidence), then per choice ("delta", index,
+    text) and ("done", index, finish_reason, completion_tokens, text); or ("error", APIError).
+    """
+
+    prompt: str | list[dict[str, str]]
+    route_text: str
+    model: str  # 'auto', 'base' or a domain
+    chat: bool
+    sampling: Sampling
+    n: int
+    emit: Callable[[tuple], None]
+    deadline: float
+    cancelled: bool = False
+    prompt_tokens: int = 0
+
+
+@dataclass
+class Row:
+    """One choice of a request being decoded."""
+
+    request: Request
+    index: int
+    adapters: str | list[str] | None
+    max_tokens: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already emitted
+
+
+class Snapshot:
+    """A loaded stack as the batcher serves it: model names, adapters per row, stop tokens."""
+
+    def __init__(self, model: StackModel, settings: ServeSettings):
+        self.model = model
+        cm = model.cm
+        self.engine = cm.engine
+        config = self.engine.base.config.get_text_config(decoder=True)
+        own = getattr(config, "max_position_embeddings", None) or 2048
+        self.max_context = min(settings.max_context or own, own)
+        self.domains = model.domains
+        try:  # methods summing several adapters per domain cannot mix rows in one forward
+            adapter_names(cm, self.domains)
+            self.mixable = True
+        except UserError:
+            self.mixable = False
+        # Requests join a batch by merging caches: plain full-attention layers only (not
+        # sliding windows); otherwise one request is decoded at a time.
+        layers = DynamicCache(config=self.engine.base.config).layers
+        self.batchable = self.mixable and all(type(layer) is DynamicLayer for layer in layers)
+        if self.engine.peft is not None and self.mixable:  # once: rows pick their own adapter
+            self.engine.activate(self.engine.adapters[0])
+        self.eos = _eos_ids(self.engine)
+        # Embedding tables are often padded beyond the tokenizer: those ids decode to nothing.
+        self.vocab = len(self.engine.tokenizer)
+
+    @property
+    def names(self) -> list[str]:
+        """Model names a request may use."""
+        return [AUTO, *self.domains, BASE_MODEL]
+
+    def adapters(self, domain: str | None) -> str | list[str] | None:
+        return self.model.adapters(domain)
+
+    def warm_up(self) -> None:
+        """Fit the router now (it is fitted lazily), so the first routed request does not wait."""
+        if self.domains and self.model.cm.method.needs_task_id:
+            self.model.resolve(["warm-up"], AUTO)
+
+
+def _eos_ids(engine) -> set[int]:
+    ids = {engine.tokenizer.eos_token_id}
+    eos = getattr(getattr(engine.base, "generation_config", None), "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, list) else {eos}
+    return {i for i in ids if i is not None}
+
+
+class Batcher:
+    """The decode loop (a daemon thread) and its waiting queue."""
+
+    def __init__(self, settings: ServeSettings, metrics=None):
+        self.settings, self.metrics = settings, metrics
+        self.snapshot: Snapshot | None = None
+        self._pending: tuple[Snapshot, threading.Event] | None = None
+        self._waiting: deque[Request] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self.rows: list[Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # (B, T): 1 real token, 0 left padding
+        self._thread = threading.Thread(target=self._run, name="crma-decode", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads ---------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if len(self._waiting) >= self.settings.max_queue:
+                raise APIError(429, "the queue is full; retry later", code="queue_full")
+            self._waiting.append(request)
+            self._gauge()
+            self._cond.notify()
+
+    def swap(self, snapshot: Snapshot) -> threading.Event:
+        """Serve `snapshot` once the rows in flight finish; the event is set when it serves."""
+        done = threading.Event()
+        with self._cond:
+            if self.snapshot is None:
+                self.snapshot = snapshot
+                done.set()
+            else:
+                self._pending = (snapshot, done)
+            self._cond.notify()
+        return done
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self._cond:
+                    while not (self._stop or self.rows or self._waiting or self._pending):
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    self._swap_if_idle()
+                    admitted = self._take()
+                try:
+                    self._expire()
+                    if admitted:
+                        self._admit(admitted)
+                    if self.rows:
+                        self._step()
+                    elif self._pending is None and not admitted and self._waiting:
+                        time.sleep(0.001)  # requests wait on a swap: do not spin
+                except Exception as exc:  # the loop must outlive any one batch
+                    log.exception("decode loop")
+                    self._fail_all(exc)
+
+    def _swap_if_idle(self) -> None:
+        if self._pending is not None and not self.rows:
+            self.snapshot, done = self._pending
+            self._pending = None
+            done.set()
+            log.info("serving the new stack snapshot: %s", ", ".join(self.snapshot.domains))
+
+    def _take(self) -> list[Request]:
+        """Requests to admit now: none while a swap waits, one at a time if rows cannot mix."""
+        snap = self.snapshot
+        if self._pending is not None or snap is None:
+            return []
+        free = self.settings.max_batch - len(self.rows) if snap.batchable else int(not self.rows)
+        taken: list[Request] = []
+        while self._waiting and free > 0:
+            request = self._waiting.popleft()
+            free -= request.n
+            taken.append(request)
+        self._gauge()
+        return taken
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self._waiting))
+
+    def _expire(self) -> None:
+        """Drop cancelled requests and answer those past their deadline."""
+        now = time.monotonic()
+        with self._cond:
+            for request in list(self._waiting):
+                if request.cancelled or now > request.deadline:
+                    self._waiting.remove(request)
+                    _timeout(request, now)
+        gone = [
+            i for i, r in enumerate(self.rows) if r.request.cancelled or now > r.request.deadline
+        ]
+        for i in gone:
+            _timeout(self.rows[i].request, now)
+        self._retire(gone)
+
+    # -- admission: route, prefill, merge -----------------------------------------------------
+    def _admit(self, requests: list[Request]) -> None:
+        snap = self.snapshot
+        assert snap is not None
+        try:
+            routes = self._route(snap, requests)
+        except Exception as exc:  # a routing failure fails these requests, not the server
+            log.exception("routing failed")
+            for request in requests:
+                request.emit(("error", APIError(500, f"routing failed: {exc}")))
+            return
+        for request, (domain, confidence) in zip(requests, routes):
+            try:
+                self._prefill(snap, request, domain, confidence)
+            except APIError as exc:
+                request.emit(("error", exc))
+            except Exception as exc:
+                log.exception("prefill failed")
+                request.emit(("error", APIError(500, f"prefill failed: {exc}")))
+
+    @staticmethod
+    def _route(snap: Snapshot, requests: list[Request]) -> list[tuple[str | None, float | None]]:
+        routes: list[tuple[str | None, float | None]] = [
+            (None if r.model == BASE_MODEL else r.model, None) for r in requests
+        ]
+        auto = [i for i, r in enumerate(requests) if r.model == AUTO]
+        if auto:
+            chosen = snap.model.resolve([requests[i].route_text for i in auto], AUTO)
+            for i, route in zip(auto, chosen):
+                routes[i] = route
+        return routes
+
+    def _prefill(
+        self, snap: Snapshot, request: Request, domain: str | None, confidence: float | None
+    ) -> None:
+        ids = snap.model.encode(request.prompt, request.chat)
+        room = snap.max_context - len(ids)
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens; this model's context is {snap.max_context}",
+                "messages" if request.chat else "prompt",
+                "context_length_exceeded",
+            )
+        wanted = request.sampling.max_tokens
+        if wanted is not None and wanted > room:
+            raise APIError(
+                400,
+                f"max_tokens {wanted} + the prompt's {len(ids)} tokens exceed this model's "
+                f"context of {snap.max_context}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        request.prompt_tokens = len(ids)
+        adapters = snap.adapters(snap.domains[-1] if domain == SHARED else domain)
+        request.emit(("routed", _model_name(domain), domain, confidence))
+        cache = DynamicCache(config=snap.engine.base.config)
+        position = torch.arange(len(ids)).unsqueeze(0)
+        logits = self._forward(snap, torch.tensor([ids]), None, position, cache, [adapters])
+        rows = [
+            Row(request, i, adapters, min(wanted or room, room), _generator(request.sampling, i))
+            for i in range(request.n)
+        ]
+        if request.n > 1:
+            cache.batch_repeat_interleave(request.n)
+        mask = torch.ones(request.n, len(ids), dtype=torch.long)
+        self._join(snap, rows, cache, mask, logits.expand(request.n, -1))
+
+    def _join(self, snap, rows: list[Row], cache, mask, logits) -> None:
+        """Rows whose first token is not already their last join the batch."""
+        finished = self._advance(snap, rows, logits, positions=mask.sum(1))
+        keep = [i for i in range(len(rows)) if i not in finished]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            _select(cache, keep)
+            mask, rows = mask[keep], [rows[i] for i in keep]
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+        else:
+            self._cache, self._mask = _merge(self._cache, self._mask, cache, mask)
+        self.rows += rows
+
+    # -- one decode step for every row ------------------------------------------------------------
+    def _step(self) -> None:
+        snap = self.snapshot
+        assert snap is not None and self._cache is not None and self._mask is not None
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(self.rows))
+        positions = self._mask.sum(1)  # each row's own token count: its next position
+        ids = torch.tensor([[r.tokens[-1]] for r in self.rows])
+        mask = torch.cat([self._mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        try:
+            logits = self._forward(
+                snap,
+                ids,
+                mask,
+                positions.unsqueeze(1),
+                self._cache,
+                [r.adapters for r in self.rows],
+            )
+        except Exception as exc:
+            log.exception("decode step failed")
+            self._fail_all(exc)
+            return
+        self._mask = mask
+        self._retire(sorted(self._advance(snap, self.rows, logits, positions + 1)))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request in {id(r.request): r.request for r in self.rows}.values():
+            request.emit(("error", APIError(500, f"decoding failed: {exc}")))
+        self.rows, self._cache, self._mask = [], None, None
+
+    @staticmethod
+    def _forward(snap: Snapshot, ids, mask, positions, cache, adapters: list) -> torch.Tensor:
+        """Last-position logits (B, V) with each row's adapters (float32)."""
+        engine = snap.engine
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "cache": cache,
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }
+        context = nullcontext()
+        if engine.peft is not None and snap.mixable:
+            kwargs["adapter_names"] = [a or BASE for a in adapters]
+        elif engine.peft is not None:
+            context = engine.using(adapters[0])
+        with context:
+            return engine.model(**kwargs).logits[:, -1].float()
+
+    def _advance(self, snap: Snapshot, rows: list[Row], logits, positions) -> set[int]:
+        """Pick each row's next token and emit its text; the indices of rows that finished."""
+        chosen = _sample(logits[:, : snap.vocab], rows)
+        finished = set()
+        for i, (row, token) in enumerate(zip(rows, chosen)):
+            reason = self._extend(snap, row, token, int(positions[i]))
+            if reason:
+                finished.add(i)
+                self._finish(row, reason)
+        return finished
+
+    def _extend(self, snap: Snapshot, row: Row, token: int, position: int) -> str | None:
+        """Add `token` to the row; its finish reason if it is done."""
+        if token in snap.eos:
+            return "stop"
+        row.tokens.append(token)
+        text = snap.model.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        stop = row.request.sampling.stop
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            row.text = text[:cut]
+            return "stop"
+        row.text = text
+        safe = len(text) - _holdback(text, stop)
+        if safe > row.sent:
+            row.request.emit(("delta", row.index, text[row.sent : safe]))
+            row.sent = safe
+        if len(row.tokens) >= row.max_tokens or position + 1 >= snap.max_context:
+            return "length"
+        return None
+
+    @staticmethod
+    def _finish(row: Row, reason: str) -> None:
+        if row.sent < len(row.text):
+            row.request.emit(("delta", row.index, row.text[row.sent :]))
+            row.sent = len(row.text)
+        row.request.emit(("done", row.index, reason, len(row.tokens), row.text))
+
+    def _retire(self, indices: list[int]) -> None:
+        """Remove rows from the batch and its cache; trim padding no row needs any more."""
+        if not indices:
+            return
+        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = None
+            return
+        assert self._cache is not None and self._mask is not None
+        _select(self._cache, keep)
+        mask = self._mask[keep]
+        lead = int((mask.sum(0) == 0).long().cumprod(0).sum())
+        if lead:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+            mask = mask[:, lead:]
+        self._mask = mask
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _model_name(domain: str | None) -> str:
+    return BASE_MODEL if domain is None else AUTO if domain == SHARED else domain
+
+
+def _timeout(request: Request, now: float) -> None:
+    if not request.cancelled:
+        request.emit(
+            ("error", APIError(504, "the request ran past its time limit", code="timeout"))
+        )
+    request.cancelled = True
+
+
+def _generator(sampling: Sampling, index: int) -> torch.Generator | None:
+    """A seeded generator per sampled choice, so a seed gives the same text in any batch."""
+    if sampling.temperature <= 0:
+        return None
+    seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    return torch.Generator().manual_seed(seed + index)
+
+
+def _sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
+    """Greedy rows take the argmax; sampled rows draw with temperature and nucleus top_p."""
+    chosen = logits.argmax(-1).tolist()
+    for i, row in enumerate(rows):
+        s = row.request.sampling
+        if s.temperature <= 0:
+            continue
+        probs = torch.softmax(logits[i] / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            outside = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set >= top_p
+            probs = probs.index_fill(0, order[outside], 0.0)
+        chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+    return chosen
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` not to stream yet: an unfinished UTF-8 character, or
+    the start of a stop string."""
+    if text.endswith("\ufffd"):
+        return 1
+    return max(
+        (
+            k
+            for s in stops
+            for k in range(min(len(s) - 1, len(text)), 0, -1)
+            if text.endswith(s[:k])
+        ),
+        default=0,
+    )
+
+
+def _select(cache: DynamicCache, keep: list[int]) -> None:
+    index = torch.tensor(keep)
+    for layer in cache.layers:
+        layer.batch_select_indices(index)
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _merge(cache: DynamicCache, mask, new: DynamicCache, new_mask) -> tuple[DynamicCache, Any]:
+    """One cache for both batches, each left-padded to the longer one."""
+    width = max(mask.shape[1], new_mask.shape[1])
+    for layer, other in zip(cache.layers, new.layers):
+        layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(other.keys, width, 2)])
+        layer.values = torch.cat(
+            [_left_pad(layer.values, width, 2), _left_pad(other.values, width, 2)]
+        )
+    return cache, torch.cat([_left_pad(mask, width, 1), _left_pad(new_mask, width, 1)])
