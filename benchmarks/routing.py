@@ -62,18 +62,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=2, help="torch threads")
     sub = parser.add_subparsers(dest="mode", required=True)
-    acc = sub.add_parser("accuracy", help="top-1 on the evaluation sets")
+    acc = sub.add_parser("accuracy", parents=[common], help="top-1 on the evaluation sets")
     add_arguments(acc, CentroidSettings)
-    acc.add_argument("--threshold", type=float, default=0.0, help="fallback below it")
+    acc.add_argument(
+        "--thresholds",
+        type=lambda text: [float(x) for x in text.split(",")],
+        default=[0.0],
+        help="confidence thresholds to report (comma-separated; below one: fallback)",
+    )
     acc.add_argument("--out", default="results/routing/router-eval", help="output path stem")
-    over = sub.add_parser("overhead", help="time of a generation, routed vs given")
+    over = sub.add_parser("overhead", parents=[common], help="generation time, routed vs given")
     over.add_argument("--pairs", type=int, default=3, help="A/B pairs (prompts cycle)")
     over.add_argument("--domains", default="medical,code", help="corpus domains")
     over.add_argument("--new-tokens", type=int, default=64, help="tokens per generation")
     over.add_argument("--steps", type=int, default=1, help="training steps per domain")
     over.add_argument("--examples", type=int, default=16, help="training texts per domain")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.mode == "accuracy":
@@ -120,26 +126,27 @@ def accuracy(args: argparse.Namespace) -> None:
         router.save(SimpleNamespace(path=Path(tmp), manifest={}))
         size = (Path(tmp) / "router.safetensors").stat().st_size
     temperature = DEFAULT_TEMPERATURE[router.head]
-    sets: dict[str, dict] = {}
+    by_threshold: dict[str, dict] = {str(t): {} for t in args.thresholds}
     for d in DOMAINS:
         for name, ids in evaluation_sets(tokenizer, d, settings.max_length).items():
             scores = router.scores(router.embed(engine, ids))
-            routes = decide(scores, router.domains, temperature, args.threshold)
-            hits = Counter(r.domain or "none" for r in routes)
-            sets.setdefault(name, {})[d] = {
-                "n": len(routes),
-                "top1": hits[d] / len(routes),
-                "fallback": hits["none"] / len(routes),
-                "routed_to": dict(hits.most_common()),
-            }
-            print(f"{name:<10} {d:<9} top-1 {hits[d] / len(routes):.1%}  {dict(hits)}", flush=True)
+            for t in args.thresholds:
+                hits = Counter(
+                    r.domain or "none" for r in decide(scores, router.domains, temperature, t)
+                )
+                by_threshold[str(t)].setdefault(name, {})[d] = {
+                    "n": len(ids),
+                    "top1": hits[d] / len(ids),
+                    "fallback": hits["none"] / len(ids),
+                    "routed_to": dict(hits.most_common()),
+                }
+                print(f"{t} {name:<10} {d:<9} top-1 {hits[d] / len(ids):.1%} {dict(hits)}")
     result = {
         "command": "benchmarks/routing.py " + shlex.join(sys.argv[1:]),
         "settings": dataclasses.asdict(settings),
-        "threshold": args.threshold,
         "stored_vectors": len(router.embeddings),
         "router_bytes": size,
-        "sets": sets,
+        "thresholds": by_threshold,
     }
     out = Path(args.out)
     write_json(out.with_suffix(".json"), result)
@@ -148,27 +155,39 @@ def accuracy(args: argparse.Namespace) -> None:
 
 
 def accuracy_markdown(result: dict) -> str:
-    domains = list(next(iter(result["sets"].values())))
     lines = [
         "# Router top-1 on the evaluation sets",
         "",
-        f"`{result['command']}` (settings: {result['settings']}, fallback threshold "
-        f"{result['threshold']}): {result['stored_vectors']} stored embeddings, "
-        f"router.safetensors {result['router_bytes'] / 2**20:.1f} MiB for {len(domains)} domains.",
+        f"`{result['command']}`",
         "",
-        "| set | " + " | ".join(domains) + " | worst |",
-        "|---" * (len(domains) + 2) + "|",
+        f"Settings: {result['settings']}; {result['stored_vectors']} stored embeddings, "
+        f"router.safetensors {result['router_bytes'] / 2**20:.1f} MiB.",
     ]
-    for name, per in result["sets"].items():
-        top1 = [per[d]["top1"] for d in domains]
-        cells = " | ".join(f"{100 * v:.1f}" for v in top1)
-        lines.append(f"| {name} (n={per[domains[0]]['n']}) | {cells} | {100 * min(top1):.1f} |")
-    lines += ["", "Where the misses went (routed to: count; `none` = fallback):", ""]
-    for name, per in result["sets"].items():
-        for d in domains:
-            wrong = {k: v for k, v in per[d]["routed_to"].items() if k != d}
-            if wrong:
-                lines.append(f"- {name}, {d}: " + ", ".join(f"{k} {v}" for k, v in wrong.items()))
+    for t, sets in result["thresholds"].items():
+        domains = list(next(iter(sets.values())))
+        lines += [
+            "",
+            f"## Fallback threshold {t}: top-1 % (fallback %)",
+            "",
+            "| set | " + " | ".join(domains) + " | worst |",
+            "|---" * (len(domains) + 2) + "|",
+        ]
+        for name, per in sets.items():
+            cells = " | ".join(
+                f"{100 * per[d]['top1']:.1f}"
+                + (f" ({100 * per[d]['fallback']:.1f})" if per[d]["fallback"] else "")
+                for d in domains
+            )
+            worst = min(per[d]["top1"] for d in domains)
+            lines.append(f"| {name} (n={per[domains[0]]['n']}) | {cells} | {100 * worst:.1f} |")
+        lines += ["", "Where the misses went (routed to: count; `none` = fallback):", ""]
+        for name, per in sets.items():
+            for d in domains:
+                wrong = {k: v for k, v in per[d]["routed_to"].items() if k != d}
+                if wrong:
+                    lines.append(
+                        f"- {name}, {d}: " + ", ".join(f"{k} {v}" for k, v in wrong.items())
+                    )
     return "\n".join(lines) + "\n"
 
 

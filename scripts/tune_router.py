@@ -234,7 +234,11 @@ def fallback_table(router, cache: dict, domains: list[str], settings) -> dict:
                 conf, pick = probabilities(router, cache, name, d, settings).max(-1)
                 own = ((pick == k) & (conf >= t)).double().mean().item()
                 none = (conf < t).double().mean().item()
-                table[str(t)][name][d] = {"own": own, "none": none, "elsewhere": 1 - own - none}
+                table[str(t)][name][d] = {
+                    "own": own,
+                    "none": none,
+                    "elsewhere": max(0.0, 1 - own - none),  # no -0.0 from rounding
+                }
     return table
 
 
