@@ -3,7 +3,7 @@
 `accuracy`: builds the centroid router of the given settings (default: today's) from each
 corpus domain's training file, as a stack does, and routes the evaluation sets: the holdout
 passages, the continuation-probe prompts, and the MMLU questions that QA scores (the 300
-spread over each domain's subjects, `crma.qa_eval.spread`; `eval.qa_mmlu` of 50, 100 or 150
+spread over each domain's subjects, `crma.eval.qa.spread`; `eval.qa_mmlu` of 50, 100 or 150
 scores a subset of them) as QA prompts ("Question: …\nAnswer:") and as the bare question.
 Writes per-domain top-1, fallbacks and confusions to OUT.json and OUT.md, with the command.
 
@@ -37,7 +37,7 @@ import torch
 def build_stack(path: Path, domains: list[str], steps: int, n_examples: int):
     from accelerate import Accelerator
 
-    from crma.adapter import CRMAConfig
+    from crma.backbone import CRMAConfig
     from crma.continual import ContinualModel, StackSpec
     from crma.data import corpus_file, load_records, tokenize_records
     from crma.engine import LoraSettings
@@ -56,7 +56,7 @@ def build_stack(path: Path, domains: list[str], steps: int, n_examples: int):
 
 
 def main() -> None:
-    from crma.route import CentroidSettings
+    from crma.routing.index import CentroidSettings
     from crma.settings import add_arguments
 
     parser = argparse.ArgumentParser(
@@ -91,8 +91,7 @@ def main() -> None:
 def evaluation_sets(tokenizer, domain: str, max_length: int) -> dict[str, list[list[int]]]:
     """Token ids of the evaluation prompts of one corpus domain, per set, as routers see them."""
     from crma.data import corpus_file, load_records, tokenize_records
-    from crma.data.qa import prompt_and_options
-    from crma.qa_eval import read_items, spread
+    from crma.eval.qa import prompt_and_options, read_items, spread
 
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=True)["input_ids"]  # as Router.route_texts
@@ -112,7 +111,8 @@ def accuracy(args: argparse.Namespace) -> None:
     from crma.engine import Engine, LoraSettings
     from crma.fileio import write_json, write_text
     from crma.model import EMBEDDED, load_base
-    from crma.route import DEFAULT_TEMPERATURE, CentroidRouter, CentroidSettings, decide
+    from crma.routing.index import CentroidRouter, CentroidSettings
+    from crma.routing.router import DEFAULT_TEMPERATURE, decide
     from crma.settings import from_args
 
     settings = from_args(CentroidSettings, args)

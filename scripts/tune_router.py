@@ -7,7 +7,7 @@ Validation, per corpus domain (never the holdout, the probes or the MMLU questio
 - `prompts`: the first part of each of those passages, cut as continuation probes are
   (`crma.data.qa.split_passage`): short prompts in the domain's own style;
 - `questions`: the domain's MMLU questions that QA never scores (all but the 300 spread over its
-  subjects, `crma.qa_eval.spread`, so every subject is in both; code has 412, so 112 here), as
+  subjects, `crma.eval.qa.spread`, so every subject is in both; code has 412, so 112 here), as
   QA prompts ("Question: …\\nAnswer:"): another source and style than the training texts.
 Routers are built from each domain's training file as a stack's router is (the first 500
 texts, and their prefixes where a setting stores them). One forward pass per text set captures
@@ -72,12 +72,12 @@ def main() -> None:
 
     from crma.data import DOMAINS, corpus_file, load_records, tokenize_records
     from crma.data.corpus import corpus_tag
-    from crma.data.qa import prompt_and_options, split_passage
+    from crma.data.qa import split_passage
     from crma.engine import Engine, LoraSettings
+    from crma.eval.qa import prompt_and_options, read_items, spread
     from crma.fileio import write_json, write_text
     from crma.model import EMBEDDED, load_base
-    from crma.qa_eval import read_items, spread
-    from crma.route import CentroidSettings
+    from crma.routing.index import CentroidSettings
 
     model, tokenizer = load_base(EMBEDDED)
     engine = Engine(model, tokenizer, LoraSettings(), None)
@@ -141,8 +141,9 @@ def hidden_sums(
     """Per text and layer: the sum of its hidden states over its first `max_length` tokens,
     over its first n tokens for each n in `cuts`, and its first token's state; one forward
     pass up to the deepest layer (texts sorted by length so batches carry little padding)."""
-    from crma.adapter import decoder_layers
-    from crma.route import _pad, _Stop, frozen_base, pad_id
+    from crma.backbone import decoder_layers
+    from crma.batching import pad, pad_id
+    from crma.routing.embed import _Stop
 
     blocks, top = decoder_layers(engine.model), max(layers)
     captured: dict[int, torch.Tensor] = {}
@@ -163,13 +164,13 @@ def hidden_sums(
     out = {k: {key: torch.zeros(len(ids_list), width) for key in keys} for k in layers}
     handles = [blocks[k - 1].register_forward_hook(grab(k)) for k in layers]
     try:
-        with frozen_base(engine):
+        with engine.inference(None, backbone=False) as model:  # the base alone, as embed
             for start in range(0, len(order), 16):
                 rows = torch.tensor(order[start : start + 16])
-                ids, mask = _pad([ids_list[i] for i in rows], pad_id(engine.tokenizer), "cpu")
+                ids, mask = pad([ids_list[i] for i in rows], pad_id(engine.tokenizer))
                 captured.clear()
                 with suppress(_Stop):
-                    engine.model(input_ids=ids, attention_mask=mask)
+                    model(input_ids=ids, attention_mask=mask)
                 last = lens[rows] - 1
                 for k in layers:
                     cum = (captured[k].double() * mask[..., None]).cumsum(1)  # (B, T, d)
@@ -185,7 +186,7 @@ def hidden_sums(
 
 
 def pooled(sums: dict, layer: int, skip_first: bool, cut: int | None = None) -> torch.Tensor:
-    """Mean-pooled embeddings from cached sums, as `crma.route.embed` pools them; with `cut`,
+    """Mean-pooled embeddings from cached sums, as `crma.routing.embed.embed` pools them; with `cut`,
     those of the texts longer than `cut` over their first `cut` tokens (a stored prefix)."""
     lens = sums["lens"].double()
     keep = torch.ones(len(lens), dtype=torch.bool) if cut is None else lens > cut
@@ -200,7 +201,7 @@ def pooled(sums: dict, layer: int, skip_first: bool, cut: int | None = None) -> 
 
 def build(settings, cache: dict, domains: list[str]):
     """The router a stack would store with `settings`, from cached sums; and its row count."""
-    from crma.route import CentroidRouter
+    from crma.routing.index import CentroidRouter
 
     router = CentroidRouter(settings)
     for d in domains:

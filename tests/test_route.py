@@ -11,7 +11,9 @@ import torch
 from helpers import committed
 from stacks import build_stack, commit_router, texts
 
-from crma.route import CentroidRouter, Router, RouteSettings, plot_confusion, routing_metrics
+from crma.routing.index import CentroidRouter
+from crma.routing.metrics import plot_confusion, routing_metrics
+from crma.routing.router import Router, RouteSettings
 
 DOMAINS = ["medic", "money", "code"]
 
@@ -95,7 +97,7 @@ def test_router_state_leaves_model_as_it_was(stack):
 def test_logistic_head_is_the_regularised_optimum():
     """Independent check of the fit: at the optimum of mean CE + l2/2·‖W‖² the gradient,
     Zᵀ(P − Y)/N + l2·W for W and mean(P − Y) for b, vanishes."""
-    from crma.route import fit_logistic
+    from crma.routing.index import fit_logistic
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(60, 5, generator=g, dtype=torch.float64)
@@ -130,7 +132,7 @@ def test_router_without_stored_embeddings_is_rebuilt(tmp_path):
     prototypes until refresh_router rebuilds them from the training examples."""
     from safetensors.torch import load_file
 
-    from crma.route import refresh_router
+    from crma.routing.router import refresh_router
 
     path = tmp_path / "stack"
     cm = build_stack(path, DOMAINS)
@@ -156,7 +158,8 @@ def test_router_without_stored_embeddings_is_rebuilt(tmp_path):
 
 def test_router_with_older_default_settings_is_rebuilt_with_todays(tmp_path):
     from crma.data import tokenize_records
-    from crma.route import CentroidSettings, refresh_router
+    from crma.routing.index import CentroidSettings
+    from crma.routing.router import refresh_router
 
     path = tmp_path / "stack"
     cm = build_stack(path, DOMAINS)
@@ -190,15 +193,13 @@ def test_stats_only_router_given_a_new_domain_keeps_prototypes():
 
 def _hidden(engine, ids: list[int], layer: int) -> torch.Tensor:
     """Hidden state `layer` of one text from a plain forward pass of the frozen base, (T, d)."""
-    from crma.route import frozen_base
-
-    with torch.no_grad(), frozen_base(engine):
-        out = engine.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    with torch.no_grad(), engine.inference(None, backbone=False) as model:
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
     return out.hidden_states[layer][0].double()
 
 
 def test_skip_first_pools_from_the_second_token(stack):
-    from crma.route import embed
+    from crma.routing.embed import embed
 
     _, cm = stack
     ids = [[5, 9, 14, 3, 7], [11, 4], [8]]  # a one-token text keeps its only token
@@ -211,7 +212,7 @@ def test_skip_first_pools_from_the_second_token(stack):
 
 
 def test_prefixes_store_the_start_of_each_longer_text(stack):
-    from crma.route import CentroidSettings
+    from crma.routing.index import CentroidSettings
 
     _, cm = stack
     ids = [[5, 9, 14, 3, 7, 2], [11, 4, 6], [8, 12, 10, 13], [6, 5]]
@@ -229,7 +230,7 @@ def test_prefixes_store_the_start_of_each_longer_text(stack):
 
 
 def test_decide_falls_back_under_the_threshold():
-    from crma.route import decide
+    from crma.routing.router import decide
 
     scores = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.1, 0.9]]).log()  # confidences at T = 1
     routes = decide(scores, ["a", "b"], temperature=1.0, threshold=0.6)
@@ -245,7 +246,8 @@ def test_router_saved_before_prefixes_and_skip_first_opens_as_it_was(tmp_path):
     over every token: the router loads so, routes, and a new domain is embedded the same way
     (one row per text) until refresh_router rebuilds it with today's settings."""
     from crma.data import tokenize_records
-    from crma.route import LEGACY_SETTINGS, CentroidSettings, refresh_router
+    from crma.routing.index import LEGACY_SETTINGS, CentroidSettings
+    from crma.routing.router import refresh_router
     from crma.stack import Stack
 
     path = tmp_path / "stack"
