@@ -17,7 +17,8 @@ import torch
 from accelerate import Accelerator
 from helpers import ROOT, crma_cmd, crma_env, run_crma
 from peft import PeftModel
-from test_methods import LORA, A, B, killed_then_resumed
+from test_method_contract import killed_then_resumed
+from test_methods import LORA, A, B
 from tiny import tiny_model, tiny_tokenizer
 
 from crma import UserError
