@@ -66,6 +66,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "report", help="rebuild report.json, report.md and plots/ of a run directory"
     )
     r.add_argument("run_dir", type=Path, help="run directory written by `crma run`")
+    r.add_argument(
+        "--costs",
+        type=Path,
+        default=None,
+        help="benchmarks/methods.py's JSON: put the head-to-head table (forgetting beside "
+        "trainable parameters, memory, step and domain time, task id) first in the report",
+    )
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="with --costs: write report.json, report.md, config.yaml and plots/ there "
+        "(default: the run directory)",
+    )
     r.set_defaults(func=report)
 
 
@@ -110,7 +124,16 @@ def report(args: argparse.Namespace) -> None:
 
     if not args.run_dir.is_dir():
         raise UserError(f"{args.run_dir}: run directory not found")
-    print(drift_table(build_report(args.run_dir)))
+    if args.out is not None and args.costs is None:
+        raise UserError("--out: only with --costs (the run's own report stays in the run)")
+    if args.costs is not None:
+        from crma.report.head_to_head import load_costs, write_head_to_head
+
+        load_costs(args.costs)  # a bad file fails before anything is written
+    result = build_report(args.run_dir)
+    if args.costs is not None:
+        write_head_to_head(args.run_dir, result, args.costs, args.out or args.run_dir)
+    print(drift_table(result))
 
 
 def export(args: argparse.Namespace) -> None:
