@@ -13,35 +13,19 @@ import torch
 from accelerate import Accelerator
 from helpers import ROOT
 from safetensors.torch import load_file
+from test_methods import LORA, TRAIN, A, B
 from tiny import tiny_model, tiny_tokenizer
 
 from crma import UserError
 from crma.backbone import CRMAConfig
 from crma.continual import ContinualModel, StackSpec
-from crma.engine import LoraSettings
 from crma.eval.loss import mean_token_loss
 from crma.methods import METHODS, Method, make_method
 from crma.methods.base import DOMAIN_PREFIX, domain_adapter, register
 from crma.settings import Settings
 from crma.stack import Stack
-from crma.train import TrainConfig
 
-LORA = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-TRAIN = TrainConfig(lr=0.02, batch_size=4, max_steps=8, checkpoint_every=3, precision="fp32")
 DOMAINS = ("alpha", "beta")
-
-
-def domain(first_token: int, n: int = 12, length: int = 10) -> list[dict]:
-    """Random token sequences from the 100-token range starting at `first_token`."""
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(first_token, first_token + 100, (length,), generator=gen).tolist()
-        out.append({"input_ids": ids, "labels": ids})
-    return out
-
-
-A, B = domain(10), domain(300)
 DATA = {"alpha": A, "beta": B}
 
 

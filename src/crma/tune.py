@@ -27,11 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from crma.errors import UserError
 from crma.fileio import write_json, write_text
-from crma.protocol.config import load_config
+from crma.protocol.config import load_config, read_yaml
 from crma.protocol.run import ProtocolRun
 
 Scores = dict[str, float]  # drift, plasticity_loss, final_loss
@@ -372,14 +370,7 @@ GRID_KEYS = ("config", "set", "methods", "axes", "grid", "points")
 def load_grid(path: Path) -> dict:
     """A grid file, its keys checked and every declared trial resolved (a typo in a method,
     an option or an override fails here, before hours of runs)."""
-    if not path.is_file():
-        raise UserError(f"{path}: grid file not found")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+    spec = read_yaml(path, "grid")
     if not isinstance(spec, dict):
         raise UserError(f"{path}: expected a mapping with config and axes, grid or points")
     if unknown := sorted(set(spec) - set(GRID_KEYS)):

@@ -20,7 +20,6 @@ COMMANDS = [
     "crma.cli.serve",
     "crma.cli.eval",
     "crma.cli.run",
-    "crma.cli.tune",
     "crma.cli.check",
     "crma.cli.data",
 ]

@@ -1,9 +1,12 @@
-"""`crma run CONFIG.yaml`: the forgetting protocol, and `crma report DIR` to redo its report."""
+"""`crma run CONFIG.yaml`: the forgetting protocol; `crma report DIR` to redo its report (with
+`--costs`, the head-to-head table), `crma export` and `crma tune GRID.yaml` (trials on the
+validation split)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 from crma.errors import UserError
@@ -82,6 +85,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     r.set_defaults(func=report)
 
+    t = sub.add_parser(
+        "tune",
+        help="hyperparameter trials on the validation split, one selection rule for every method",
+        description=(
+            "Run the trials a grid file declares (configs/tuning/*.yaml), each a protocol run on "
+            "the validation split, and choose each method's setting by one rule: the lowest "
+            "final validation loss among trials that forget at most 0.5 %%, else the least "
+            "drift. Axes whose choice sits at an edge are extended one step at a time within "
+            "their limits. Finished trials are read back, so rerunning resumes."
+        ),
+    )
+    t.add_argument(
+        "grid", type=Path, help="grid file: config, set, methods + axes, or grid / points"
+    )
+    t.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/tuning"),
+        help="trial run directories (default: %(default)s)",
+    )
+    t.add_argument(
+        "--results",
+        type=Path,
+        default=Path("results/tuning"),
+        help="where <grid name>.md and .json go (default: %(default)s)",
+    )
+    t.set_defaults(func=tune)
+
 
 def config_keys() -> str:
     """Every config key with its default and meaning, section by section."""
@@ -142,3 +173,11 @@ def export(args: argparse.Namespace) -> None:
         f"{args.dest}: {len(units)} finished method/seed results"
         + "".join(f"\n  {u}" for u in units)
     )
+
+
+def tune(args: argparse.Namespace) -> None:
+    from crma.tune import tune as run_trials
+
+    chosen = run_trials(args.grid, args.out, args.results)
+    print("selected: " + json.dumps(chosen), flush=True)
+    print(f"{args.results / args.grid.stem}.md")
