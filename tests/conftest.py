@@ -4,7 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # tests' helpers: `from helpers import ...`
+sys.path.insert(
+    1, str(Path(__file__).parent.parent)
+)  # the benchmarks: `from benchmarks import ...`
 torch.set_num_threads(1)
 
 

@@ -14,13 +14,10 @@ TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 
 def kill_harness():
-    """benchmarks/kill_trials.py as a module: kill points, trials, tree comparison."""
-    import importlib.util
+    """benchmarks/kill_trials.py: kill points, trials, tree comparison."""
+    from benchmarks import kill_trials
 
-    spec = importlib.util.spec_from_file_location("kill_trials", ROOT / "benchmarks/kill_trials.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return kill_trials
 
 
 def crma_env() -> dict[str, str]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from helpers import ROOT, TINY_BASE, TINY_DATA
+from helpers import TINY_BASE, TINY_DATA
 from transformers import AutoConfig, AutoTokenizer
 
+from benchmarks import methods as bench_methods
 from crma.backbone import CRMAConfig
 from crma.data import load_records, tokenize_records
 from crma.methods import METHODS
@@ -16,16 +16,9 @@ EXAMPLES, MAX_LENGTH = 12, 32
 FILES = [TINY_DATA / f"{d}.train.jsonl" for d in ("alpha", "beta")]
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks/methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cost_columns(tmp_path):
     out = tmp_path / "methods"
-    load_benchmark().main(
+    bench_methods.main(
         ["--base", str(TINY_BASE), "--methods", "replay,crma", "--rounds", "1", "--steps", "3"]
         + ["--domains", ",".join(map(str, FILES)), "--examples", str(EXAMPLES)]
         + ["--max-length", str(MAX_LENGTH), "--threads", "1", "--out", str(out)]
