@@ -309,12 +309,8 @@ def evaluate_base(
 
 def markdown_table(result: dict[str, Any]) -> str:
     """Rows: conditions; columns: domain × item kind; cells: accuracy % [Wilson 95%]."""
-    cols = [
-        (d, k)
-        for d in result["domains"]
-        for k in KINDS
-        if k in result["results"]["oracle"].get(d, {})
-    ]
+    scored = result["results"].get("oracle") or result["results"][result["conditions"][0]]
+    cols = [(d, k) for d in result["domains"] for k in KINDS if k in scored.get(d, {})]
     head = "| condition | " + " | ".join(f"{d} {k}" for d, k in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for c in result["conditions"]:
