@@ -180,12 +180,16 @@ class ContinualModel:
             if accelerator.is_main_process:
                 self._commit(task, result, train_config, data_info or {}, replace, examples)
             accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:  # the commit the main process just made
+                self.stack = Stack.open(stack.path)
         return result
 
     def tidy(self, accelerator=None) -> None:
         """Remove what an interrupted writer left behind: files no manifest lists, and the
         checkpoint of a domain it committed (killed between the commit and its clean-up).
         A checkpoint of an uncommitted domain stays, to be resumed."""
+        if accelerator is not None:  # every process opened the stack before the main one locks it
+            accelerator.wait_for_everyone()
         if not Stack.exists(self.stack.path) or (
             accelerator is not None and not accelerator.is_main_process
         ):

@@ -23,6 +23,7 @@ import yaml
 from crma.adapter import CRMAConfig
 from crma.continual import ContinualModel, StackSpec
 from crma.data.corpus import DOMAINS as CORPUS_DOMAINS
+from crma.distributed import make_accelerator, refuse_unsupported
 from crma.engine import LoraSettings
 from crma.errors import UserError
 from crma.evaluate import mean_token_loss
@@ -323,9 +324,9 @@ class ProtocolRun:
         self.data: dict[str, Any] = {}  # what the results are computed on, once it is read
 
     def run(self) -> dict[str, Any]:
-        from accelerate import Accelerator
-
-        acc = Accelerator(mixed_precision=mixed_precision(self.config.train.precision))
+        acc = make_accelerator(mixed_precision(self.config.train.precision))
+        for spec in self.config.methods:
+            refuse_unsupported(METHODS[spec.name], acc)
         self._refuse_other_config()
         with WriterLock(self.out) if acc.is_main_process else nullcontext():
             return self._run(acc)

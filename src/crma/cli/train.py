@@ -11,6 +11,7 @@ import yaml
 
 from crma.adapter import CRMAConfig
 from crma.continual import ContinualModel, StackSpec
+from crma.distributed import make_accelerator, refuse_unsupported
 from crma.engine import LoraSettings
 from crma.errors import UserError
 from crma.methods import METHODS, make_method
@@ -107,8 +108,6 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from accelerate import Accelerator
-
     from crma.data import load_records
 
     domains = parse_domains(args.domain)
@@ -141,7 +140,8 @@ def run(args: argparse.Namespace) -> None:
                 "settings); pass --replace to retrain it"
             )
     check_distinct(cm.stack.domains + [n for n in todo if n not in cm.stack.domains], "--domain")
-    acc = Accelerator(mixed_precision=mixed_precision(train_cfg.precision))
+    acc = make_accelerator(mixed_precision(train_cfg.precision))
+    refuse_unsupported(cm.method, acc)
     cm.tidy(acc)
     if done and acc.is_main_process:
         print(f"{', '.join(sorted(done))}: already trained on this data with these settings")

@@ -36,6 +36,7 @@ class Lwf(SharedLora):
 
     name = "lwf"
     Options = LwfOptions
+    data_parallel = False  # the KL is a mean over each process's positions, not the batch's
 
     def __init__(self, options: LwfOptions | None = None):
         super().__init__(options)

@@ -1,0 +1,173 @@
+"""Data parallel for real: two processes started by torchrun (gloo on CPU) against one process.
+
+Two processes on a global batch of 8 train each on 4 examples and DDP averages the gradients;
+the trainer scales each process's loss so that this equals one process on all 8 (crma.train).
+What differs is only the order of float32 reductions (padding to each shard's own longest
+example, the all-reduce), a few 1e-7 per step; the tolerance 1e-4 leaves two decades for the
+growth over the run. At the tiny config's lr 0.03 naive's third domain amplifies that noise to
+5e-4 (one process with two micro-batches does the same, see the accumulation test), so these
+runs use lr 0.003.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from helpers import ROOT, TINY_CONFIG, adapter_file, committed, crma_cmd, crma_env, kill_harness
+from safetensors.torch import load_file
+
+TOLERANCE = 1e-4
+DATA_PARALLEL = [
+    "naive",
+    "frozen",
+    "crma",
+    "crma-task1",
+    "ewc",
+    "replay",
+    "olora",
+    "inflora",
+    "osf",
+]
+DOMAINS = ["alpha", "beta", "gamma"]
+STEPS = 8
+
+
+def torchrun(*args: str) -> list[str]:
+    """Two local processes; --standalone picks a free rendezvous port (tests run side by side)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def launch(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def config(tmp_path, methods: list[str]):
+    data = yaml.safe_load(TINY_CONFIG.read_text())
+    data["methods"] = methods
+    data["train"] |= {"lr": 0.003, "max_steps": STEPS, "checkpoint_every": 3}
+    path = tmp_path / f"{'-'.join(methods)}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same protocol run in one process and in two."""
+    tmp = tmp_path_factory.mktemp("dist")
+    cfg = config(tmp, DATA_PARALLEL)
+    one, two = tmp / "one", tmp / "two"
+    launch(crma_cmd("run", str(cfg), "--out", str(one)))
+    launch([*torchrun(), "-m", "crma", "run", str(cfg), "--out", str(two)])
+    return one, two
+
+
+def unit(run, method):
+    return run / method / "seed-0"
+
+
+def weight_updates(method: str, tensors: dict) -> dict:
+    """What an adapter file adds to the weights, in the form that defines it uniquely.
+
+    LoRA: its tensors. InfLoRA: B·A per module (A is an eigenbasis, defined up to sign and
+    rotation; 1e-7 apart inputs may give another). OSF: U_low·diag(S_low)·V_low per module
+    (the factors can trade scale among themselves; reduction-order noise moves them along that
+    freedom by up to 6e-3 in one process with two micro-batches as in two processes).
+    """
+    if method == "inflora":
+        return {
+            k: tensors[k.replace("lora_A", "lora_B")] @ a
+            for k, a in tensors.items()
+            if "lora_A" in k
+        }
+    if method == "osf":
+        return {
+            k: u
+            @ (tensors[k.replace("U_low", "S_low")][:, None] * tensors[k.replace("U_low", "V_low")])
+            for k, u in tensors.items()
+            if k.endswith("U_low")
+        }
+    return tensors
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("method", DATA_PARALLEL)
+def test_two_processes_match_one(runs, method):
+    one, two = runs
+    for run, world in ((one, 1), (two, 2)):
+        manifest = json.loads((unit(run, method) / "stack" / "manifest.json").read_text())
+        for entry in manifest["domains"]:
+            assert entry["world_size"] == world
+            assert len(entry["rank_examples"]) == world and min(entry["rank_examples"]) > 0
+            assert sum(entry["rank_examples"]) >= STEPS * 8  # replay adds memory examples
+        lines = (unit(run, method) / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == len(DOMAINS) * STEPS, "one writer: no line twice"
+        assert {json.loads(line)["world_size"] for line in lines} == {world}
+    matrices = [
+        json.loads((unit(r, method) / "loss_matrix.json").read_text())["loss_matrix"] for r in runs
+    ]
+    diffs = [abs(a - b) for ra, rb in zip(*matrices) for a, b in zip(ra, rb) if a is not None]
+    assert max(diffs) <= TOLERANCE
+    stacks = [unit(r, method) / "stack" for r in runs]
+    for domain in DOMAINS:
+        adapters = [load_file(adapter_file(s, domain)) for s in stacks]
+        assert max_diff(*(weight_updates(method, a) for a in adapters)) <= TOLERANCE, domain
+        lora_b = [v for k, v in adapters[1].items() if "lora_B" in k]
+        assert not lora_b or max(v.abs().max().item() for v in lora_b) > 1e-3, "it trained"
+    if method.startswith("crma"):
+        backbones = [load_file(committed(s, "backbone")) for s in stacks]
+        assert max_diff(*backbones) <= TOLERANCE
+        assert backbones[1]["write_weights"].abs().max() > 1e-4, "the backbone trained"
+
+
+def test_a_method_that_cannot_run_distributed_refuses(tmp_path):
+    proc = subprocess.run(
+        [
+            *torchrun(),
+            "-m",
+            "crma",
+            "run",
+            str(config(tmp_path, ["lwf"])),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        env=crma_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "crma: error: method 'lwf' would not give the same result on 2 processes" in proc.stderr
+    assert not (tmp_path / "o" / "lwf").exists()
+
+
+def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path):
+    """SIGKILL the launcher only: its workers die with it (no orphan keeps the lock), and
+    the rerun resumes from the last checkpoint to the uninterrupted run's files."""
+    out = tmp_path / "killed"
+    cmd = [*torchrun(), "-m", "crma", "run", str(config(tmp_path, ["crma"])), "--out", str(out)]
+    metrics = unit(out, "crma") / "metrics.jsonl"
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=crma_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count('"domain": "beta"') >= 4:
+            proc.kill()
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -9, "the launcher should have been killed while training beta"
+    assert (unit(out, "crma") / "stack" / "checkpoint").is_dir()
+    launch(cmd)
+    assert kill_harness().differences(unit(runs[1], "crma"), unit(out, "crma")) == []
