@@ -42,7 +42,12 @@ class TrainConfig(Settings):
 
     lr: float = setting(1e-3, "LoRA learning rate (CRMA groups use crma.lr_*)", gt=0)
     batch_size: int = setting(8, "examples per optimizer step (global, across processes)", ge=1)
-    grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1)
+    grad_accum: int = setting(
+        1, "micro-batches per optimizer step (same result as one batch, less memory)", ge=1
+    )
+    gradient_checkpointing: bool = setting(
+        False, "recompute each layer's activations in backward (same result, less memory)"
+    )
     epochs: float = setting(1.0, "passes over each domain's training data", gt=0)
     max_steps: int | None = setting(None, "optimizer steps per domain; overrides epochs", ge=1)
     max_length: int = setting(256, "tokens per example (longer ones are truncated)", ge=2)
@@ -140,6 +145,8 @@ class Trainer:
             self._save_checkpoint(ckpt, task, 0, named, optimizer, zclip)
         model = acc.prepare_model(engine.model) if acc.num_processes > 1 else engine.model
         model.train()
+        if cfg.gradient_checkpointing:  # recomputes each layer's forward; CRMA's hooks run once
+            engine.base.activation_checkpointing_enable({"use_reentrant": False})
         writer = (
             self._tensorboard(metrics_path.parent)
             if cfg.tensorboard and acc.is_main_process
@@ -183,6 +190,8 @@ class Trainer:
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 self._save_checkpoint(ckpt, task, step + 1, named, optimizer, zclip)
         bar.close()
+        if cfg.gradient_checkpointing:
+            engine.base.activation_checkpointing_disable()
         if writer is not None:
             writer.close()
         self.method.end_task(engine, task, examples)
@@ -217,7 +226,7 @@ class Trainer:
             sync = i == len(micro) - 1
             ctx = acc.no_sync(model) if (not sync and world > 1) else nullcontext()
             with ctx, acc.autocast():
-                outputs = model(**batch, num_items_in_batch=n_items)
+                outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
                 loss = outputs.loss * world
                 extra = self.method.extra_loss(self.engine, batch, outputs)
                 if extra is not None:  # a per-step term: counted once per step
