@@ -34,7 +34,7 @@ from crma.stack import (
     Commit,
     Stack,
 )
-from crma.train import TrainConfig, Trainer, checkpoint_state
+from crma.train import TrainConfig, Trainer, checkpoint_state, result_settings
 
 log = logging.getLogger(__name__)
 _OPEN_ATTEMPTS = 3  # a commit deleting files mid-load sends a reader back to the manifest
@@ -212,7 +212,7 @@ class ContinualModel:
         data = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
         key = {
             "task": dataclasses.asdict(task),
-            "train": dataclasses.asdict(cfg),
+            "train": result_settings(cfg),
             "method": self.spec.method,
             "stack": self.spec.to_manifest(),
             "data": data,

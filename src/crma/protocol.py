@@ -32,9 +32,10 @@ from crma.lock import LOCK_FILE, WriterLock
 from crma.methods import METHODS, make_method
 from crma.model import EMBEDDED, base_model_id, load_base
 from crma.provenance import data_identity, recorded_data
+from crma.quantize import LoadIn, quantization_config
 from crma.settings import Settings, from_dict, setting
 from crma.stack import name_problem
-from crma.train import TrainConfig, mixed_precision
+from crma.train import TrainConfig, mixed_precision, result_settings
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ class RunConfig(Settings):
         EMBEDDED,
         "base model: 'embedded', a HF folder or hub name, or a .gguf file",
         check=_path_problem,
+    )
+    load_in: LoadIn = setting(
+        "float", "base weights: float, or 8bit / 4bit quantized by bitsandbytes (CUDA GPUs only)"
     )
     methods: list[MethodSpec] = setting([], "conditions to compare")
     seeds: list[int] = setting(
@@ -304,7 +308,7 @@ def unit_settings(config: RunConfig, spec: MethodSpec) -> dict[str, Any]:
         del stack["crma"]  # settings of a backbone the method does not have
     # Options as the method reads them: an option left out equals its default written out.
     stack["method_options"] = dataclasses.asdict(make_method(spec.name, spec.options).options)
-    data["method"] = {"name": spec.name, "stack": stack, "train": dataclasses.asdict(train_cfg)}
+    data["method"] = {"name": spec.name, "stack": stack, "train": result_settings(train_cfg)}
     return data
 
 
@@ -319,11 +323,12 @@ class ProtocolRun:
         self.config, self.out = config, Path(out)
         self.reuse = [Path(r) for r in reuse]
         self._caches_merged: set[Path] = set()  # reuse runs whose eval cache is merged already
-        self.model_loader = model_loader or (lambda: load_base(config.base))
+        self.model_loader = model_loader or (lambda: load_base(config.base, load_in=config.load_in))
         self.cache_path = self.out / "eval_cache.json"
         self.data: dict[str, Any] = {}  # what the results are computed on, once it is read
 
     def run(self) -> dict[str, Any]:
+        quantization_config(self.config.load_in, self.config.base)  # before any work
         acc = make_accelerator(mixed_precision(self.config.train.precision))
         for spec in self.config.methods:
             refuse_unsupported(METHODS[spec.name], acc)
@@ -417,8 +422,8 @@ class ProtocolRun:
     def _refuse_other_config(self) -> None:
         """The run directory must be this run's (same config), or new: nothing else in it."""
         path = self.out / "config.yaml"
-        ours = yaml.safe_load(yaml.safe_dump(resolved(self.config), sort_keys=False))
-        if path.is_file() and yaml.safe_load(path.read_text()) != ours:
+        # Parsed, so a setting added since that run was made reads as its default there.
+        if path.is_file() and resolved(load_config(path)) != resolved(self.config):
             raise UserError(
                 f"{path}: this run directory holds a different config; use another --out or the same config"
             )

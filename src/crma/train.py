@@ -71,6 +71,16 @@ class TrainConfig(Settings):
             )
 
 
+# Settings that change memory use, not results: what a checkpoint or a finished domain is
+# matched on leaves them out, so a run that ran out of memory resumes with them turned on.
+MEMORY_ONLY = ("gradient_checkpointing",)
+
+
+def result_settings(config: TrainConfig) -> dict[str, Any]:
+    """The training settings that decide the numbers (all but MEMORY_ONLY)."""
+    return {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY}
+
+
 def mixed_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
