@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -171,3 +172,67 @@ def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path):
     assert (unit(out, "crma") / "stack" / "checkpoint").is_dir()
     launch(cmd)
     assert kill_harness().differences(unit(runs[1], "crma"), unit(out, "crma")) == []
+
+
+def test_crma_train_on_two_processes_matches_one(tmp_path):
+    train = [
+        "train",
+        "--base",
+        str(ROOT / "tests/assets/tiny-llama"),
+        "--domain",
+        f"alpha={ROOT / 'tests/assets/tiny-domains/alpha.train.jsonl'}",
+        "--domain",
+        f"beta={ROOT / 'tests/assets/tiny-domains/beta.train.jsonl'}",
+        *("--max-steps", "6", "--lr", "0.003", "--max-length", "32", "--lora-r", "4"),
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(crma_cmd(train[0], str(one), *train[1:]))
+    launch([*torchrun(), "-m", "crma", train[0], str(two), *train[1:]])
+    for stack, world in ((one, 1), (two, 2)):
+        entries = json.loads((stack / "manifest.json").read_text())["domains"]
+        assert [e["world_size"] for e in entries] == [world, world]
+        assert [sum(e["rank_examples"]) for e in entries] == [6 * 8, 6 * 8]
+    for domain in ("alpha", "beta"):
+        adapters = [load_file(adapter_file(s, domain)) for s in (one, two)]
+        assert max_diff(*adapters) <= TOLERANCE
+    backbones = [load_file(committed(s, "backbone")) for s in (one, two)]
+    assert max_diff(*backbones) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_training_is_refused_with_one_line(kind):
+    from accelerate.utils import DistributedType
+
+    from crma import UserError
+    from crma.distributed import refuse_unsupported
+    from crma.methods import make_method
+
+    accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType[kind])
+    with pytest.raises(UserError, match=f"distributed type {kind}: crma trains data-parallel"):
+        refuse_unsupported(make_method("crma"), accelerator)
+
+
+CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_accelerate_config_loads_and_names_only_launch_options(path):
+    """accelerate's own loader reads it, and accelerate launch knows every plugin key (it
+    copies unknown ones silently)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    config = load_config_from_file(str(path))
+    options = vars(launch_command_parser().parse_args(["script.py"]))
+    for section in ("fsdp_config", "deepspeed_config"):
+        for key in getattr(config, section) or {}:
+            assert key in options, f"{path.name}: {section}.{key} is not an accelerate option"
+    expected = {"ddp": "MULTI_GPU", "qlora": "MULTI_GPU", "fsdp2": "FSDP", "qlora-fsdp2": "FSDP"}
+    assert config.distributed_type.value == expected.get(path.stem, "DEEPSPEED")
+    if config.fsdp_config:
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_every_scale_out_config_is_there():
+    names = {p.stem for p in CONFIGS}
+    assert names == {"ddp", "fsdp2", "deepspeed-zero2", "deepspeed-zero3", "qlora", "qlora-fsdp2"}
