@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from helpers import ROOT, TINY_CONFIG, adapter_file, committed, crma_cmd, crma_env, kill_harness
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 TOLERANCE = 1e-4
@@ -236,3 +237,40 @@ def test_accelerate_config_loads_and_names_only_launch_options(path):
 def test_every_scale_out_config_is_there():
     names = {p.stem for p in CONFIGS}
     assert names == {"ddp", "fsdp2", "deepspeed-zero2", "deepspeed-zero3", "qlora", "qlora-fsdp2"}
+
+
+def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_made_it(tmp_path):
+    """Each process's share of the domain is counted in the checkpoint: a checkpoint made by
+    two processes restarts the domain in one (and the other way round)."""
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+    from tiny import tiny_model, tiny_tokenizer
+
+    from crma.engine import Engine, LoraSettings
+    from crma.methods import Task, make_method
+    from crma.train import CHECKPOINT_FILE, TrainConfig, Trainer
+
+    data = [{"input_ids": list(range(5, 15)), "labels": list(range(5, 15))}] * 8
+    engine = Engine(tiny_model(), tiny_tokenizer(), LoraSettings(r=2), backbone=None)
+    trainer = Trainer(
+        engine,
+        make_method("naive"),
+        TrainConfig(batch_size=4, max_steps=2),
+        Accelerator(cpu=True),
+        {},
+    )
+    task, ckpt, metrics = Task(0, "alpha", 0), tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    trainer.train_task(task, data, ckpt, metrics, resume_key="k")  # leaves its step-2 checkpoint
+    restored = []
+    trainer._restore = lambda *args: restored.append(1) or 2
+    trainer.train_task(task, data, ckpt, metrics, resume_key="k")
+    assert restored == [1], "same processes: resumed"
+    tensors = load_file(ckpt / CHECKPOINT_FILE)
+    with safe_open(str(ckpt / CHECKPOINT_FILE), "pt") as fh:
+        state = json.loads(fh.metadata()["state"])
+    save_file(
+        tensors, str(ckpt / CHECKPOINT_FILE), {"state": json.dumps({**state, "world_size": 2})}
+    )
+    trainer.train_task(task, data, ckpt, metrics, resume_key="k")
+    assert restored == [1], "made by two processes: restarted"
+    assert len(metrics.read_text().splitlines()) == 2

@@ -353,6 +353,9 @@ class ProtocolRun:
             if acc.is_main_process:
                 self._reuse(spec, seed, len(domains), cache)
             acc.wait_for_everyone()
+            if not acc.is_main_process and self.cache_path.is_file():
+                # the main process's cache: every process must skip the same evaluations
+                cache.update(json.loads(self.cache_path.read_text()))
             self._run_one(spec, seed, domains, base_id, acc, cache, clock)
         report = None
         if acc.is_main_process:

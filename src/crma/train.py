@@ -318,6 +318,7 @@ class Trainer:
             "metrics_start": ckpt.metrics_start,
             "last_loss": ckpt.last_loss,
             "shares": ckpt.shares,
+            "world_size": self.accelerator.num_processes,
         }
         ckpt.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(ckpt.file) as tmp:
@@ -334,7 +335,9 @@ class Trainer:
         """
         state = ckpt.state()
         if state is not None and state.get("generation") == ckpt.generation:
-            resume = state.get("resume_key") == ckpt.resume_key
+            # Another number of processes restarts the domain (the shares would not add up).
+            world = state.get("world_size", 1) == self.accelerator.num_processes
+            resume = state.get("resume_key") == ckpt.resume_key and world
             self._cut_metrics(ckpt.metrics, state["metrics_bytes" if resume else "metrics_start"])
             if resume:
                 ckpt.metrics_start, ckpt.last_loss = state["metrics_start"], state["last_loss"]
