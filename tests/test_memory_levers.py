@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from tiny import tiny_model, tiny_tokenizer
 
-from crma.adapter import CRMAConfig, attach_crma
+from crma.backbone import CRMAConfig, attach_crma
 from crma.engine import Engine, LoraSettings
 from crma.methods import Task, make_method
 from crma.train import TrainConfig, Trainer

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from crma.adapter import CRMAConfig
+from crma.backbone import CRMAConfig
 from crma.continual import ContinualModel, StackSpec
 from crma.distributed import make_accelerator, refuse_unsupported
 from crma.engine import LoraSettings
