@@ -10,7 +10,7 @@ import yaml
 
 from crma.backbone import CRMAConfig
 from crma.continual import ContinualModel, StackSpec
-from crma.distributed import make_accelerator, refuse_unsupported
+from crma.distributed import make_accelerator
 from crma.engine import LoraSettings
 from crma.errors import UserError
 from crma.methods import METHODS, make_method
@@ -122,9 +122,8 @@ def run(args: argparse.Namespace) -> None:
 
     domains = parse_domains(args.domain)
     options = parse_options(args.option)
-    quantization_config(
-        args.load_in, args.base, f"--load-in-{args.load_in}"
-    )  # this machine can load it, before any work
+    # Refused now, before any work, if this machine cannot load the base that way.
+    quantization_config(args.load_in, args.base, f"--load-in-{args.load_in}")
     method = args.method or "crma"
     make_method(method, options, f"--method {method}")  # a typo fails before any work
     spec = StackSpec(
@@ -157,7 +156,6 @@ def run(args: argparse.Namespace) -> None:
             )
     check_distinct(cm.stack.domains + [n for n in todo if n not in cm.stack.domains], "--domain")
     acc = make_accelerator(mixed_precision(train_cfg.precision))
-    refuse_unsupported(cm.method, acc)
     cm.tidy(acc)
     if done and acc.is_main_process:
         print(f"{', '.join(sorted(done))}: already trained on this data with these settings")
