@@ -29,13 +29,16 @@ def make_accelerator(mixed_precision: str):
     """The accelerator of a training command, distributed when a launcher started it.
 
     accelerate takes torchrun's WORLD_SIZE on a machine without GPUs only when told `cpu`:
-    otherwise every process believes it is rank 0 of 1 and all of them write.
+    otherwise every process believes it is rank 0 of 1 and all of them write. One process
+    keeps accelerate's own choice of device.
     """
     from accelerate import Accelerator
 
-    if "LOCAL_RANK" in os.environ:
+    launched = "LOCAL_RANK" in os.environ
+    if launched:
         _die_with_launcher()
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    cpu = launched and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def _die_with_launcher() -> None:
