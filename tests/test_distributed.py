@@ -39,7 +39,7 @@ DOMAINS = ["alpha", "beta", "gamma"]
 STEPS = 8
 
 
-def torchrun(*args: str) -> list[str]:
+def torchrun() -> list[str]:
     """Two local processes; --standalone picks a free rendezvous port (tests run side by side)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

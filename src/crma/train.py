@@ -200,6 +200,8 @@ class Trainer:
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 self._save_checkpoint(ckpt, task, step + 1, named, optimizer, zclip)
         bar.close()
+        if acc.num_processes > 1:  # this domain's DDP wrapper goes, and its gradient hooks
+            acc.free_memory(model)
         if cfg.gradient_checkpointing:
             engine.base.activation_checkpointing_disable()
         if writer is not None:
