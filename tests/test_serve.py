@@ -94,9 +94,13 @@ def test_auto_routes_a_named_domain_does_not(client):
     info = routed.model_extra["crma"]
     assert info["domain"] == "money" and info["requested"] == "auto"
     assert 0.5 < info["confidence"] <= 1
+    scores = info["scores"]  # the router's probability of every domain; the answer's is largest
+    assert list(scores) == DOMAINS and sum(scores.values()) == pytest.approx(1.0)
+    assert scores["money"] == pytest.approx(info["confidence"]) == max(scores.values())
     assert float(raw.headers["x-crma-confidence"]) == pytest.approx(info["confidence"], abs=1e-4)
     named = chat(client, "code", texts("money", 1, 3)[0], max_tokens=4)
     assert named.model == "code" and named.model_extra["crma"]["confidence"] is None
+    assert named.model_extra["crma"]["scores"] is None
     assert chat(client, "base", "hello", max_tokens=2).model == "base"
     # The adapters differ, so answering through another domain changes the text.
     answers = {

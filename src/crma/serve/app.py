@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 
 from crma.generate import load_stack
 from crma.route import RouteSettings
-from crma.serve import fine_tuning, generation
+from crma.serve import dashboard, fine_tuning, generation
 from crma.serve.batcher import Batcher
 from crma.serve.config import ServeSettings
 from crma.serve.errors import APIError
@@ -119,6 +119,7 @@ def create_app(server: Server) -> FastAPI:
     generation.add_routes(app, server)
     fine_tuning.add_file_routes(app, server)
     fine_tuning.add_job_routes(app, server)
+    dashboard.add_routes(app, server)
     return app
 
 

@@ -31,7 +31,7 @@ from crma.serve.config import ServeSettings
 from crma.serve.errors import APIError
 from crma.serve.kv import merge, select
 from crma.serve.sampling import Sampling, generator, holdback, sample
-from crma.serve.snapshot import BASE_MODEL, Snapshot
+from crma.serve.snapshot import BASE_MODEL, Routed, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class Request:
     """One API request: its prompt, what answers it, and where its events go.
 
-    Events, in order: ("routed", model, domain, confidence), then per choice ("delta", index,
+    Events, in order: ("routed", model, Routed), then per choice ("delta", index,
     text) and ("done", index, finish_reason, completion_tokens, text); or ("error", APIError).
     """
 
@@ -191,9 +191,9 @@ class Batcher:
             for request in requests:
                 request.emit(("error", APIError(500, f"routing failed: {exc}")))
             return
-        for request, (domain, confidence) in zip(requests, routes):
+        for request, routed in zip(requests, routes):
             try:
-                self._prefill(snap, request, domain, confidence)
+                self._prefill(snap, request, routed)
             except APIError as exc:
                 request.emit(("error", exc))
             except Exception as exc:
@@ -201,20 +201,16 @@ class Batcher:
                 request.emit(("error", APIError(500, f"prefill failed: {exc}")))
 
     @staticmethod
-    def _route(snap: Snapshot, requests: list[Request]) -> list[tuple[str | None, float | None]]:
-        routes: list[tuple[str | None, float | None]] = [
-            (None if r.model == BASE_MODEL else r.model, None) for r in requests
-        ]
+    def _route(snap: Snapshot, requests: list[Request]) -> list[Routed]:
+        routes = [Routed(None if r.model == BASE_MODEL else r.model) for r in requests]
         auto = [i for i, r in enumerate(requests) if r.model == AUTO]
         if auto:
-            chosen = snap.model.resolve([requests[i].route_text for i in auto], AUTO)
+            chosen = snap.route([requests[i].route_text for i in auto])
             for i, route in zip(auto, chosen):
                 routes[i] = route
         return routes
 
-    def _prefill(
-        self, snap: Snapshot, request: Request, domain: str | None, confidence: float | None
-    ) -> None:
+    def _prefill(self, snap: Snapshot, request: Request, routed: Routed) -> None:
         ids = snap.model.encode(request.prompt, request.chat)
         room = snap.max_context - len(ids)
         if room < 1:
@@ -234,8 +230,9 @@ class Batcher:
                 "context_length_exceeded",
             )
         request.prompt_tokens = len(ids)
+        domain = routed.domain
         adapters = snap.adapters(snap.domains[-1] if domain == SHARED else domain)
-        request.emit(("routed", _model_name(domain), domain, confidence))
+        request.emit(("routed", _model_name(domain), routed))
         cache = DynamicCache(config=snap.engine.base.config)
         position = torch.arange(len(ids)).unsqueeze(0)
         logits = self._forward(snap, torch.tensor([ids]), None, position, cache, [adapters])

@@ -100,8 +100,14 @@ class _Call:
         return event
 
     async def routed(self) -> None:
-        _, self.name, domain, confidence = await self._next()
-        self.info = {"domain": self.name, "confidence": confidence, "requested": self.body.model}
+        _, self.name, routed = await self._next()
+        confidence = routed.confidence
+        self.info = {
+            "domain": self.name,
+            "confidence": confidence,
+            "requested": self.body.model,
+            "scores": routed.scores,  # the router's probability per domain ('auto' only)
+        }
         self.headers = {"x-crma-domain": self.name}
         if confidence is not None:
             self.headers["x-crma-confidence"] = f"{confidence:.4f}"

@@ -11,9 +11,11 @@ from crma.serve.errors import APIError
 if TYPE_CHECKING:
     from crma.serve.app import Server
 
+GUARDED = ("/v1", "/ui/")  # the OpenAI API and the dashboard's data; `/` and /static are open
+
 
 class Guard:
-    """ASGI middleware: the key and the body size."""
+    """ASGI middleware: the key (on /v1 and the dashboard's /ui/ data) and the body size."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
@@ -24,7 +26,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if scope["path"].startswith("/v1") and self.expected is not None:
+        if scope["path"].startswith(GUARDED) and self.expected is not None:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 return await send_error(

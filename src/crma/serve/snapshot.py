@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -10,6 +13,16 @@ from crma.generate import AUTO, StackModel, adapter_names
 from crma.serve.config import ServeSettings
 
 BASE_MODEL = "base"  # the model name of "no domain adapter" (base + CRMA backbone)
+
+
+@dataclass
+class Routed:
+    """Which domain answers a request; for `auto`, the router's confidence and its probability
+    for every domain (the softmax the confidence is the largest of)."""
+
+    domain: str | None
+    confidence: float | None = None
+    scores: dict[str, float] | None = None
 
 
 class Snapshot:
@@ -45,6 +58,18 @@ class Snapshot:
 
     def adapters(self, domain: str | None) -> str | list[str] | None:
         return self.model.adapters(domain)
+
+    def route(self, texts: list[str]) -> list[Routed]:
+        """Where `auto` sends each text (as StackModel.resolve), with every domain's score."""
+        model = self.model
+        if not (self.domains and model.cm.method.needs_task_id):
+            return [Routed(d, c) for d, c in model.resolve(texts, AUTO)]
+        out = []
+        for route in model.route(texts):
+            raw = torch.tensor(list(route.scores.values()), dtype=torch.float64)
+            probs = torch.softmax(raw / model.router.temperature, dim=0).tolist()
+            out.append(Routed(route.domain, route.confidence, dict(zip(route.scores, probs))))
+        return out
 
     def warm_up(self) -> None:
         """Fit the router now (it is fitted lazily), so the first routed request does not wait."""
