@@ -200,6 +200,19 @@ BAD = [
     ("get", "/v1/fine_tuning/jobs/ftjob-nope/events", {}, 404),
     ("post", "/v1/fine_tuning/jobs/ftjob-nope/cancel", {}, 404),
     ("get", "/v1/fine_tuning/jobs?limit=0", {}, 400),
+    # the dashboard's pages and data
+    ("get", "/nothing.html", {}, 404),
+    ("get", "/static/nope.js", {}, 404),
+    ("get", "/static/..%2F__init__.py", {}, 404),
+    ("get", "/ui/nothing", {}, 404),
+    ("post", "/ui/stack", {}, 405),
+    ("get", "/ui/jobs/ftjob-nope", {}, 404),
+    ("get", "/ui/jobs/..%2F..%2Fmanifest.json", {}, 404),
+    ("get", "/ui/jobs/ftjob-nope/series", {}, 404),
+    ("get", "/ui/jobs/ftjob-nope/series?after=-1", {}, 400),
+    ("get", "/ui/jobs/ftjob-nope/series?after=x", {}, 400),
+    ("get", "/ui/plots/loss_matrix.png", {}, 404),
+    ("get", "/ui/plots/..%2Fmanifest.json", {}, 404),
 ]  # fmt: skip
 
 
