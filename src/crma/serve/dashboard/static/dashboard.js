@@ -108,7 +108,7 @@ function followJob(el) {
     for (const chart of el.querySelectorAll(".chart[data-series]")) {
       const names = chart.dataset.series.split(" ");
       const lines = names.map((name) => ({ name: name.replaceAll("_", " "), y: data[name] }));
-      lineChart(chart, data.steps, lines, "step", names.some((n) => n.startsWith("grad") || n === "m_dev"));
+      lineChart(chart, data.steps, lines, "step", names[0] === "grad_norm");
     }
     updateProgress(series);
     const active = ["validating_files", "queued", "running"].includes(series.status);
@@ -153,7 +153,8 @@ function lineChart(el, xs, series, xlabel, log = false) {
   const [x0, x1] = [Math.min(...xs), Math.max(...xs) === Math.min(...xs) ? Math.min(...xs) + 1 : Math.max(...xs)];
   const px = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
   const py = (y) => T + (1 - (f(y) - y0) / (y1 - y0)) * (H - T - B);
-  const label = (v) => (log ? `1e${v.toFixed(1)}` : Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(2) : +v.toPrecision(5));
+  const short = (v) => (Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(2) : +v.toPrecision(5));
+  const label = (v) => short(log ? 10 ** v : v);
   let svg = `<svg viewBox="0 0 ${W} ${H}" role="img">`;
   svg += `<line class="axis" x1="${L}" y1="${H - B}" x2="${W - R}" y2="${H - B}"/><line class="axis" x1="${L}" y1="${T}" x2="${L}" y2="${H - B}"/>`;
   svg += `<text x="${L - 4}" y="${T + 8}" text-anchor="end">${label(y1)}</text><text x="${L - 4}" y="${H - B}" text-anchor="end">${label(y0)}</text>`;
@@ -162,7 +163,8 @@ function lineChart(el, xs, series, xlabel, log = false) {
   series.forEach((s, i) => {
     const pts = xs.map((x, j) => (s.y[j] == null ? null : `${px(x).toFixed(1)},${py(s.y[j]).toFixed(1)}`)).filter(Boolean);
     const color = COLORS[i % COLORS.length];
-    svg += `<polyline fill="none" stroke="${color}" stroke-width="1.5" points="${pts.join(" ")}"/>`;
+    const dash = i > 0 ? ' stroke-dasharray="4 3"' : "";
+    svg += `<polyline fill="none" stroke="${color}" stroke-width="1.5"${dash} points="${pts.join(" ")}"/>`;
     if (series.length > 1) svg += `<text x="${W - R}" y="${T + 10 + 12 * i}" text-anchor="end" fill="${color}">${s.name}</text>`;
   });
   const last = series[0].y[series[0].y.length - 1];
