@@ -26,6 +26,17 @@ def run_stack(tmp_path_factory):
     (unit / "loss_matrix.json").write_text(
         json.dumps({"domains": DOMAINS, "seed": 0, "method": "crma", "loss_matrix": MATRIX})
     )
+    qa = {
+        "method": "crma",
+        "domains": DOMAINS,
+        "conditions": ["base", "oracle"],
+        "results": {
+            c: {d: {"probes": {"accuracy": a, "ci95": [a - 0.1, a + 0.05]}} for d in DOMAINS}
+            for c, a in (("base", 0.25), ("oracle", 0.5))
+        },
+    }
+    (unit / "stack" / "eval").mkdir()
+    (unit / "stack" / "eval" / "qa.json").write_text(json.dumps(qa))  # as `crma eval` writes it
     return unit / "stack", cm
 
 
@@ -83,6 +94,9 @@ def test_forgetting_view_shows_the_matrix_and_hand_computed_drift(http):
     # drift of medic: loss after the last stage vs just after learning it, 100·(2.5−2.0)/2.0
     assert "+25.00%" in text_of(html)
     assert "after money" in html and "before training" in html
+    qa = text_of(html[html.index('id="qa"') :])
+    assert "medic probes money probes" in qa
+    assert "base 25.0 [15.0, 30.0] 25.0 [15.0, 30.0] oracle 50.0 [40.0, 55.0]" in qa
 
 
 def test_job_series_and_progress_follow_the_store(http):

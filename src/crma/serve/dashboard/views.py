@@ -144,26 +144,32 @@ def run_of(stack: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def forgetting_view(server: Server) -> dict[str, Any] | None:
-    """This stack's loss matrix and per-domain drift, and the run report's figures."""
+def forgetting_view(server: Server) -> dict[str, Any]:
+    """The loss matrix and drift where `crma run` built the stack; QA accuracy where it was
+    evaluated (`crma eval`, or the run's eval.qa)."""
     found = run_of(server.stack)
-    if found is None:
-        return None
-    unit, run_dir = found
+    qa = [server.stack / "eval" / "qa.json", *([found[0] / "qa.json"] if found else [])]
+    qa_file = next((p for p in qa if p.is_file()), None)
+    return {
+        "matrix": loss_matrix_view(*found) if found else None,
+        "qa": qa_view(json.loads(qa_file.read_text())) if qa_file else None,
+    }
+
+
+def loss_matrix_view(unit: Path, run_dir: Path) -> dict[str, Any]:
+    """This stack's loss matrix and per-domain drift, and the run report's figures."""
     data = json.loads((unit / "loss_matrix.json").read_text())
     domains, L = data["domains"], data["loss_matrix"]
     complete = len(L) == len(domains) + 1 and None not in L[-1]
     drift = drift_per_domain(L, domains) if complete and len(domains) > 1 else {}
     cells = [v for row in L for v in row if v is not None]
-    plots = [p for p in REPORT_PLOTS if (run_dir / "plots" / p).is_file()]
     report = run_dir / "report.json"
-    method = data.get("method")
     summary = None
     if report.is_file():
         summary = json.loads(report.read_text())["methods"].get(unit.parent.name)
     return {
         "run": run_dir.name,
-        "method": method,
+        "method": data.get("method"),
         "seed": data.get("seed"),
         "domains": domains,
         "rows": ["before training", *(f"after {d}" for d in domains[: len(L) - 1])],
@@ -173,8 +179,20 @@ def forgetting_view(server: Server) -> dict[str, Any] | None:
         "drift": drift,
         "drift_mean": sum(drift.values()) / len(drift) if drift else None,
         "method_summary": summary,
-        "plots": plots,
+        "plots": [p for p in REPORT_PLOTS if (run_dir / "plots" / p).is_file()],
     }
+
+
+def qa_view(result: dict[str, Any]) -> dict[str, Any]:
+    """QA accuracy per condition (rows) and domain × item kind (columns), as `crma eval`'s
+    qa.md tabulates it."""
+    oracle = result["results"]["oracle"]
+    columns = [(d, k) for d in result["domains"] for k in oracle.get(d, {})]
+    rows = [
+        (c, [result["results"][c].get(d, {}).get(k) for d, k in columns])
+        for c in result["conditions"]
+    ]
+    return {"method": result.get("method"), "columns": columns, "rows": rows}
 
 
 def report_plot(server: Server, name: str) -> Path | None:
