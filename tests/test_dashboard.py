@@ -12,6 +12,7 @@ from serving import JOB_TRAIN, KEY, app_client
 from stacks import build_stack, texts
 
 from crma.serve.app import Server
+from crma.serve.dashboard import render
 
 DOMAINS = ["medic", "money"]
 # A hand-made loss matrix: rows before training, after medic, after money.
@@ -56,6 +57,8 @@ def test_the_page_is_open_its_data_needs_the_key(http):
     for view in ("stack", "jobs", "try", "forgetting"):
         assert f'href="#{view}"' in page.text
     assert http.get("/static/dashboard.js", headers={"Authorization": ""}).status_code == 200
+    assert 'id="login"' in page.text
+    assert 'id="login"' not in render("page.html", needs_key=False).body.decode()  # no key: none
     for path in ("/ui/stack", "/ui/jobs", "/ui/forgetting", "/ui/jobs/ftjob-x/series"):
         refused = http.get(path, headers={"Authorization": "Bearer wrong"})
         assert refused.status_code == 401, path

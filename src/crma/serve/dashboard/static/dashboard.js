@@ -220,14 +220,17 @@ function showAnswer(answer) {
 
 // -- start ------------------------------------------------------------------------------------------
 document.addEventListener("DOMContentLoaded", () => {
-  const field = document.getElementById("key");
-  field.value = sessionStorage.getItem(KEY) || "";
-  document.getElementById("login").addEventListener("submit", (event) => {
-    event.preventDefault();
-    if (field.value) sessionStorage.setItem(KEY, field.value);
-    else sessionStorage.removeItem(KEY);
-    route();
-  });
+  const login = document.getElementById("login"); // only where the server has a key
+  if (login) {
+    const field = document.getElementById("key");
+    field.value = sessionStorage.getItem(KEY) || "";
+    login.addEventListener("submit", (event) => {
+      event.preventDefault();
+      if (field.value) sessionStorage.setItem(KEY, field.value);
+      else sessionStorage.removeItem(KEY);
+      route();
+    });
+  }
   document.getElementById("try-form").addEventListener("submit", ask);
   window.addEventListener("hashchange", route);
   route();
