@@ -14,6 +14,8 @@
     jobs.py      the job scheduler (one worker process at a time) and its metrics tail
     worker.py    the worker process: trains one domain through ContinualModel.add_domain
     metrics.py   Prometheus metrics
+    dashboard/   the web page at `/`: server-rendered views (templates/), a small script and
+                 styles (static/), their data (views.py) behind the key under /ui/
 
 It sits on top of crma: it uses load_stack/StackModel, Router and ContinualModel, the same
 public objects the CLI uses; nothing below imports it.

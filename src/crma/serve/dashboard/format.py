@@ -8,14 +8,15 @@ import time
 VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 
 
-def number(value: float | None, digits: int = 4) -> str:
+def number(value: float | None) -> str:
+    """Four decimals, or four significant digits for the very small and the large."""
     if value is None:
         return "–"
-    return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}"
+    return f"{value:.4g}" if value and not 1e-3 <= abs(value) < 1e4 else f"{value:.4f}"
 
 
-def percent(value: float | None, digits: int = 1) -> str:
-    return "–" if value is None else f"{100 * value:.{digits}f}%"
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
 
 
 def duration(seconds: float | None) -> str:
