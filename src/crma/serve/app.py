@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 
 from crma.generate import load_stack
-from crma.route import RouteSettings
+from crma.routing.router import RouteSettings
 from crma.serve import dashboard, fine_tuning, generation
 from crma.serve.batcher import Batcher
 from crma.serve.config import ServeSettings

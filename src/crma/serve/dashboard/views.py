@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from crma.batching import steps_for
-from crma.report import drift_per_domain
+from crma.report.metrics import drift_per_domain
 from crma.serve.store import ACTIVE
 
 if TYPE_CHECKING:
