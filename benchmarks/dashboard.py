@@ -76,7 +76,7 @@ def exam_rows(n: int) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in out).encode()
 
 
-def start_job(api: httpx2.Client, rows: int, epochs: int, batch: int) -> str:
+def start_job(api: httpx2.Client, rows: int, epochs: int) -> str:
     upload = api.post(
         "/v1/files", files={"file": ("exam.jsonl", exam_rows(rows))}, data={"purpose": "fine-tune"}
     )
@@ -84,7 +84,7 @@ def start_job(api: httpx2.Client, rows: int, epochs: int, batch: int) -> str:
     job = api.post(
         "/v1/fine_tuning/jobs",
         json={"model": "auto", "training_file": upload.json()["id"], "suffix": "exam",
-              "hyperparameters": {"n_epochs": epochs, "batch_size": batch}, "seed": 0},
+              "hyperparameters": {"n_epochs": epochs, "batch_size": 8}, "seed": 0},
     )  # fmt: skip
     job.raise_for_status()
     return job.json()["id"]
@@ -173,7 +173,6 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=48, help="passages per domain")
     parser.add_argument("--job-rows", type=int, default=200)
     parser.add_argument("--job-epochs", type=int, default=2)
-    parser.add_argument("--job-batch", type=int, default=4)
     parser.add_argument("--job-steps", type=int, default=8, help="steps before measuring")
     parser.add_argument("--loads", type=int, default=10, help="cold loads per view")
     parser.add_argument("--shot", type=Path, default=ROOT / "docs" / "img" / "dashboard.png")
@@ -192,15 +191,13 @@ def main() -> None:
     shutil.copytree(stack.parents[2] / "plots", unit.parents[1] / "plots")
     port = free_port()
     serve = [sys.executable, "-m", "crma", "serve", str(live), "--port", str(port)]
-    # The job trains beside the server at the same priority (this whole command is niced):
-    # the loads are timed while the worker competes for the CPU.
-    serve += ["--api-key", KEY, "--train-max-length", "128", "--job-nice", "0"]
+    serve += ["--api-key", KEY]
     with process(serve, port, args.work / "serve.log", "/health") as url:
         api = httpx2.Client(base_url=url, headers=HEADERS, timeout=300)
         for _, prompt in prompts(DOMAINS, 2, 200):  # routed shares on the Stack view
             body = {"model": "auto", "messages": [{"role": "user", "content": prompt}]}
             api.post("/v1/chat/completions", json={**body, "max_tokens": 4}).raise_for_status()
-        job_id = start_job(api, args.job_rows, args.job_epochs, args.job_batch)
+        job_id = start_job(api, args.job_rows, args.job_epochs)
         wait_steps(api, job_id, args.job_steps, timeout=1800)
         series = api.get(f"/ui/jobs/{job_id}/series").json()
         with sync_playwright() as p:
