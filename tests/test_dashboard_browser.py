@@ -21,6 +21,7 @@ from stacks import build_stack, texts
 DOMAINS = ["medic", "money"]
 MATRIX = [[4.0, 5.0], [2.0, 4.5], [2.5, 3.0]]
 SHOTS = ROOT / "test-screenshots" / "dashboard"
+pytestmark = pytest.mark.integration  # a real `crma serve` process and a browser
 CHROMIUM = os.environ.get("CRMA_CHROMIUM") or shutil.which("chromium")
 REQUIRED = os.environ.get("CRMA_REQUIRE_BROWSER") == "1"
 
