@@ -104,6 +104,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("method", DATA_PARALLEL)
+@pytest.mark.integration
 def test_two_processes_match_one(runs, method):
     one, two = runs
     for run, world in ((one, 1), (two, 2)):
@@ -132,6 +133,7 @@ def test_two_processes_match_one(runs, method):
         assert backbones[1]["write_weights"].abs().max() > 1e-4, "the backbone trained"
 
 
+@pytest.mark.integration
 def test_a_method_that_cannot_run_distributed_refuses(tmp_path):
     proc = subprocess.run(
         [
@@ -153,6 +155,7 @@ def test_a_method_that_cannot_run_distributed_refuses(tmp_path):
     assert not (tmp_path / "o" / "lwf").exists()
 
 
+@pytest.mark.integration
 def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path):
     """SIGKILL the launcher only: its workers die with it (no orphan keeps the lock), and
     the rerun resumes from the last checkpoint to the uninterrupted run's files."""
@@ -175,6 +178,7 @@ def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path):
     assert kill_harness().differences(unit(runs[1], "crma"), unit(out, "crma")) == []
 
 
+@pytest.mark.integration
 def test_crma_train_on_two_processes_matches_one(tmp_path):
     train = [
         "train",
