@@ -1,6 +1,6 @@
 """Data-parallel training on several processes, through accelerate (DESIGN §7).
 
-crma has no distributed layer of its own. `torchrun --nproc_per_node N -m crma train|run ...`
+crma has no distributed layer of its own. `torchrun --standalone --nproc_per_node N -m crma run|train`
 starts N processes (gloo on CPUs, NCCL on GPUs); on GPUs `accelerate launch --config_file
 configs/accelerate/ddp.yaml -m crma ...` does the same. (`accelerate launch --cpu
 --num_processes N` starts ONE process: without an MPI hostfile accelerate's CPU launch is its
