@@ -250,9 +250,10 @@ def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_made_it(tmp
     from safetensors.torch import save_file
     from tiny import tiny_model, tiny_tokenizer
 
+    from crma.checkpoint import CHECKPOINT_FILE
     from crma.engine import Engine, LoraSettings
     from crma.methods import Task, make_method
-    from crma.train import CHECKPOINT_FILE, TrainConfig, Trainer
+    from crma.train import TrainConfig, Trainer
 
     data = [{"input_ids": list(range(5, 15)), "labels": list(range(5, 15))}] * 8
     engine = Engine(tiny_model(), tiny_tokenizer(), LoraSettings(r=2), backbone=None)

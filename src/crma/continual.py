@@ -21,6 +21,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from crma.backbone import CRMAConfig, attach_crma, check_fits
+from crma.checkpoint import checkpoint_state
 from crma.engine import Engine, LoraSettings, check_targets
 from crma.errors import UserError, first_line
 from crma.lock import WriterLock, check_free
@@ -35,7 +36,7 @@ from crma.stack import (
     Commit,
     Stack,
 )
-from crma.train import TrainConfig, Trainer, checkpoint_state, result_settings
+from crma.train import TrainConfig, Trainer, result_settings
 
 log = logging.getLogger(__name__)
 _OPEN_ATTEMPTS = 3  # a commit deleting files mid-load sends a reader back to the manifest

@@ -15,16 +15,16 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from crma.batching import batch_order, collate, shard, steps_for
+from crma.checkpoint import Checkpoint, file_size
 from crma.distributed import gather_rows, label_tokens, refuse_unsupported
 from crma.engine import Engine
 from crma.errors import UserError
@@ -32,8 +32,6 @@ from crma.fileio import atomic_path
 from crma.methods.base import Example, Method, Task, params_of
 from crma.settings import SettingError, Settings, setting
 from crma.zclip import ZClip
-
-CHECKPOINT_FILE = "state.safetensors"
 
 
 @dataclass
@@ -153,7 +151,7 @@ class Trainer:
         torch.manual_seed(task.rng_seed("dropout"))
 
         named = {n: p for n, p in engine.model.named_parameters() if p.requires_grad}
-        ckpt = _Checkpoint(checkpoint_dir, metrics_path, resume_key, generation)
+        ckpt = Checkpoint(checkpoint_dir, metrics_path, resume_key, generation)
         start = self._resume(ckpt, named, optimizer, zclip)
         if start == 0:  # marks where this task's metrics begin, for a resume before step 1
             self._save_checkpoint(ckpt, task, 0, named, optimizer, zclip)
@@ -296,7 +294,7 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _save_checkpoint(
-        self, ckpt: _Checkpoint, task: Task, step: int, named, optimizer, zclip
+        self, ckpt: Checkpoint, task: Task, step: int, named, optimizer, zclip
     ) -> None:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
@@ -320,7 +318,7 @@ class Trainer:
             "generation": ckpt.generation,
             "optimizer_groups": opt_state["param_groups"],
             "zclip": zclip.state_dict() if zclip else None,
-            "metrics_bytes": _size(ckpt.metrics),
+            "metrics_bytes": file_size(ckpt.metrics),
             "metrics_start": ckpt.metrics_start,
             "last_loss": ckpt.last_loss,
             "shares": ckpt.shares,
@@ -330,7 +328,7 @@ class Trainer:
         with atomic_path(ckpt.file) as tmp:
             save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
 
-    def _resume(self, ckpt: _Checkpoint, named, optimizer, zclip) -> int:
+    def _resume(self, ckpt: Checkpoint, named, optimizer, zclip) -> int:
         """Restore the checkpoint if it is this task's; return the step to continue from.
 
         A checkpoint made on this stack generation did not commit (killed, or stopped by an
@@ -349,7 +347,7 @@ class Trainer:
                 ckpt.metrics_start, ckpt.last_loss = state["metrics_start"], state["last_loss"]
                 ckpt.shares = state.get("shares", [])
                 return self._restore(ckpt, state, named, optimizer, zclip)
-        ckpt.metrics_start = _size(ckpt.metrics)
+        ckpt.metrics_start = file_size(ckpt.metrics)
         return 0
 
     def _cut_metrics(self, path: Path, size: int) -> None:
@@ -357,7 +355,7 @@ class Trainer:
             with open(path, "r+b") as fh:
                 fh.truncate(size)
 
-    def _restore(self, ckpt: _Checkpoint, state: dict[str, Any], named, optimizer, zclip) -> int:
+    def _restore(self, ckpt: Checkpoint, state: dict[str, Any], named, optimizer, zclip) -> int:
         tensors = load_file(str(ckpt.file))
         with torch.no_grad():
             for name, param in named.items():
@@ -379,51 +377,7 @@ class Trainer:
         return state["step"]
 
 
-@dataclass
-class _Checkpoint:
-    """Where a task's checkpoint lives and what may resume it."""
-
-    directory: Path
-    metrics: Path
-    resume_key: str
-    generation: int
-    metrics_start: int = 0  # the metrics file's size when this task began
-    last_loss: float | None = None  # the last step's loss (None before step 1)
-    shares: list[list[int]] = field(default_factory=list)  # per process: examples, tokens
-
-    def add_shares(self, step: list[list[int]]) -> None:
-        self.shares = [
-            [a + b for a, b in zip(mine, new, strict=True)]
-            for mine, new in zip(self.shares or [[0, 0]] * len(step), step, strict=True)
-        ]
-
-    @property
-    def file(self) -> Path:
-        return self.directory / CHECKPOINT_FILE
-
-    def state(self) -> dict[str, Any] | None:
-        return checkpoint_state(self.directory)
-
-    def last_step(self) -> int:
-        state = self.state()
-        return state["step"] if state and state.get("resume_key") == self.resume_key else 0
-
-
-def checkpoint_state(directory: Path) -> dict[str, Any] | None:
-    """A checkpoint's step, keys, generation and offsets; None if there is none (or it is
-    unreadable: one from an older crma, or damaged)."""
-    try:
-        with safe_open(str(directory / CHECKPOINT_FILE), framework="pt") as fh:
-            return json.loads(fh.metadata()["state"])
-    except Exception:  # missing, damaged or older layout: start the task afresh
-        return None
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
-
-
-def _stop_unless_finite(task: Task, step: int, ckpt: _Checkpoint, finite: dict[str, bool]) -> None:
+def _stop_unless_finite(task: Task, step: int, ckpt: Checkpoint, finite: dict[str, bool]) -> None:
     """A UserError naming the domain and step when a loss, gradient or weight is NaN/infinite:
     the step is not taken, nothing is committed, the last checkpoint stays."""
     for what, ok in finite.items():
