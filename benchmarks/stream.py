@@ -11,6 +11,7 @@ once with the frozen embedded base at the router's layer (cached under CRMA_HOME
 from __future__ import annotations
 
 import argparse
+import random
 import re
 import time
 
@@ -71,6 +72,58 @@ def cached_embeddings(per_domain: int) -> dict[str, dict[str, torch.Tensor]]:
         half, domain = key.split("/")
         out[half][domain] = value.double()
     return out
+
+
+# -- streams ------------------------------------------------------------------------------------
+def segment_plan(rng: random.Random, domains: list[str], lengths: tuple[int, int]):
+    """Ten segments: every domain twice (new, then a revisit), never twice in a row."""
+    while True:
+        order = [d for d in domains for _ in range(2)]
+        rng.shuffle(order)
+        if all(a != b for a, b in zip(order, order[1:])):
+            return [(d, rng.randint(*lengths)) for d in order]
+
+
+def draw(rng: random.Random, pools: dict[str, int], domain_of: list[str]) -> list[tuple[str, int]]:
+    """(domain, row in its pool) per position; without repeats until a pool runs out."""
+    bags: dict[str, list[int]] = {}
+    out = []
+    for domain in domain_of:
+        if not bags.get(domain):
+            bags[domain] = rng.sample(range(pools[domain]), pools[domain])
+        out.append((domain, bags[domain].pop()))
+    return out
+
+
+def make_stream(kind: str, seed: int, pools: dict[str, int], args) -> dict:
+    """One seeded stream: `docs` [(domain, row)], `truth` segments (nominal for blended)."""
+    rng = random.Random(f"{kind}:{seed}")
+    domains = sorted(pools)
+    if kind == "stationary":
+        plan = [(rng.choice(domains), args.stationary_docs)]
+    else:
+        plan = segment_plan(rng, domains, (args.min_segment, args.max_segment))
+    truth, domain_of, start = [], [], 0
+    for domain, n in plan:
+        truth.append({"start": start, "end": start + n, "domain": domain})
+        domain_of += [domain] * n
+        start += n
+    if kind == "blended":
+        half = args.blend // 2
+        for prev, seg in zip(truth, truth[1:]):
+            b = seg["start"]
+            for i in range(b - half, b + half):
+                share = (i - (b - half) + 0.5) / args.blend  # of the incoming domain
+                domain_of[i] = seg["domain"] if rng.random() < share else prev["domain"]
+    return {"kind": kind, "seed": seed, "docs": draw(rng, pools, domain_of), "truth": truth}
+
+
+def make_streams(kind: str, seeds: range, pools: dict[str, int], args) -> list[dict]:
+    return [make_stream(kind, seed, pools, args) for seed in seeds]
+
+
+def stream_embeddings(stream: dict, emb: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.stack([emb[d][i] for d, i in stream["docs"]])
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from crma.errors import UserError
 COMMANDS = [
     "crma.cli.demo",
     "crma.cli.train",
+    "crma.cli.segment",
     "crma.cli.generate",
     "crma.cli.serve",
     "crma.cli.eval",

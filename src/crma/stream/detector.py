@@ -98,7 +98,7 @@ class Decision:
 
     index: int
     domain: str
-    novelty: float  # lowest score against any domain known when it arrived (nan: none)
+    novelty: float | None  # lowest score against the domains known when it arrived
     change: float  # CUSUM statistic after it
     decided_at: int
 
@@ -106,7 +106,7 @@ class Decision:
         return {
             "index": self.index,
             "domain": self.domain,
-            "novelty": round(self.novelty, 4),
+            "novelty": None if self.novelty is None else round(self.novelty, 4),
             "change": round(self.change, 4),
             "decided_at": self.decided_at,
         }
@@ -116,7 +116,7 @@ class Decision:
 class _Pending:
     index: int
     x: torch.Tensor
-    novelty: float
+    novelty: float | None
     change: float
     scores: dict[str, float] = field(default_factory=dict)
 
@@ -125,10 +125,17 @@ class Detector:
     """Feed embeddings one at a time with `push`; it returns the documents it has decided."""
 
     def __init__(
-        self, settings: DetectorSettings | None = None, known: dict[str, Stats] | None = None
+        self,
+        settings: DetectorSettings | None = None,
+        known: dict[str, Stats] | None = None,
+        names: list[str] | None = None,
     ):
+        """`known`: the domains known before the stream (the stack's router statistics);
+        `names`: what to call the new domains, in order (then new-1, new-2, ...)."""
         self.settings = settings or DetectorSettings()
         self.domains: dict[str, Stats] = dict(known or {})
+        self.initial = list(self.domains)
+        self.names = list(names or [])
         self.segments: list[Segment] = []
         self.current: str | None = None
         self.cusum = 0.0
@@ -167,7 +174,7 @@ class Detector:
         index, x = self.seen, x.double()
         self.seen += 1
         scores = self.scores(x)
-        novelty = min(scores.values()) if scores else float("nan")
+        novelty = min(scores.values()) if scores else None
         if self.current is not None and not self.candidate:
             step = scores.get(self.current, self.settings.cap) - self.settings.drift
             self.cusum = max(0.0, self.cusum + min(step, self.settings.cap))
@@ -182,6 +189,11 @@ class Detector:
         if len(self.pending) > self.settings.lookahead:
             return self._commit(1, index)
         return []
+
+    def run(self, embeddings: torch.Tensor) -> list[Decision]:
+        """Every document of a whole stream (N, d), in order, then `finish`."""
+        decisions = [d for x in embeddings for d in self.push(x)]
+        return decisions + self.finish()
 
     def finish(self) -> list[Decision]:
         """End of stream: decide what is pending (a candidate too short to identify is
@@ -229,8 +241,16 @@ class Detector:
             best = min(candidates, key=candidates.__getitem__)
             if candidates[best] <= self.settings.known_threshold:
                 return best, False
+        return self._new_name(), True
+
+    def _new_name(self) -> str:
         self.opened += 1
-        return f"{NEW_PREFIX}{self.opened}", True
+        if self.opened <= len(self.names):
+            return self.names[self.opened - 1]
+        k = self.opened - len(self.names)
+        while f"{NEW_PREFIX}{k}" in self.domains:  # a stack that a stream already grew
+            k += 1
+        return f"{NEW_PREFIX}{k}"
 
     def scores_of_pending(self) -> dict[str, float]:
         """Median score of the pending documents against each domain (scored afresh)."""
