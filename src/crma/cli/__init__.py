@@ -17,6 +17,7 @@ COMMANDS = [
     "crma.cli.demo",
     "crma.cli.train",
     "crma.cli.segment",
+    "crma.cli.stream",
     "crma.cli.generate",
     "crma.cli.serve",
     "crma.cli.eval",
