@@ -171,7 +171,7 @@ CASES = [
     # segment and stream
     (["segment", "{ws}/missing.jsonl"], "missing.jsonl: file not found"),
     (["segment", "{ws}/broken.jsonl"], "broken.jsonl:2: invalid JSON"),
-    (["segment", "{ws}/f.jsonl", "--cap", "9"], "--cap: expected less than threshold (8.0), got 9.0"),
+    (["segment", "{ws}/f.jsonl", "--window", "30"], "--window: expected at most lookahead (20), got 30"),
     (["segment", "{ws}/f.jsonl", "--identify-docs", "1"], "--identify-docs: expected an integer >= 2, got 1"),
     (["segment", "{ws}/f.jsonl", "--stack", "{ws}/nothing"], "nothing: not a crma stack (no manifest.json)"),
     (STREAM + ["--names", "medic"], "--names: the stack already has a domain 'medic'"),

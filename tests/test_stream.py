@@ -20,7 +20,7 @@ from crma.stream.metrics import match
 # Documents of 60 words: long enough that the random tiny model's mean-pooled states of two
 # word sets differ by more than documents of one set do. Thresholds set for this model (the
 # defaults are the embedded model's).
-DETECTOR = ["--drift", "1.0", "--cap", "2.0", "--threshold", "6.0", "--known-threshold", "1.0"]
+DETECTOR = ["--threshold", "1.0", "--known-threshold", "0.5"]
 TRAIN = ["--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--precision", "fp32"]
 PLAN = [("medic", 40), ("money", 40), ("medic", 40), ("code", 40)]
 TRUE_BOUNDARIES = [40, 80, 120]

@@ -70,6 +70,6 @@ def test_known_domains_of_a_stack_are_recognised():
     assert len(match(true, [s["start"] for s in segs[1:]], margin=10)) == 2
 
 
-def test_one_odd_document_alone_never_reaches_the_threshold():
-    with pytest.raises(Exception, match="cap: expected less than threshold"):
-        DetectorSettings(cap=5.0, threshold=4.0)
+def test_settings_that_cannot_work_are_refused():
+    with pytest.raises(Exception, match="window: expected at most lookahead"):
+        DetectorSettings(window=30, lookahead=20)

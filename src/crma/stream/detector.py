@@ -1,20 +1,21 @@
 """Online domain-boundary detection on the router's base embeddings (issue 20).
 
-Each domain is summarised as the centroid router summarises it: document count, sum and sum of
-squares of its embeddings, and every distance is measured in the router's pooled
-standardisation (per dimension, over all domains' documents). A document's score against
-domain k is log r_k, where r_k is its squared standardised distance to k's mean divided by the
-distance an own document of k is expected to have; about 0 for k's documents, large for others.
+Each domain is summarised as the centroid router summarises it: document count, sum and sum
+of squares of its embeddings (the stack's domains come straight from the stored router). A
+set of documents scores against domain k as log(D / E): D is the squared distance of their
+coordinate-wise median to k's mean in k's per-dimension standard deviations, E what D is
+expected to be for k's own documents (so about 0 for them, and growing with a shift). The
+median keeps one odd document from moving the score much.
 
-The change test is a CUSUM on the current domain's score: S ← max(0, S + min(score − drift,
-cap)), an alarm at S ≥ threshold. `cap` < `threshold`, so one odd document never alarms. The
-documents since S last left 0 are pending (not yet added to any domain); at an alarm they start
-a candidate segment, which is identified once it holds `identify_docs` documents: the known
-domain (the stack's, or one opened earlier in the stream) with the lowest median score if that
-median is at most `known_threshold`, else a new domain `new-1`, `new-2`, …. A candidate
-identified as the current domain was a false run and goes back to it. A pending document is
-decided at the latest `lookahead` documents later, so every decision waits a bounded number of
-documents (counted in the reported delay).
+The change test is a two-sample test over a sliding window (a linear-kernel MMD with a robust
+location): the last `window` documents of the current segment against the current domain,
+an alarm when their score reaches `threshold`. The boundary is then placed among the pending
+documents by the CUSUM estimate on the documents' own scores (the split after which they
+exceed `drift` the most). The documents after it form a candidate segment, named once it
+holds `identify_docs` documents: the known domain (the stack's, or one found earlier in the
+stream; not the current one) with the lowest score, if at most `known_threshold`, else a
+new domain `new-1`, `new-2`, …. A document is decided at the latest `lookahead` documents
+after it arrived; the reported delay counts every document a decision waited for.
 
 The default thresholds were set on validation streams of the embedded corpus (the validation
 half of each domain's spare pool) for a target false-alarm rate: see benchmarks/stream.py and
@@ -37,22 +38,21 @@ NEW_PREFIX = "new-"
 class DetectorSettings(Settings):
     """How the stream detector decides where a domain starts and which one it is."""
 
-    drift: float = setting(1.0, "CUSUM drift: score a document must exceed to count", ge=0)
-    cap: float = setting(3.0, "largest CUSUM step of one document (so one cannot alarm)", gt=0)
-    threshold: float = setting(8.0, "CUSUM level that signals a change", gt=0)
-    known_threshold: float = setting(
-        1.5, "median score under which a new segment is a known domain", gt=0
+    window: int = setting(9, "documents in the change test's sliding window", ge=3)
+    threshold: float = setting(1.0, "window score that signals a change", gt=0)
+    drift: float = setting(
+        0.3, "document score above which a document counts as changed (places the boundary)"
     )
-    identify_docs: int = setting(5, "documents of a new segment used to identify it", ge=2)
-    lookahead: int = setting(16, "most documents a decision may wait for (part of the delay)", ge=1)
+    known_threshold: float = setting(1.0, "score under which a new segment is a known domain", gt=0)
+    identify_docs: int = setting(9, "documents of a new segment used to identify it", ge=2)
+    lookahead: int = setting(20, "most documents a decision may wait for (part of the delay)", ge=1)
 
     def check_together(self) -> None:
-        if self.cap >= self.threshold:
-            raise SettingError("cap", self.cap, f"less than threshold ({self.threshold})")
-        if self.identify_docs > self.lookahead:
-            raise SettingError(
-                "identify_docs", self.identify_docs, f"at most lookahead ({self.lookahead})"
-            )
+        for name in ("window", "identify_docs"):
+            if getattr(self, name) > self.lookahead:
+                raise SettingError(
+                    name, getattr(self, name), f"at most lookahead ({self.lookahead})"
+                )
 
 
 @dataclass
@@ -138,57 +138,63 @@ class Detector:
         self.names = list(names or [])
         self.segments: list[Segment] = []
         self.current: str | None = None
-        self.cusum = 0.0
-        self.pending: list[_Pending] = []
-        self.candidate = False  # pending documents form a candidate segment being identified
+        self.pending: list[_Pending] = []  # documents not decided yet, oldest first
+        self.window: list[torch.Tensor] = []  # the current segment's latest documents
+        self.candidate = False  # the pending documents start a segment still to be named
         self.seen = 0
         self.opened = 0  # new domains opened so far
 
     # -- scores --------------------------------------------------------------------------------
-    def _variance(self) -> torch.Tensor:
-        """Pooled per-dimension variance over every domain's documents (as the router's)."""
-        stats = list(self.domains.values())
-        n = sum(s.count for s in stats)
-        mean = sum(s.sum for s in stats) / n
-        var = (sum(s.sumsq for s in stats) / n - mean**2).clamp(min=0)
-        return var + 1e-6 * var.mean() + 1e-12
+    def score(self, xs: torch.Tensor, domain: str) -> float:
+        """log(squared distance of the documents' coordinate-wise median to the domain's mean,
+        in the domain's standard deviations, / its expected value for the domain's own
+        documents): about 0 for them, growing with the shift. One document: its distance."""
+        s = self.domains[domain]
+        mean = s.sum / s.count
+        var = ((s.sumsq - s.count * mean**2) / (s.count - 1)).clamp(min=0)
+        var = var + 1e-6 * var.mean() + 1e-12
+        centre = xs.median(0).values if len(xs) > 1 else xs[0]
+        spread = (1.57 if len(xs) > 2 else 1.0) / len(xs)  # variance factor of the median
+        # E[1/variance estimate] = (n-1)/(n-3) / variance: few documents overstate distances
+        bias = (s.count - 1) / (s.count - 3) if s.count > 3 else 2.0
+        expected = (spread + 1 / s.count) * bias * len(mean)
+        return float(torch.log(((centre - mean) ** 2 / var).sum() / expected))
 
-    def scores(self, x: torch.Tensor) -> dict[str, float]:
-        """log(squared standardised distance to each domain's mean / its expected value)."""
-        if not self.domains:
-            return {}
-        var = self._variance()
-        out = {}
-        for name, s in self.domains.items():
-            if s.count < 2:
-                continue
-            mean = s.sum / s.count
-            own_var = ((s.sumsq - s.count * mean**2) / (s.count - 1)).clamp(min=0)
-            expected = (1 + 1 / s.count) * (own_var / var).sum()
-            out[name] = float(torch.log(((x - mean) ** 2 / var).sum() / expected))
-        return out
+    def scores(self, xs: torch.Tensor) -> dict[str, float]:
+        """`score` against every known domain (with at least two documents)."""
+        return {d: self.score(xs, d) for d, s in self.domains.items() if s.count >= 2}
 
     # -- the online loop -------------------------------------------------------------------------
     def push(self, x: torch.Tensor) -> list[Decision]:
         """Take the next document's embedding (d,); return the documents decided by it."""
         index, x = self.seen, x.double()
         self.seen += 1
-        scores = self.scores(x)
-        novelty = min(scores.values()) if scores else None
-        if self.current is not None and not self.candidate:
-            step = scores.get(self.current, self.settings.cap) - self.settings.drift
-            self.cusum = max(0.0, self.cusum + min(step, self.settings.cap))
-        self.pending.append(_Pending(index, x, novelty, self.cusum, scores))
+        single = self.scores(x[None])
+        novelty = min(single.values()) if single else None
         if self.current is None or self.candidate:
+            self.pending.append(_Pending(index, x, novelty, 0.0, single))
             return self._identify_if_ready(index)
-        if self.cusum == 0.0:
-            return self._commit(len(self.pending), index)
-        if self.cusum >= self.settings.threshold:
+        self.window = [*self.window, x][-self.settings.window :]
+        change = (
+            self.score(torch.stack(self.window), self.current)
+            if len(self.window) == self.settings.window
+            else 0.0
+        )
+        self.pending.append(_Pending(index, x, novelty, change, single))
+        if change >= self.settings.threshold:
+            decided = self._commit(self._change_point(), index)
             self.candidate = True
-            return self._identify_if_ready(index)
+            return decided + self._identify_if_ready(index)
         if len(self.pending) > self.settings.lookahead:
             return self._commit(1, index)
         return []
+
+    def _change_point(self) -> int:
+        """How many pending documents still belong to the current domain: the split after
+        which the documents' own scores exceed `drift` the most (the CUSUM estimate)."""
+        steps = [p.scores.get(self.current, 0.0) - self.settings.drift for p in self.pending]
+        tails = [sum(steps[i:]) for i in range(len(steps))]
+        return max(range(len(steps)), key=lambda i: (tails[i], i))
 
     def run(self, embeddings: torch.Tensor) -> list[Decision]:
         """Every document of a whole stream (N, d), in order, then `finish`."""
@@ -207,7 +213,7 @@ class Detector:
     def _commit(self, n: int, now: int) -> list[Decision]:
         """The first `n` pending documents belong to the current domain."""
         done, self.pending = self.pending[:n], self.pending[n:]
-        stats = self.domains[self.current]
+        stats = self.domains[self.current] if done else None
         for p in done:
             stats.add(p.x)
         return [Decision(p.index, self.current, p.novelty, p.change, now) for p in done]
@@ -219,27 +225,27 @@ class Detector:
 
     def _identify(self, now: int) -> list[Decision]:
         """Name the candidate segment: a known domain, back to the current one, or new."""
-        domain, new = self._match()
-        self.candidate, self.cusum = False, 0.0
-        if domain != self.current:
-            if self.segments:
-                self.segments[-1].end = self.pending[0].index
-            self.segments.append(Segment(self.pending[0].index, domain, new, now))
-            if new:
-                self.domains[domain] = Stats.of(torch.stack([p.x for p in self.pending]))
-                done, self.pending = self.pending, []
-                self.current = domain
-                return [Decision(p.index, domain, p.novelty, p.change, now) for p in done]
-            self.current = domain
+        xs = torch.stack([p.x for p in self.pending])
+        domain, new = self._match(xs)
+        self.candidate = False
+        if self.segments:
+            self.segments[-1].end = self.pending[0].index
+        self.segments.append(Segment(self.pending[0].index, domain, new, now))
+        self.current = domain
+        self.window = list(xs[-self.settings.window :])
+        if new:
+            self.domains[domain] = Stats.of(xs)
+            done, self.pending = self.pending, []
+            return [Decision(p.index, domain, p.novelty, p.change, now) for p in done]
         return self._commit(len(self.pending), now)
 
-    def _match(self) -> tuple[str, bool]:
-        """The known domain with the lowest median score over the pending documents, if it is
-        under `known_threshold`; else the next new domain."""
-        candidates = self.scores_of_pending()
-        if candidates:
-            best = min(candidates, key=candidates.__getitem__)
-            if candidates[best] <= self.settings.known_threshold:
+    def _match(self, xs: torch.Tensor) -> tuple[str, bool]:
+        """The known domain that scores the documents lowest, if under `known_threshold`;
+        else the next new domain. Not the current one: the change test has just ruled it out."""
+        scores = {d: v for d, v in self.scores(xs).items() if d != self.current}
+        if scores:
+            best = min(scores, key=scores.__getitem__)
+            if scores[best] <= self.settings.known_threshold:
                 return best, False
         return self._new_name(), True
 
@@ -251,15 +257,6 @@ class Detector:
         while f"{NEW_PREFIX}{k}" in self.domains:  # a stack that a stream already grew
             k += 1
         return f"{NEW_PREFIX}{k}"
-
-    def scores_of_pending(self) -> dict[str, float]:
-        """Median score of the pending documents against each domain (scored afresh)."""
-        xs = [p.x for p in self.pending]
-        per_doc = [self.scores(x) for x in xs]
-        names = set(per_doc[0]) if per_doc else set()
-        return {
-            name: float(torch.tensor([s[name] for s in per_doc]).median()) for name in sorted(names)
-        }
 
     def segments_dicts(self) -> list[dict[str, Any]]:
         """Segments so far; the open one ends at the last document seen."""
