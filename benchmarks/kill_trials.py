@@ -52,8 +52,8 @@ EVENTS = {
     "commit-file": ("crma.stack", "atomic_path", "inside"),
     "commit": ("crma.stack", "Stack.collect_garbage", "before"),
     "json": ("crma.fileio", "atomic_path", "inside"),
-    "eval": ("crma.protocol", "mean_token_loss", "after"),
-    "plot": ("crma.report", "atomic_path", "inside"),
+    "eval": ("crma.protocol.run", "mean_token_loss", "after"),
+    "plot": ("crma.report.plots", "atomic_path", "inside"),
     "export": ("shutil", "copy2", "after"),
 }
 TRAIN = [

@@ -174,7 +174,7 @@ class Bench:
         self.accelerator = Accelerator(cpu=True)
 
     def open(self, path: Path, method: str | None = None):
-        from crma.adapter import CRMAConfig
+        from crma.backbone import CRMAConfig
         from crma.continual import ContinualModel, StackSpec
         from crma.engine import LoraSettings
 

@@ -15,7 +15,8 @@ import time
 import torch
 
 from crma.data import DOMAINS, corpus_file, ensure_corpus
-from crma.data.qa import accuracy, score_choices, wilson_interval
+from crma.eval.qa import score_choices
+from crma.eval.stats import accuracy, wilson_interval
 from crma.fileio import write_json
 from crma.model import load_base
 

@@ -4,7 +4,7 @@
         --costs results/benchmarks/methods.json --out results/baselines \
         [--logs results/baselines/runs/logs/*.log]
 
-Reads the run's loss matrices (through `crma.report.build_report`, so the run's own report.md,
+Reads the run's loss matrices (through `crma.report.build.build_report`, so the run's own report.md,
 report.json and plots are refreshed too) and the cost columns measured by
 `benchmarks/methods.py`, and writes OUT/report.json (the run's report plus a `head_to_head`
 section), OUT/report.md (the table first, then the run's report), OUT/config.yaml and
@@ -31,7 +31,8 @@ import yaml
 
 from crma.errors import UserError
 from crma.fileio import atomic_path, write_json, write_text
-from crma.report import build_report, plus_minus, render_markdown
+from crma.report.build import build_report
+from crma.report.markdown import plus_minus, render_markdown
 
 COLUMNS = {
     "drift": "mean ± SD over seeds of the drift (%), positive = forgetting",

@@ -33,7 +33,8 @@ import yaml
 
 from crma.errors import UserError
 from crma.fileio import write_json, write_text
-from crma.protocol import ProtocolRun, load_config
+from crma.protocol.config import load_config
+from crma.protocol.run import ProtocolRun
 
 Scores = dict[str, float]  # drift, plasticity_loss, final_loss
 

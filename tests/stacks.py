@@ -43,7 +43,7 @@ def build_stack(
     domain's texts come from the words of `sources[domain]` (default: its own name)."""
     from accelerate import Accelerator
 
-    from crma.adapter import CRMAConfig
+    from crma.backbone import CRMAConfig
     from crma.continual import ContinualModel, StackSpec
     from crma.data import tokenize_records
     from crma.engine import LoraSettings

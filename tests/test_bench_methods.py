@@ -8,7 +8,7 @@ import json
 from helpers import ROOT, TINY_BASE, TINY_DATA
 from transformers import AutoConfig, AutoTokenizer
 
-from crma.adapter import CRMAConfig
+from crma.backbone import CRMAConfig
 from crma.data import load_records, tokenize_records
 from crma.methods import METHODS
 

@@ -14,7 +14,8 @@ from crma.data.clean import (
     normalize_text,
     word_ngrams,
 )
-from crma.data.qa import score_choices, wilson_interval
+from crma.eval.qa import score_choices
+from crma.eval.stats import wilson_interval
 
 # Distinct passages about different things: no two are near duplicates.
 PASSAGES = [

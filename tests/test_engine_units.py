@@ -44,6 +44,6 @@ def test_fingerprint_tracks_adapter_weights():
     fa, fb, fnone = engine.fingerprint("a"), engine.fingerprint("b"), engine.fingerprint(None)
     assert fa != fb, "different init seeds give different A matrices"
     with torch.no_grad():
-        engine.lora_parameters("a")[1].add_(1.0)
+        engine.adapter_parameters("a")[1].add_(1.0)
     assert engine.fingerprint("a") != fa and engine.fingerprint("b") == fb
     assert engine.fingerprint(None) == fnone

@@ -9,9 +9,9 @@ import torch
 from helpers import ROOT, crma_cmd, crma_env, run_crma
 from stacks import build_stack, texts
 
+from crma.batching import pad_id
 from crma.errors import UserError
 from crma.generate import GenerateSettings, load_stack, mixed_logits
-from crma.route import pad_id
 
 DOMAINS = ["medic", "money", "code"]
 

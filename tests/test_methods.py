@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tiny import tiny_model, tiny_tokenizer
 
 from crma import UserError
-from crma.adapter import CRMAConfig
+from crma.backbone import CRMAConfig
 from crma.batching import batch_order, collate
 from crma.continual import ContinualModel, StackSpec
 from crma.engine import Engine, LoraSettings
@@ -29,7 +29,7 @@ from crma.methods.layouts import lora_matrices
 from crma.methods.lwf import TEACHER, distillation_loss
 from crma.methods.olora import orthogonality_loss
 from crma.methods.replay import reservoir_sample
-from crma.protocol import load_config
+from crma.protocol.config import load_config
 from crma.stack import Stack
 from crma.train import TrainConfig, Trainer
 
@@ -62,7 +62,7 @@ def train(engine: Engine, method, name: str, index: int, data, tmp_path, seed: i
 
 
 def snapshot(engine: Engine, adapter: str) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in engine.lora_state(adapter).items()}
+    return {k: v.detach().clone() for k, v in engine.adapter_state(adapter).items()}
 
 
 # -- O-LoRA -----------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically_with_distance
     train(engine, method, "alpha", 0, A, tmp_path)
     method.begin_task(engine, Task(1, "beta", 0), B)
     assert method.extra_loss(engine, None, None).item() == 0.0
-    params = engine.lora_state("ewc")
+    params = engine.adapter_state("ewc")
     anchor = {n: p.detach().clone() for n, p in params.items()}
     gen = torch.Generator().manual_seed(1)
     direction = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
@@ -135,7 +135,7 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically_with_distance
 def reference_fisher(engine: Engine, adapter: str, examples) -> dict[str, torch.Tensor]:
     """Mean over examples of the squared gradient of the example's mean token loss, written out
     independently of crma's: the next-token cross-entropy from the logits, `.backward()`."""
-    params = engine.lora_state(adapter)
+    params = engine.adapter_state(adapter)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     engine.model.eval()
     for example in examples:
@@ -163,7 +163,7 @@ def test_ewc_fisher_is_the_raw_empirical_fisher_accumulated_online(tmp_path):
     after_b = reference_fisher(engine, "ewc", B)
     for n, f in method.fisher.items():
         assert torch.allclose(f, 0.5 * after_a[n] + after_b[n], rtol=1e-4, atol=1e-12), n
-    assert all(torch.equal(method.anchor[n], p) for n, p in engine.lora_state("ewc").items())
+    assert all(torch.equal(method.anchor[n], p) for n, p in engine.adapter_state("ewc").items())
 
 
 # -- replay -------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def test_lwf_distils_from_a_frozen_snapshot_taken_before_the_new_domain(tmp_path
     train(engine, method, "alpha", 0, A, tmp_path)
     after_a = snapshot(engine, "lwf")
     method.begin_task(engine, Task(1, "beta", 0), B)
-    engine.set_trainable(engine.lora_parameters("lwf"))
+    engine.set_trainable(engine.adapter_parameters("lwf"))
     batch = collate(B[:4], engine.tokenizer.pad_token_id)
     assert method.extra_loss(engine, batch, engine.model(**batch)).item() == pytest.approx(
         0, abs=1e-6
@@ -510,7 +510,7 @@ def test_resume_after_a_kill_mid_domain_is_exact(name, tmp_path):
     resumed = killed_then_resumed(lambda: open_stack(tmp_path / "run", name), add, tmp_path)
 
     for adapter in dict.fromkeys(ref.method.adapter_name(d) for d in ("alpha", "beta")):
-        want, got = ref.engine.lora_state(adapter), resumed.engine.lora_state(adapter)
+        want, got = ref.engine.adapter_state(adapter), resumed.engine.adapter_state(adapter)
         assert want.keys() == got.keys()
         assert all(torch.equal(want[k], got[k]) for k in want), adapter
     state = Stack.open(tmp_path / "run").component("method_state")

@@ -21,12 +21,12 @@ from test_methods import LORA, A, B, killed_then_resumed
 from tiny import tiny_model, tiny_tokenizer
 
 from crma import UserError
-from crma.adapter import CRMAConfig
+from crma.backbone import CRMAConfig
 from crma.continual import ContinualModel, StackSpec
 from crma.engine import ENGINE_STATE, Engine
 from crma.methods import Task, make_method
 from crma.methods.osf import ADAPTER, SubspaceProjector, osf_layers
-from crma.protocol import load_config
+from crma.protocol.config import load_config
 from crma.stack import Stack
 from crma.train import TrainConfig, Trainer
 

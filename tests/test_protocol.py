@@ -188,7 +188,7 @@ def test_lower_triangle_only_matches_the_full_matrix(tiny_run, tmp_path):
 
 def test_exponent_notation_is_a_number_even_where_yaml_reads_a_string():
     """YAML 1.1 reads `1e-4` (no dot) as a string; a learning rate must still be a float."""
-    from crma.protocol import load_config
+    from crma.protocol.config import load_config
 
     config = load_config(
         TINY_CONFIG, ["train.lr=1e-4", "methods=[{name: osf, options: {lr: 3e-5}}]"]
@@ -257,7 +257,7 @@ def test_units_record_their_data_and_reuse_takes_only_the_same(tiny_run, tmp_pat
 
 
 def test_units_from_before_the_corpus_tag_are_labelled_legacy(tmp_path):
-    from crma.protocol import load_config
+    from crma.protocol.config import load_config
     from crma.provenance import LEGACY_CORPUS, data_identity, describe_data, recorded_data
 
     config = load_config(ROOT / "configs/paper.yaml")
@@ -318,7 +318,7 @@ def test_export_keeps_results_without_weights_and_reuse_takes_them(tiny_run, tmp
 
 
 def test_unit_settings_compare_options_as_the_method_reads_them():
-    from crma.protocol import load_config, unit_settings
+    from crma.protocol.config import load_config, unit_settings
 
     def settings(method: str) -> dict:
         config = load_config(TINY_CONFIG, [f"methods=[{method}]"])
@@ -333,7 +333,7 @@ def test_unit_settings_compare_options_as_the_method_reads_them():
 
 def test_baselines_config_repeats_the_paper_conditions_exactly():
     """So `crma run configs/baselines.yaml --reuse runs/paper` copies them instead of retraining."""
-    from crma.protocol import load_config, unit_settings
+    from crma.protocol.config import load_config, unit_settings
 
     paper = load_config(ROOT / "configs" / "paper.yaml")
     baselines = load_config(ROOT / "configs" / "baselines.yaml")
@@ -347,7 +347,7 @@ def test_plots_of_many_methods_wrap_and_stay_readable(tmp_path):
     import matplotlib.pyplot as plt
     from matplotlib.image import imread
 
-    from crma.report import plot_all
+    from crma.report.plots import plot_all
 
     domains = ["a", "b", "c"]
     matrix = [[3.0, 3.0, 3.0], [2.5, None, None], [2.6, 2.4, None], [2.7, 2.5, 2.3]]

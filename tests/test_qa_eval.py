@@ -10,17 +10,11 @@ import yaml
 from helpers import TINY_BASE, run_crma
 from stacks import build_stack, texts
 
-from crma.data.qa import make_probes, paired_difference, score_choices, wilson_interval
-from crma.qa_eval import (
-    QASettings,
-    answer_markdown,
-    answer_report,
-    evaluate_qa,
-    predict,
-    tally,
-    write_eval,
-)
-from crma.route import Route, Router
+from crma.data.qa import make_probes
+from crma.eval.qa import QASettings, evaluate_qa, predict, score_choices, tally, write_eval
+from crma.eval.sections import answer_markdown, answer_report
+from crma.eval.stats import paired_difference, wilson_interval
+from crma.routing.router import Route, Router
 
 DOMAINS = ["medic", "money"]
 
@@ -154,7 +148,7 @@ def test_backbone_off_and_routed_use_other_weights(stack):
     predict(cm, its, medic, True, s, cache)
     predict(cm, its, medic, False, s, cache)
     assert len(cache) == 2, "backbone on and off must be distinct weights"
-    from crma.qa_eval import routed_predictions
+    from crma.eval.qa import routed_predictions
 
     router = Router(cm)
     wrong = [Route("money", 1.0, "money")] * len(its)

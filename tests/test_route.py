@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -10,7 +11,9 @@ import torch
 from helpers import committed
 from stacks import build_stack, commit_router, texts
 
-from crma.route import CentroidRouter, Router, RouteSettings, plot_confusion, routing_metrics
+from crma.routing.index import CentroidRouter
+from crma.routing.metrics import plot_confusion, routing_metrics
+from crma.routing.router import Router, RouteSettings
 
 DOMAINS = ["medic", "money", "code"]
 
@@ -94,7 +97,7 @@ def test_router_state_leaves_model_as_it_was(stack):
 def test_logistic_head_is_the_regularised_optimum():
     """Independent check of the fit: at the optimum of mean CE + l2/2·‖W‖² the gradient,
     Zᵀ(P − Y)/N + l2·W for W and mean(P − Y) for b, vanishes."""
-    from crma.route import fit_logistic
+    from crma.routing.index import fit_logistic
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(60, 5, generator=g, dtype=torch.float64)
@@ -129,7 +132,7 @@ def test_router_without_stored_embeddings_is_rebuilt(tmp_path):
     prototypes until refresh_router rebuilds them from the training examples."""
     from safetensors.torch import load_file
 
-    from crma.route import refresh_router
+    from crma.routing.router import refresh_router
 
     path = tmp_path / "stack"
     cm = build_stack(path, DOMAINS)
@@ -155,7 +158,8 @@ def test_router_without_stored_embeddings_is_rebuilt(tmp_path):
 
 def test_router_with_older_default_settings_is_rebuilt_with_todays(tmp_path):
     from crma.data import tokenize_records
-    from crma.route import CentroidSettings, refresh_router
+    from crma.routing.index import CentroidSettings
+    from crma.routing.router import refresh_router
 
     path = tmp_path / "stack"
     cm = build_stack(path, DOMAINS)
@@ -185,3 +189,86 @@ def test_stats_only_router_given_a_new_domain_keeps_prototypes():
     assert router.head == "prototype"
     router.keep(["a", "c"])
     assert router.domains == ["a", "c"] and router.labels.tolist() == [1] * 4
+
+
+def _hidden(engine, ids: list[int], layer: int) -> torch.Tensor:
+    """Hidden state `layer` of one text from a plain forward pass of the frozen base, (T, d)."""
+    with torch.no_grad(), engine.inference(None, backbone=False) as model:
+        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states[layer][0].double()
+
+
+def test_skip_first_pools_from_the_second_token(stack):
+    from crma.routing.embed import embed
+
+    _, cm = stack
+    ids = [[5, 9, 14, 3, 7], [11, 4], [8]]  # a one-token text keeps its only token
+    pooled = embed(cm.engine, ids, layer=1, skip_first=True)
+    for row, x in zip(pooled, ids):
+        h = _hidden(cm.engine, x, 1)
+        assert torch.allclose(row, h[1:].mean(0) if len(x) > 1 else h[0], atol=1e-5)
+    plain = embed(cm.engine, ids[:1], layer=1)
+    assert torch.allclose(plain[0], _hidden(cm.engine, ids[0], 1).mean(0), atol=1e-5)
+
+
+def test_prefixes_store_the_start_of_each_longer_text(stack):
+    from crma.routing.index import CentroidSettings
+
+    _, cm = stack
+    ids = [[5, 9, 14, 3, 7, 2], [11, 4, 6], [8, 12, 10, 13], [6, 5]]
+    s = CentroidSettings(layer=1, max_examples=3, prefixes=[2, 3], skip_first=False)
+    router = CentroidRouter(s)
+    router.add_examples(cm.engine, "a", [{"input_ids": x} for x in ids])
+    # the first 3 texts, then their 2-token starts (all three are longer), then their 3-token
+    # starts (texts 0 and 2 only: text 1 has exactly 3 tokens)
+    expected = [(0, 6), (1, 3), (2, 4), (0, 2), (1, 2), (2, 2), (0, 3), (2, 3)]
+    assert len(router.embeddings) == len(expected) and router.count.tolist() == [8.0]
+    for row, (i, n) in zip(router.embeddings, expected):
+        # causal attention: a prefix's states are those of the whole text's first n tokens
+        want = _hidden(cm.engine, ids[i], 1)[:n].mean(0)
+        assert torch.allclose(row.double(), want, atol=1e-5), (i, n)
+
+
+def test_decide_falls_back_under_the_threshold():
+    from crma.routing.router import decide
+
+    scores = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.1, 0.9]]).log()  # confidences at T = 1
+    routes = decide(scores, ["a", "b"], temperature=1.0, threshold=0.6)
+    assert [r.domain for r in routes] == ["a", None, "b"]
+    assert [r.best for r in routes] == ["a", "a", "b"]
+    assert [round(r.confidence, 6) for r in routes] == [0.75, 0.5, 0.9]
+    # temperature 2 flattens 3:1 odds to sqrt(3):1, confidence 1.732/2.732 = 0.634
+    assert round(decide(scores[:1], ["a", "b"], 2.0, 0.0)[0].confidence, 3) == 0.634
+
+
+def test_router_saved_before_prefixes_and_skip_first_opens_as_it_was(tmp_path):
+    """A manifest entry written before these settings existed means no prefixes and pooling
+    over every token: the router loads so, routes, and a new domain is embedded the same way
+    (one row per text) until refresh_router rebuilds it with today's settings."""
+    from crma.data import tokenize_records
+    from crma.routing.index import LEGACY_SETTINGS, CentroidSettings
+    from crma.routing.router import refresh_router
+    from crma.stack import Stack
+
+    path = tmp_path / "stack"
+    build_stack(path, DOMAINS[:2])
+    manifest = json.loads((path / "manifest.json").read_text())
+    for key in LEGACY_SETTINGS:
+        del manifest["router"][key]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    old = CentroidRouter.load(Stack.open(path))
+    assert old.settings == CentroidSettings(
+        **{**dataclasses.asdict(old.settings), **LEGACY_SETTINGS}
+    )
+    assert old.settings.prefixes == [] and old.settings.skip_first is False
+    cm = build_stack(path, DOMAINS[2:])  # reopens the stack and adds a domain
+    grown = CentroidRouter.load(cm.stack)
+    assert grown.settings == old.settings
+    assert (grown.labels == grown.domains.index("code")).sum() == 40  # no prefix rows
+    assert routing_metrics(Router(cm), holdout_ids(cm))["top1"] == {d: 1.0 for d in DOMAINS}
+    examples = {
+        d: tokenize_records([{"text": t} for t in texts(d, 40, seed=0)], cm.engine.tokenizer, 32)
+        for d in DOMAINS
+    }
+    assert refresh_router(cm, examples)
+    assert CentroidRouter.load(cm.stack).settings == CentroidSettings()

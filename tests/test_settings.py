@@ -9,7 +9,7 @@ import re
 import pytest
 
 from crma import UserError
-from crma.adapter import CRMAConfig
+from crma.backbone import CRMAConfig
 from crma.methods import METHODS
 from crma.settings import SettingError, Settings, add_arguments, from_args, from_dict
 from crma.train import TrainConfig
@@ -53,15 +53,15 @@ def test_flags_are_named_as_typed_and_help_shows_what_is_allowed():
 def test_every_settings_class_and_method_option_uses_the_mechanism():
     import crma.data.clean as clean
     import crma.engine as engine
+    import crma.eval.qa as qa
     import crma.generate as generate
-    import crma.protocol as protocol
-    import crma.qa_eval as qa_eval
-    import crma.route as route
+    import crma.protocol.config as protocol
+    import crma.routing.router as router
 
-    classes = [TrainConfig, CRMAConfig, engine.LoraSettings, route.RouteSettings]
+    classes = [TrainConfig, CRMAConfig, engine.LoraSettings, router.RouteSettings]
     classes += [
         generate.GenerateSettings,
-        qa_eval.QASettings,
+        qa.QASettings,
         clean.CleanConfig,
         clean.CheckSettings,
     ]

@@ -160,7 +160,7 @@ def test_domain_names_inside_peft_and_module_names_train_and_reload(tmp_path):
     reopened = load_stack(tmp_path / "s").cm
     for name in names:
         adapter = cm.method.adapter_name(name)
-        want, got = cm.engine.lora_state(adapter), reopened.engine.lora_state(adapter)
+        want, got = cm.engine.adapter_state(adapter), reopened.engine.adapter_state(adapter)
         assert len(want) == 2 * 2 * 2 and want.keys() == got.keys()  # 2 layers x q, v x A, B
         assert all((want[k] == got[k]).all() for k in want), name
 
@@ -171,7 +171,7 @@ def test_format_1_stack_opens_as_it_was_and_is_upgraded_by_its_next_commit(tmp_p
     from accelerate import Accelerator
 
     from crma.data import load_records, tokenize_records
-    from crma.evaluate import mean_token_loss
+    from crma.eval.loss import mean_token_loss
     from crma.generate import load_stack
     from crma.train import TrainConfig
 
@@ -242,7 +242,7 @@ def test_a_reader_loading_while_a_domain_is_replaced_sees_the_new_commit_whole(
     assert replaced and not replaced[0].exists(), "the reader's first folder went away"
     assert reader.stack.generation == 3
     adapter = writer.method.adapter_name("medic")
-    want, got = writer.engine.lora_state(adapter), reader.engine.lora_state(adapter)
+    want, got = writer.engine.adapter_state(adapter), reader.engine.adapter_state(adapter)
     assert all((want[k] == got[k]).all() for k in want), "the reader has the new alpha"
 
 
@@ -297,7 +297,7 @@ def test_a_non_finite_loss_stops_the_domain_and_commits_nothing(tmp_path, monkey
     from accelerate import Accelerator
     from stacks import texts
 
-    from crma.adapter import CRMAConfig
+    from crma.backbone import CRMAConfig
     from crma.continual import ContinualModel, StackSpec
     from crma.data import tokenize_records
     from crma.engine import LoraSettings

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from helpers import ROOT
 
-from crma.protocol import load_config
+from crma.protocol.config import load_config
 
 GRIDS = sorted((ROOT / "configs" / "tuning").glob("*.yaml"))
 

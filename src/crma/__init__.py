@@ -5,7 +5,7 @@ doubly stochastic by Sinkhorn normalisation (spectral norm 1), plus a router and
 that measures forgetting against the published baselines.
 """
 
-from crma.adapter import CRMABackbone, CRMAConfig, attach_crma, sinkhorn
+from crma.backbone import CRMABackbone, CRMAConfig, attach_crma, sinkhorn
 from crma.errors import UserError
 from crma.model import load_base
 from crma.zclip import ZClip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -23,17 +24,33 @@ def steps_for(n_examples: int, batch_size: int, epochs: float, max_steps: int | 
     return max(1, math.ceil(epochs * n_examples / batch_size))
 
 
+def pad_id(tokenizer) -> int:
+    """The id that fills padded positions: the tokenizer's pad token, else its end of text."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def pad(
+    ids_list: list[list[int]], pad_id: int, side: Literal["right", "left"] = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists padded to the longest, ids and attention mask (B, T). Left padding is for
+    generation, which appends on the right of every row."""
+    width = max(len(ids) for ids in ids_list)
+    ids = torch.full((len(ids_list), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids_list), width), dtype=torch.long)
+    for row, seq in enumerate(ids_list):
+        cols = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
 def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padded labels are -100 and masked out."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
-        mask[row, :n] = 1
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
+    labels, _ = pad([e["labels"] for e in examples], -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

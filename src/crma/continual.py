@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from crma.adapter import CRMAConfig, attach_crma, check_fits
+from crma.backbone import CRMAConfig, attach_crma, check_fits
 from crma.engine import Engine, LoraSettings, check_targets
 from crma.errors import UserError, first_line
 from crma.lock import WriterLock, check_free
@@ -224,7 +224,7 @@ class ContinualModel:
         replace: bool,
         examples: list[dict[str, list[int]]] = (),
     ) -> None:
-        from crma.route import update_router
+        from crma.routing.index import update_router
 
         stack, engine, method = self.stack, self.engine, self.method
         commit = stack.begin_commit()

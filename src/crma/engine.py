@@ -23,7 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from crma.adapter import CRMABackbone
+from crma.backbone import CRMABackbone
 from crma.errors import UserError
 from crma.settings import Settings, setting
 
@@ -156,9 +156,6 @@ class Engine:
             self.peft.load_adapter(str(path), adapter_name=name)
         self._restore_buffers(name, extra)
 
-    save_lora = save_adapter
-    load_lora = load_adapter
-
     # -- parameters -------------------------------------------------------------------------
     def adapter_state(self, name: str) -> dict[str, nn.Parameter]:
         """Adapter `name`'s parameters by full name, whatever the PEFT method.
@@ -180,9 +177,6 @@ class Engine:
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.adapter_state(name).values())
-
-    lora_state = adapter_state
-    lora_parameters = adapter_parameters
 
     def set_trainable(self, params: list[nn.Parameter]) -> None:
         """Exactly `params` require grad; everything else (base, other adapters) is frozen."""
@@ -212,6 +206,39 @@ class Engine:
         finally:
             self.activate(previous)
             self.set_trainable(trainable)
+
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """No dropout inside the block (evaluation, statistics of the data, teacher outputs)."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+    @contextmanager
+    def backbone_on(self, on: bool) -> Iterator[None]:
+        """The CRMA backbone switched on or off inside the block (no-op without one)."""
+        if self.backbone is None:
+            yield
+            return
+        before = self.backbone.enabled
+        self.backbone.enabled = on
+        try:
+            yield
+        finally:
+            self.backbone.enabled = before
+
+    @contextmanager
+    def inference(
+        self, adapters: str | list[str] | None, backbone: bool = True
+    ) -> Iterator[nn.Module]:
+        """Forward passes that train nothing: eval mode, `adapters` active (None: none), the
+        CRMA backbone on or off; all restored after. Yields the model to call."""
+        with self.eval_mode(), self.backbone_on(backbone), self.using(adapters):
+            yield self.model
 
     def fingerprint(self, names: str | list[str] | None) -> str:
         """Hash of every weight that can differ between evaluations.

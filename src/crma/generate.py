@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
+from crma.batching import pad, pad_id
 from crma.continual import ContinualModel
 from crma.errors import UserError
-from crma.route import Route, Router, RouteSettings, adapter_key, pad_id
+from crma.routing.router import Route, Router, RouteSettings, adapter_key
 from crma.settings import SettingError, Settings, setting
 from crma.stack import Stack
 
@@ -163,7 +164,8 @@ class StackModel:
     ) -> list[list[int]]:
         """New token ids per row; rows may go to different domains (one mixed batch)."""
         engine, s = self.cm.engine, settings
-        ids, mask = _left_pad(ids_list, pad_id(self.tokenizer), _device(engine.model))
+        device = next(engine.model.parameters()).device
+        ids, mask = (t.to(device) for t in pad(ids_list, pad_id(self.tokenizer), side="left"))
         kwargs: dict[str, Any] = {
             "max_new_tokens": s.max_new_tokens,
             "min_new_tokens": s.min_new_tokens or None,
@@ -177,12 +179,12 @@ class StackModel:
             kwargs["eos_token_id"] = self.tokenizer.eos_token_id
         adapter_sets = {adapter_key(self.adapters(d)) for d in domains}
         if len(adapter_sets) == 1:
-            with engine.using(self.adapters(domains[0])):
-                out = engine.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            with engine.inference(self.adapters(domains[0])) as model:
+                out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         else:
             names = adapter_names(self.cm, domains)
-            with engine.using(None if engine.peft is None else engine.adapters[0]):
-                out = engine.model.generate(
+            with engine.inference(None if engine.peft is None else engine.adapters[0]) as model:
+                out = model.generate(
                     input_ids=ids, attention_mask=mask, adapter_names=names, **kwargs
                 )
         return [
@@ -224,41 +226,21 @@ def mixed_logits(
     The CRMA backbone (shared by every domain) applies to all rows alike.
     """
     engine = cm.engine
-    model = engine.model
-    was_training = model.training
-    model.eval()
-    try:
-        if engine.peft is None:
+    if engine.peft is None:
+        with engine.inference(None) as model:
             return model(input_ids=input_ids, attention_mask=attention_mask).logits
-        with engine.using(engine.adapters[0]):  # adapters must be enabled; rows pick their own
-            return model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                adapter_names=adapter_names(cm, domains),
-            ).logits
-    finally:
-        model.train(was_training)
+    with engine.inference(engine.adapters[0]) as model:  # enabled; each row picks its own
+        return model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            adapter_names=adapter_names(cm, domains),
+        ).logits
 
 
 # -- helpers ----------------------------------------------------------------------------------------
 def _last_user(messages: list[dict[str, str]]) -> str:
     users = [m["content"] for m in messages if m.get("role") == "user"]
     return users[-1] if users else messages[-1]["content"]
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _left_pad(ids_list: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask (B, T): generation appends on the right of every row."""
-    width = max(len(ids) for ids in ids_list)
-    ids = torch.full((len(ids_list), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids_list), width), dtype=torch.long)
-    for row, seq in enumerate(ids_list):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _strip(tokens: list[int], eos: int | None, pad: int) -> list[int]:

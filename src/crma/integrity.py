@@ -72,7 +72,7 @@ def _check_router(stack: Stack) -> str:
 
 
 def _check_backbone(stack: Stack, base: str | None) -> str:
-    from crma.adapter import read_backbone_meta
+    from crma.backbone import read_backbone_meta
 
     weights, config = stack.component("backbone"), stack.component("backbone_config")
     if weights is None or config is None:

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from crma.adapter import CRMAConfig, attach_crma
+from crma.backbone import CRMAConfig, attach_crma
 from crma.model import EMBEDDED, load_base
 from crma.settings import add_arguments, from_args
 

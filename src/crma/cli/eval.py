@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from crma.errors import UserError
-from crma.route import RouteSettings
+from crma.routing.router import RouteSettings
 from crma.settings import add_arguments, from_args
 
 
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="output folder (default: STACK/eval)")
     p.add_argument("--base", default=None, help="base model (default: the one in the manifest)")
-    from crma.qa_eval import QASettings
+    from crma.eval.qa import QASettings
 
     add_arguments(p, QASettings)
     add_arguments(p, RouteSettings)
@@ -53,8 +53,7 @@ def parse_probes(items: list[str], domains: list[str]) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from crma.generate import load_stack
-    from crma.qa_eval import (
+    from crma.eval.qa import (
         QASettings,
         corpus_items,
         evaluate_qa,
@@ -62,6 +61,7 @@ def run(args: argparse.Namespace) -> None:
         read_items,
         write_eval,
     )
+    from crma.generate import load_stack
 
     settings = from_args(QASettings, args)
     model = load_stack(args.stack, args.base)

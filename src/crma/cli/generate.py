@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from crma.errors import UserError
-from crma.route import RouteSettings
+from crma.routing.router import RouteSettings
 from crma.settings import add_arguments, from_args
 
 

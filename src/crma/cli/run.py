@@ -8,14 +8,9 @@ from pathlib import Path
 
 from crma.errors import UserError
 from crma.methods import METHODS
-from crma.protocol import (
-    DomainSpec,
-    MethodSpec,
-    ProtocolRun,
-    RunConfig,
-    export_results,
-    load_config,
-)
+from crma.protocol.config import DomainSpec, MethodSpec, RunConfig, load_config
+from crma.protocol.run import ProtocolRun
+from crma.protocol.store import export_results
 from crma.settings import describe
 
 
@@ -99,7 +94,7 @@ def config_keys() -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from crma.report import drift_table
+    from crma.report.markdown import drift_table
 
     config = load_config(args.config, args.set)
     out = args.out or Path("runs") / args.config.stem
@@ -110,7 +105,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    from crma.report import build_report, drift_table
+    from crma.report.build import build_report
+    from crma.report.markdown import drift_table
 
     if not args.run_dir.is_dir():
         raise UserError(f"{args.run_dir}: run directory not found")

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from crma.route import RouteSettings
+from crma.routing.router import RouteSettings
 from crma.settings import add_arguments, from_args
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from crma.adapter import CRMAConfig
+from crma.backbone import CRMAConfig
 from crma.continual import ContinualModel, StackSpec
 from crma.engine import LoraSettings
 from crma.errors import UserError

@@ -1,7 +1,7 @@
 """Data for crma: user files, the embedded five-domain corpus, cleaning and QA items.
 
 The training engine needs only what is exported here; `crma.data.clean` (the dataset
-optimizer) and `crma.data.qa` (probes, MMLU, scoring) hold the rest.
+optimizer) and `crma.data.qa` (probes, MMLU) hold the rest.
 """
 
 from crma.data.corpus import DOMAINS, corpus_file, ensure_corpus

@@ -3,15 +3,13 @@
 A probe shows the start of a training passage and asks which of 4 texts continues it: the true
 continuation, or the continuations of the 3 passages of the same domain most similar to it by
 TF-IDF cosine. Random distractors would be too easy (the untrained base already picks the right
-one most of the time), so nearest neighbours it is (DESIGN §4). Items are scored by the mean
-per-token log-likelihood of each option given the prompt; chance is 25%.
+one most of the time), so nearest neighbours it is. `crma.eval.qa` scores the items.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 from typing import Any
@@ -152,108 +150,3 @@ def mmlu_items(rows: list[dict[str, Any]], domain: str) -> list[dict[str, Any]]:
                 }
             )
     return items
-
-
-# -- scoring ------------------------------------------------------------------------------------
-def prompt_and_options(item: dict[str, Any]) -> tuple[str, list[str]]:
-    """A probe scores its options as written; an MMLU question as 'Question: …\\nAnswer: X'."""
-    if "prompt" in item:
-        return item["prompt"], item["options"]
-    return f"Question: {item['question']}\nAnswer:", [" " + c for c in item["choices"]]
-
-
-def score_choices(
-    model, tokenizer, items: list[dict[str, Any]], batch_size: int = 8, max_length: int = 512
-) -> list[int]:
-    """Predicted option per item: the highest mean per-token log-likelihood given the prompt
-    (the mean, not the sum, so long options are not penalised for their length)."""
-    import torch
-
-    sequences, n_options = [], []
-    for item in items:
-        prompt, options = prompt_and_options(item)
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if not prompt_ids:
-            raise ValueError(f"item {item.get('id')}: empty prompt, nothing to condition on")
-        n_options.append(len(options))
-        for option in options:
-            option_ids = tokenizer(option, add_special_tokens=False)["input_ids"][: max_length - 1]
-            context = prompt_ids[-(max_length - len(option_ids)) :]
-            sequences.append((context + option_ids, len(context)))
-    scores = _mean_logprobs(model, sequences, batch_size, _pad_id(tokenizer), torch)
-    predictions, at = [], 0
-    for k in n_options:
-        predictions.append(int(np.argmax(scores[at : at + k])))
-        at += k
-    return predictions
-
-
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return candidate
-    return 0
-
-
-def _mean_logprobs(model, sequences, batch_size: int, pad_id: int, torch) -> list[float]:
-    """Mean log-probability of each sequence's tokens after its first `start` ones; sequences
-    are batched by length so little is spent on padding."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
-    scores = [0.0] * len(sequences)
-    for b in range(0, len(order), batch_size):
-        batch = [sequences[i] for i in order[b : b + batch_size]]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (seq, _) in enumerate(batch):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            picked = logprobs.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
-        for row, (seq, start) in enumerate(batch):
-            scores[order[b + row]] = picked[row, start - 1 : len(seq) - 1].mean().item()
-    return scores
-
-
-def accuracy(items: list[dict[str, Any]], predictions: list[int]) -> float:
-    correct = sum(p == item["answer"] for item, p in zip(items, predictions))
-    return correct / len(items) if items else 0.0
-
-
-def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion: honest even near 0% or 100%."""
-    if total == 0:
-        return 0.0, 1.0
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def paired_difference(a: str, b: str, z: float = 1.96) -> dict[str, float | int | list[float]]:
-    """Accuracy of `a` minus `b` on the same items, with a 95% interval for matched pairs
-    (far narrower than two separate intervals when the answers mostly agree).
-
-    Agresti & Min (2005): add 1/2 to each cell of the 2×2 agreement table, then Wald; unlike
-    plain Wald, the interval keeps a width when the two never disagree.
-    a, b: per-item hits as "0"/"1" strings in the same item order.
-    """
-    if len(a) != len(b) or not a:
-        raise ValueError(
-            f"paired_difference needs equal, non-empty hit strings ({len(a)}, {len(b)})"
-        )
-    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b))
-    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b))
-    n10, n01, m = only_a + 0.5, only_b + 0.5, len(a) + 2
-    centre = (n10 - n01) / m
-    half = z * math.sqrt((n10 + n01) - (n10 - n01) ** 2 / m) / m
-    return {
-        "difference": (only_a - only_b) / len(a),
-        "ci95": [max(-1.0, centre - half), min(1.0, centre + half)],
-        "n": len(a),
-        "only_a": only_a,  # discordant items: right only with a, only with b
-        "only_b": only_b,
-    }

@@ -84,7 +84,9 @@ class Method:
 
     def trainable_groups(self, engine: Engine, task: Task) -> list[dict[str, Any]]:
         """AdamW parameter groups for this domain (learning rates filled in by the trainer)."""
-        return [{"name": "lora", "params": engine.lora_parameters(self.adapter_name(task.domain))}]
+        return [
+            {"name": "lora", "params": engine.adapter_parameters(self.adapter_name(task.domain))}
+        ]
 
     def extra_loss(
         self, engine: Engine, batch: dict[str, torch.Tensor], outputs: Any

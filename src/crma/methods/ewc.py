@@ -6,7 +6,7 @@ import torch
 
 from crma.engine import Engine
 from crma.methods.base import Example, Task
-from crma.methods.layouts import SharedLora, batches, eval_mode
+from crma.methods.layouts import SharedLora, batches
 from crma.settings import Settings, setting
 
 
@@ -50,7 +50,7 @@ class Ewc(SharedLora):
 
     def begin_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
         super().begin_task(engine, task, examples)
-        self._params = engine.lora_state(self.name)
+        self._params = engine.adapter_state(self.name)
 
     def extra_loss(self, engine: Engine, batch, outputs) -> torch.Tensor | None:
         if not self.fisher:
@@ -106,7 +106,7 @@ def empirical_fisher(
     """Mean over examples of the squared gradient of each example's mean token loss."""
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     counted = 0
-    with eval_mode(engine.model):
+    with engine.eval_mode():
         for batch in batches(engine, examples, batch_size=1):
             loss = engine.model(**batch).loss
             if not torch.isfinite(loss):  # no label token in this example

@@ -8,7 +8,7 @@ import torch
 
 from crma.engine import Engine
 from crma.methods.base import Example, Task
-from crma.methods.layouts import SummedLoras, batches, eval_mode, lora_matrices
+from crma.methods.layouts import SummedLoras, batches, lora_matrices
 from crma.settings import Settings, setting
 
 STATS_BATCH = 8  # examples per forward pass when measuring input statistics
@@ -156,7 +156,7 @@ def input_covariances(
     handles = [engine.peft.get_submodule(m).register_forward_pre_hook(hook(m)) for m in modules]
     tokens = 0
     try:
-        with torch.no_grad(), eval_mode(engine.model):
+        with torch.no_grad(), engine.eval_mode():
             for batch in batches(engine, examples, STATS_BATCH):
                 current["mask"] = batch["attention_mask"].bool()
                 engine.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -53,20 +52,9 @@ def lora_matrices(engine: Engine, adapter: str, kind: str) -> dict[str, nn.Param
     marker = f".{kind}.{adapter}."
     return {
         name.split(marker)[0]: param
-        for name, param in engine.lora_state(adapter).items()
+        for name, param in engine.adapter_state(adapter).items()
         if marker in name
     }
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """No dropout inside the block (statistics of the data, teacher outputs)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def batches(

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from crma.engine import Engine
 from crma.methods.base import Example, Task
-from crma.methods.layouts import SharedLora, eval_mode
+from crma.methods.layouts import SharedLora
 from crma.settings import Settings, setting
 
 TEACHER = "lwf_teacher"  # in-memory copy of the shared LoRA as it was before this domain
@@ -51,8 +51,8 @@ class Lwf(SharedLora):
     def extra_loss(self, engine: Engine, batch, outputs) -> torch.Tensor | None:
         if not self._distil:
             return None
-        with torch.no_grad(), engine.using(TEACHER), eval_mode(engine.model):
-            teacher = engine.model(
+        with torch.no_grad(), engine.inference(TEACHER) as model:
+            teacher = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
         mask = batch["attention_mask"][:, 1:].bool()  # positions that predict a real token
@@ -66,9 +66,9 @@ def snapshot(engine: Engine, source: str, target: str) -> None:
     """Copy adapter `source`'s weights into adapter `target` (created if missing)."""
     if target not in engine.adapters:
         engine.add_lora(target, seed=0)
-    weights = engine.lora_state(target)
+    weights = engine.adapter_state(target)
     with torch.no_grad():
-        for name, param in engine.lora_state(source).items():
+        for name, param in engine.adapter_state(source).items():
             weights[name.replace(f".{source}.", f".{target}.")].copy_(param)
 
 

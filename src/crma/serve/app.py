@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException
 
 from crma.generate import load_stack
-from crma.route import RouteSettings
+from crma.routing.router import RouteSettings
 from crma.serve.batcher import Batcher, Request, Sampling, Snapshot
 from crma.serve.config import ServeSettings
 from crma.serve.errors import APIError

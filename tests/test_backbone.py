@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import FAMILIES, tiny_model
 
 from crma import CRMAConfig, UserError, attach_crma, sinkhorn
-from crma.adapter import CRMABackbone
+from crma.backbone import CRMABackbone
 
 IDS = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -187,7 +187,7 @@ def test_param_groups_have_separate_learning_rates():
 
 
 def test_low_rank_residual_gradients_match_plain_autograd():
-    from crma.adapter import _LowRankResidual
+    from crma.backbone import _LowRankResidual
 
     gen = torch.Generator().manual_seed(3)
     h, R, A = (

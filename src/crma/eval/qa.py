@@ -1,0 +1,307 @@
+"""Multiple-choice QA across all domains: accuracy under oracle, routed and ablated weights.
+
+For every domain of a stack, multiple-choice items (the corpus's continuation probes and MMLU
+subject subsets, or the user's own) are scored by log-likelihood under:
+
+- `base`: the base model alone (no adapter, CRMA backbone off);
+- `oracle`: the domain's own adapters (the method's `eval_adapters`) with the backbone;
+- `routed`: the adapters the router picks for each item's prompt (no task id given);
+- `backbone_off`: the oracle adapters with the CRMA backbone switched off on the same weights
+  (the on/off ablation; only for methods with a backbone).
+
+Accuracy comes with Wilson 95% intervals (`crma.eval.stats`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from crma.batching import pad, pad_id
+from crma.errors import UserError
+from crma.eval.loss import sequence_nll
+from crma.eval.stats import wilson_interval
+from crma.fileio import write_json, write_text
+from crma.routing.router import Route, Router, RouteSettings, adapter_key
+from crma.settings import Settings, setting
+
+if TYPE_CHECKING:
+    from crma.continual import ContinualModel
+
+CONDITIONS = ("base", "oracle", "routed", "backbone_off")
+KINDS = ("probes", "mmlu")
+
+
+@dataclass
+class QASettings(Settings):
+    """Which items are scored and how."""
+
+    probes_limit: int = setting(100, "continuation probes per domain (first N)", ge=0)
+    mmlu_limit: int = setting(
+        100, "MMLU questions per domain, spread evenly over its subjects", ge=0
+    )
+    batch_size: int = setting(8, "sequences per forward pass", ge=1)
+    max_length: int = setting(512, "tokens per prompt + option", ge=2)
+
+
+# -- items ------------------------------------------------------------------------------------------
+def read_items(path: str | Path) -> list[dict[str, Any]]:
+    """JSONL items: {prompt, options, answer} (continuation) or {question, choices, answer}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: probe file not found")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{n}: invalid JSON ({exc.msg})") from exc
+        options = item.get("options", item.get("choices"))
+        if not (("prompt" in item) ^ ("question" in item)) or not isinstance(options, list):
+            raise UserError(
+                f"{path}:{n}: an item needs prompt+options or question+choices, and answer"
+            )
+        if not isinstance(item.get("answer"), int) or not 0 <= item["answer"] < len(options):
+            raise UserError(f"{path}:{n}: answer must be the index of the right option")
+        items.append({"id": item.get("id", f"{path.stem}-{n}"), **item})
+    return items
+
+
+def spread(items: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """`n` items evenly spaced over the list (MMLU lists are grouped by subject)."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
+def corpus_items(domains: list[str], settings: QASettings) -> dict[str, dict[str, list]]:
+    """Probes and MMLU items of every domain that is one of the embedded corpus's."""
+    from crma.data.corpus import DOMAINS, corpus_file
+
+    out = {}
+    for d in domains:
+        if d in DOMAINS:
+            out[d] = {
+                "probes": read_items(corpus_file(d, "probes"))[: settings.probes_limit],
+                "mmlu": spread(read_items(corpus_file(d, "mmlu")), settings.mmlu_limit),
+            }
+    return out
+
+
+def prompt_and_options(item: dict[str, Any]) -> tuple[str, list[str]]:
+    """A probe scores its options as written; an MMLU question as 'Question: …\\nAnswer: X'."""
+    if "prompt" in item:
+        return item["prompt"], item["options"]
+    return f"Question: {item['question']}\nAnswer:", [" " + c for c in item["choices"]]
+
+
+# -- scoring ------------------------------------------------------------------------------------------
+def score_choices(
+    model, tokenizer, items: list[dict[str, Any]], batch_size: int = 8, max_length: int = 512
+) -> list[int]:
+    """Predicted option per item: the highest mean per-token log-likelihood given the prompt
+    (the mean, not the sum, so long options are not penalised for their length)."""
+    sequences, n_options = [], []
+    for item in items:
+        prompt, options = prompt_and_options(item)
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not prompt_ids:
+            raise ValueError(f"item {item.get('id')}: empty prompt, nothing to condition on")
+        n_options.append(len(options))
+        for option in options:
+            option_ids = tokenizer(option, add_special_tokens=False)["input_ids"][: max_length - 1]
+            context = prompt_ids[-(max_length - len(option_ids)) :]
+            sequences.append((context + option_ids, len(context)))
+    scores = _mean_logprobs(model, sequences, batch_size, pad_id(tokenizer))
+    predictions, at = [], 0
+    for k in n_options:
+        predictions.append(int(np.argmax(scores[at : at + k])))
+        at += k
+    return predictions
+
+
+@torch.inference_mode()
+def _mean_logprobs(model, sequences, batch_size: int, pad_value: int) -> list[float]:
+    """Mean log-probability of each sequence's tokens after its first `start` ones; sequences
+    are batched by length so little is spent on padding."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
+    scores = [0.0] * len(sequences)
+    for b in range(0, len(order), batch_size):
+        batch = [sequences[i] for i in order[b : b + batch_size]]
+        ids, mask = pad([seq for seq, _ in batch], pad_value)
+        ids = ids.to(device)
+        logits = model(input_ids=ids, attention_mask=mask.to(device)).logits
+        nll = sequence_nll(logits, ids, "none").cpu()  # (B, T-1)
+        for row, (seq, start) in enumerate(batch):
+            scores[order[b + row]] = -nll[row, start - 1 : len(seq) - 1].mean().item()
+    return scores
+
+
+def predict(
+    cm: ContinualModel,
+    items: list[dict[str, Any]],
+    adapters: str | list[str] | None,
+    backbone_on: bool,
+    settings: QASettings,
+    cache: dict[str, Any] | None = None,
+) -> list[int]:
+    """Chosen option per item with these weights; reused from `cache` when the weights match."""
+    engine = cm.engine
+    with engine.inference(adapters, backbone=backbone_on) as model:
+        ids = hashlib.sha256("\n".join(str(i["id"]) for i in items).encode()).hexdigest()[:16]
+        key = f"qa:{ids}:{settings.max_length}:{engine.fingerprint(adapters)}"
+        if cache is not None and key in cache:
+            return cache[key]
+        preds = score_choices(
+            model, engine.tokenizer, items, settings.batch_size, settings.max_length
+        )
+    if cache is not None:
+        cache[key] = preds
+    return preds
+
+
+def tally(items: list[dict[str, Any]], preds: list[int]) -> dict[str, Any]:
+    hits = "".join("1" if p == i["answer"] else "0" for i, p in zip(items, preds))
+    correct = hits.count("1")
+    lo, hi = wilson_interval(correct, len(items))
+    return {
+        "correct": correct,
+        "total": len(items),
+        "accuracy": correct / max(1, len(items)),
+        "ci95": [lo, hi],
+        "hits": hits,  # per item, for paired comparisons between methods
+    }
+
+
+def routed_predictions(
+    cm: ContinualModel,
+    items: list[dict[str, Any]],
+    routes: list[Route],
+    router: Router,
+    oracle: tuple[Any, list[int]],
+    settings: QASettings,
+    cache: dict[str, Any] | None,
+) -> list[int]:
+    """Each item scored with the adapters its route picks; items routed to the oracle's
+    adapters reuse the oracle's predictions (same weights, same answer)."""
+    oracle_key, oracle_preds = oracle
+    preds = list(oracle_preds)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(routes):
+        groups.setdefault(adapter_key(router.adapters_for(r)), []).append(i)
+    for key, rows in groups.items():
+        if key == oracle_key:
+            continue
+        adapters = list(key) if len(key) > 1 else (key[0] if key else None)
+        sub = predict(cm, [items[i] for i in rows], adapters, True, settings, cache)
+        for i, p in zip(rows, sub):
+            preds[i] = p
+    return preds
+
+
+def evaluate_qa(
+    cm: ContinualModel,
+    items: dict[str, dict[str, list[dict[str, Any]]]],
+    route: RouteSettings | None = None,
+    settings: QASettings | None = None,
+    cache: dict[str, Any] | None = None,
+    on_domain_done: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Accuracy per condition, domain and item kind: {conditions, results[c][d][kind], routes}.
+
+    `on_domain_done(domain)` runs after each domain (e.g. to save `cache`, so a killed run
+    resumes, and to report progress).
+    """
+    s = settings or QASettings()
+    method = cm.method
+    conditions = ["base", "oracle"]
+    if method.needs_task_id:
+        conditions.append("routed")
+    if cm.engine.backbone is not None:
+        conditions.append("backbone_off")
+    router = Router(cm, route) if "routed" in conditions else None
+    results: dict[str, Any] = {c: {} for c in conditions}
+    route_hits: dict[str, dict[str, Any]] = {}
+    for domain, kinds in items.items():
+        adapters = method.eval_adapters(domain)
+        for c in conditions:
+            results[c].setdefault(domain, {})
+        for kind, its in kinds.items():
+            if not its:
+                continue
+            oracle = predict(cm, its, adapters, True, s, cache)
+            results["base"][domain][kind] = tally(its, predict(cm, its, None, False, s, cache))
+            results["oracle"][domain][kind] = tally(its, oracle)
+            if "backbone_off" in conditions:
+                off = predict(cm, its, adapters, False, s, cache)
+                results["backbone_off"][domain][kind] = tally(its, off)
+            if router is not None:
+                routes = router.route_texts([prompt_and_options(i)[0] for i in its])
+                preds = routed_predictions(
+                    cm, its, routes, router, (adapter_key(adapters), oracle), s, cache
+                )
+                results["routed"][domain][kind] = tally(its, preds)
+                route_hits.setdefault(domain, {})[kind] = {
+                    "to_own_domain": sum(r.domain == domain for r in routes) / len(routes),
+                    "fallback": sum(r.domain is None for r in routes) / len(routes),
+                }
+        if on_domain_done is not None:
+            on_domain_done(domain)
+    return {
+        "method": method.name,
+        "domains": list(items),
+        "conditions": conditions,
+        "router": (route or RouteSettings()).router if router else None,
+        "results": results,
+        "routing_of_items": route_hits,
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """Rows: conditions; columns: domain × item kind; cells: accuracy % [Wilson 95%]."""
+    cols = [
+        (d, k)
+        for d in result["domains"]
+        for k in KINDS
+        if k in result["results"]["oracle"].get(d, {})
+    ]
+    head = "| condition | " + " | ".join(f"{d} {k}" for d, k in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for c in result["conditions"]:
+        cells = []
+        for d, k in cols:
+            t = result["results"][c][d].get(k)
+            cells.append("–" if t is None else _cell(t))
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(t: dict[str, Any]) -> str:
+    lo, hi = t["ci95"]
+    return f"{100 * t['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def write_eval(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """qa.json and qa.md in `out_dir`."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / "qa.json", result)
+    text = (
+        f"# QA accuracy (%) with Wilson 95% intervals — method {result['method']}\n\n"
+        "Items scored by mean per-token log-likelihood of each option (chance 25%).\n"
+        "base: no adapter, backbone off; oracle: the domain's adapters; routed: the router's "
+        "choice; backbone_off: oracle adapters with the CRMA backbone switched off.\n\n"
+        + markdown_table(result)
+        + "\n"
+    )
+    write_text(out_dir / "qa.md", text)
+    return out_dir / "qa.json", out_dir / "qa.md"
