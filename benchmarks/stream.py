@@ -51,8 +51,11 @@ def cached_embeddings(per_domain: int) -> dict[str, dict[str, torch.Tensor]]:
 
     from crma.data.corpus import corpus_tag
     from crma.model import crma_home
+    from crma.routing.index import CentroidSettings
 
-    path = crma_home() / "stream" / f"spare-{corpus_tag()}-{per_domain}.safetensors"
+    s = CentroidSettings()  # what a new stack's router embeds
+    tag = f"{corpus_tag()}-{per_domain}-layer{s.layer}-{s.max_length}-skip{int(s.skip_first)}"
+    path = crma_home() / "stream" / f"spare-{tag}.safetensors"
     if path.is_file():
         flat = load_file(str(path))
     else:
@@ -92,7 +95,7 @@ def cached_losses(per_domain: int, max_length: int) -> dict[str, torch.Tensor]:
     else:
         from crma.engine import Engine, LoraSettings
         from crma.model import load_base
-        from crma.route import prompt_losses
+        from crma.routing.router import prompt_losses
 
         model, tokenizer = load_base()
         model.eval()
@@ -175,7 +178,7 @@ def crma_detector(x: torch.Tensor, settings) -> tuple[list[dict], dict[str, list
 
 def crma_method(settings):
     """stream -> the crma detector's segments."""
-    return crma_method(settings)
+    return lambda s: crma_detector(s["x"], settings)[0]
 
 
 def oracle(truth: list[dict]) -> list[dict]:
@@ -227,7 +230,7 @@ def router_score(x: torch.Tensor, threshold: float) -> list[dict]:
     """The stored router's score alone: a document whose best prototype cosine (the centroid
     router's `prototype` head on the domains so far) is under `threshold` opens a new domain,
     else it goes to the best domain; a boundary wherever the domain changes."""
-    from crma.route import CentroidRouter
+    from crma.routing.index import CentroidRouter
 
     router = CentroidRouter()
     out: list[dict] = []
@@ -409,8 +412,8 @@ def main() -> None:
     parser.add_argument(
         "--loss-only", action="store_true", help="only fill the loss cache (loss-spike baseline)"
     )
-    parser.add_argument("--loss-docs", type=int, default=100, help="evaluation docs per domain")
-    parser.add_argument("--loss-tokens", type=int, default=48, help="tokens per document")
+    parser.add_argument("--loss-docs", type=int, default=40, help="evaluation docs per domain")
+    parser.add_argument("--loss-tokens", type=int, default=32, help="tokens per document")
     parser.add_argument("--streams", type=int, default=20, help="streams per kind")
     parser.add_argument("--min-segment", type=int, default=30)
     parser.add_argument("--max-segment", type=int, default=150)

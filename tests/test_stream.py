@@ -20,8 +20,10 @@ from crma.stream.metrics import match
 # Documents of 60 words: long enough that the random tiny model's mean-pooled states of two
 # word sets differ by more than documents of one set do. Thresholds set for this model (the
 # defaults are the embedded model's).
-DETECTOR = ["--threshold", "1.0", "--known-threshold", "0.5"]
-TRAIN = ["--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--precision", "fp32"]
+DETECTOR = ["--threshold", "2.0", "--known-threshold", "0.5"]
+# Whole documents, so the router's entries (embedded from the training examples) are what the
+# detector sees when a later stream meets these domains again.
+TRAIN = ["--max-steps", "2", "--batch-size", "4", "--max-length", "128", "--precision", "fp32"]
 PLAN = [("medic", 40), ("money", 40), ("medic", 40), ("code", 40)]
 TRUE_BOUNDARIES = [40, 80, 120]
 
@@ -74,7 +76,7 @@ def test_segment_reads_stdin_and_a_stationary_stream_has_no_boundary(tmp_path):
 
 
 def test_known_domains_are_the_routers_statistics(tmp_path):
-    from crma.route import CentroidRouter
+    from crma.routing.index import CentroidRouter
     from crma.stack import Stack
     from crma.stream.segment import known_domains
 
@@ -137,6 +139,47 @@ def test_stream_rerun_after_done_changes_nothing(reference):
     assert (stack / "stream.jsonl").read_bytes() == before
 
 
+def test_a_later_stream_routes_known_domains_and_refresh_retrains_them(reference, tmp_path):
+    import shutil
+
+    from crma.stack import Stack
+
+    stack = tmp_path / "S"
+    shutil.copytree(reference[0], stack)
+    before = {d: adapter_bytes(stack, d) for d in ("new-1", "new-2", "new-3")}
+    later = write_stream(tmp_path / "later.jsonl", [("money", 25), ("code", 25)], seed=7)
+    crma(*stream_args(stack, later), "--refresh")
+    run = logged(stack)[len(logged(reference[0])) :]  # this stream's events
+    segments = [(e["domain"], e["new"]) for e in run if e["event"] == "segment"]
+    assert segments == [("new-2", False), ("new-3", False)]
+    assert [e["domain"] for e in run if e["event"] == "refreshed"] == ["new-2", "new-3"]
+    assert not [e for e in run if e["event"] == "trained"]
+    assert Stack.open(stack).domains == ["new-1", "new-2", "new-3"]
+    assert adapter_bytes(stack, "new-1") == before["new-1"]  # not in this stream: untouched
+    assert adapter_bytes(stack, "new-2") != before["new-2"]
+
+
+def adapter_bytes(stack: Path, domain: str) -> bytes:
+    from helpers import adapter_file
+
+    return adapter_file(stack, domain).read_bytes()
+
+
+def test_an_unfinished_stream_of_another_input_is_refused(reference, tmp_path, capsys):
+    import shutil
+
+    stack = tmp_path / "S"
+    shutil.copytree(reference[0], stack)
+    lines = (stack / "stream.jsonl").read_text().splitlines()
+    (stack / "stream.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # no "done": killed
+    other = write_stream(tmp_path / "other.jsonl", [("code", 30)], seed=5)
+    assert main(stream_args(stack, other)) == 2
+    assert (
+        "(another input or other settings) is unfinished; rerun that command"
+        in capsys.readouterr().err
+    )
+
+
 KILLER = """
 import os, signal, sys
 import importlib
@@ -159,7 +202,7 @@ sys.exit(main(sys.argv[4:]))
 @pytest.mark.parametrize(
     "point",
     [
-        ("crma.stream.learner", "StreamLog.append", 6),  # mid-stream, between two chunks
+        ("crma.stream.learner", "StreamLog.append", 2),  # after one chunk, before any commit
         ("crma.train", "Trainer._step", 3),  # training the second new domain
     ],
     ids=["log", "training"],

@@ -59,7 +59,7 @@ def open_detection(stack_path: Path | None, base: str | None):
     router knows."""
     from crma.engine import Engine, LoraSettings
     from crma.model import EMBEDDED, base_model_id, load_base
-    from crma.route import CentroidSettings
+    from crma.routing.index import CentroidSettings
     from crma.stack import Stack
     from crma.stream.segment import known_domains
 

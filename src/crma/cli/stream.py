@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default=EMBEDDED, help="base model of a new stack")
     p.add_argument("--method", choices=list(METHODS), default="crma", help="method of a new stack")
     p.add_argument("--seed", type=int, default=0, help="seed for adapter init and data order")
+    p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="at the end, retrain each domain known at the start that recurred with "
+        "--min-segment documents, on those documents (replaces its adapter; off by default, "
+        "so earlier adapters stay untouched)",
+    )
     add_arguments(p, StreamSettings)
     add_arguments(p, DetectorSettings)
     add_arguments(p, TrainConfig)
@@ -61,7 +68,7 @@ def parse_names(text: str, existing: list[str]) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
-    from crma.adapter import CRMAConfig
+    from crma.backbone import CRMAConfig
     from crma.continual import ContinualModel, StackSpec
     from crma.engine import LoraSettings
     from crma.model import base_model_id, load_base
@@ -84,7 +91,9 @@ def run(args: argparse.Namespace) -> None:
     )
     acc = Accelerator(mixed_precision=mixed_precision(train_cfg.precision))
     cm.tidy(acc)
-    learner = StreamLearner(cm, args.input, settings, detector, train_cfg, acc, args.seed, names)
+    learner = StreamLearner(
+        cm, args.input, settings, detector, train_cfg, acc, args.seed, names, args.refresh
+    )
     done = learner.run(records)
     segments = ", ".join(f"{s['domain']}@{s['start']}" for s in done["segments"])
     print(f"{args.input}: {done['documents']} documents; segments {segments}", file=sys.stderr)

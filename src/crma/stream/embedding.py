@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from crma.route import CentroidSettings, embed
+from crma.routing.index import CentroidRouter, CentroidSettings
 
 if TYPE_CHECKING:
     from crma.engine import Engine
@@ -17,7 +17,6 @@ def embed_texts(
     engine: Engine, texts: list[str], settings: CentroidSettings | None = None
 ) -> torch.Tensor:
     """(N, d) float64 embeddings of `texts`, tokenized as the router tokenizes prompts."""
-    s = settings or CentroidSettings()
     tok = engine.tokenizer
     ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
-    return embed(engine, ids, s.layer, s.max_length)
+    return CentroidRouter(settings).embed(engine, ids)

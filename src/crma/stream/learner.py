@@ -30,11 +30,10 @@ from crma.errors import UserError
 from crma.lock import WriterLock
 from crma.model import file_sha256
 from crma.settings import Settings, setting
+from crma.stack import STREAM_LOG
 from crma.stream.detector import Decision, Detector, DetectorSettings
 from crma.stream.segment import chunk_embeddings, known_domains
 from crma.train import TrainConfig
-
-LOG = "stream.jsonl"
 
 
 @dataclass
@@ -44,9 +43,6 @@ class StreamSettings(Settings):
     min_segment: int = setting(
         30, "documents a new domain collects before its adapter is trained on them", ge=1
     )
-    refresh: bool = setting(
-        False, "at the end, retrain each known domain that recurred on its new documents"
-    )
 
 
 class StreamLog:
@@ -55,7 +51,7 @@ class StreamLog:
 
     def __init__(self, stack_path: Path):
         self.stack_path = stack_path
-        self.path = stack_path / LOG
+        self.path = stack_path / STREAM_LOG
         self.size = 0  # bytes of whole lines, as this process last saw or wrote them
 
     def read(self) -> list[dict[str, Any]]:
@@ -111,10 +107,14 @@ class StreamLearner:
         accelerator,
         seed: int = 0,
         names: list[str] | None = None,
+        refresh: bool = False,
     ):
+        """`names`: of the new domains, in order found; `refresh`: at the end, retrain each
+        domain known at the start that recurred with `min_segment` documents, on them
+        (replacing its adapter)."""
         self.cm, self.input_path, self.settings = cm, Path(input_path), settings
         self.detector_settings, self.train_cfg, self.acc = detector, train, accelerator
-        self.seed, self.names = seed, list(names or [])
+        self.seed, self.names, self.refresh = seed, list(names or []), refresh
         self.log = StreamLog(cm.stack.path)
 
     # -- the run ------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ class StreamLearner:
             self._train_ready(detector, docs, records, replay)
         self.log.append(self._step(detector, detector.finish(), docs, replay))
         self._train_ready(detector, docs, records, replay, final=True)
-        if self.settings.refresh:
+        if self.refresh:
             self._refresh(header["known"], docs, records, replay)
         done = {
             "event": "done",
@@ -162,6 +162,7 @@ class StreamLearner:
             "detector": dataclasses.asdict(self.detector_settings),
             "train": dataclasses.asdict(self.train_cfg),
             "seed": self.seed,
+            "refresh": self.refresh,
         }
         if starts:
             last = events[starts[-1]]
@@ -173,8 +174,8 @@ class StreamLearner:
                 return last, run
             if not run or run[-1]["event"] != "done":
                 raise UserError(
-                    f"{self.log.path}: a stream of {last['input']} with other settings is "
-                    "unfinished; rerun that command to finish it"
+                    f"{self.log.path}: the stream of {last['input']} (another input or other "
+                    "settings) is unfinished; rerun that command to finish it"
                 )
         header |= {"known": list(self.cm.stack.domains), "names": self.names}
         self.log.append([header])

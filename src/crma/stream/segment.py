@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from crma.data.formats import load_records, record_text
-from crma.route import CentroidRouter, CentroidSettings
+from crma.routing.index import CentroidRouter, CentroidSettings
 from crma.stream.detector import Decision, Detector, DetectorSettings, Stats
 from crma.stream.embedding import embed_texts
 
