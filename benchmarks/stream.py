@@ -422,19 +422,17 @@ def main() -> None:
     parser.add_argument("--margin", type=int, default=10)
     parser.add_argument("--blend-margin", type=int, default=20)
     parser.add_argument("--target-fa", type=float, default=1.0, help="false alarms per 10k")
-    parser.add_argument(
-        "--thresholds", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9, 1.0, 1.2]
-    )
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.2, 1.5])
     parser.add_argument("--known-thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7, 1.0])
     parser.add_argument("--out", type=Path, default=Path("results/stream"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.monotonic()
-    emb = cached_embeddings(args.per_domain)
-    if args.embed_only:
-        return
     if args.loss_only:
         cached_losses(args.loss_docs, args.loss_tokens)
+        return
+    emb = cached_embeddings(args.per_domain)
+    if args.embed_only:
         return
     from crma.stream.detector import DetectorSettings
 
