@@ -39,7 +39,7 @@ class DetectorSettings(Settings):
     """How the stream detector decides where a domain starts and which one it is."""
 
     window: int = setting(9, "documents in the change test's sliding window", ge=3)
-    threshold: float = setting(1.0, "window score that signals a change", gt=0)
+    threshold: float = setting(0.8, "window score that signals a change", gt=0)
     drift: float = setting(
         0.3, "document score above which a document counts as changed (places the boundary)"
     )
