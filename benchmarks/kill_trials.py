@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = ROOT / "tests" / "assets" / "tiny-llama"
 TINY_DATA = ROOT / "tests" / "assets" / "tiny-domains"
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
-VOLATILE = {"created", "finished", "tokens_per_s"}  # wall-clock values, not results
+VOLATILE = {"created", "finished", "tokens_per_s", "train_seconds"}  # wall-clock, not results
 
 # event -> (module, attribute, how the kill point sits relative to the original call)
 EVENTS = {
@@ -180,7 +180,7 @@ def _tree(root: Path) -> dict[str, Any]:
 
 
 def _content(path: Path) -> Any:
-    if path.name == "manifest.json":
+    if path.name in ("manifest.json", "loss_matrix.json"):
         return _without_volatile(json.loads(path.read_text()))
     if path.name == "metrics.jsonl":
         return [_without_volatile(json.loads(line)) for line in path.read_text().splitlines()]

@@ -161,6 +161,17 @@ CASES = [
     (["generate", "{ws}/nothing", "hi"], "nothing: not a crma stack (no manifest.json)"),
     (["eval", "{ws}/S", "--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
     (["eval", "{ws}/S", "--probes", "nope={ws}/f.jsonl"], "the stack has no domain 'nope'"),
+    (["eval"], "give a STACK to evaluate, or --base-only"),
+    (["eval", "--base-only", "--probes", "a={ws}/f.jsonl"], "--probes: only with a stack"),
+    (["eval", "--base-only", "--mmlu-order", "last"], "argument --mmlu-order: invalid choice: 'last'"),
+    # tune, report
+    (["tune", "{ws}/missing.yaml"], "missing.yaml: grid file not found"),
+    (["tune", "{ws}/bad.yaml"], "bad.yaml:3: invalid YAML"),
+    (["tune", "{ws}/nogrid.yaml"], "needs `config` and exactly one of `axes` (with `methods`), `grid`, `points`"),
+    (["tune", "{ws}/badgrid.yaml"], "badgrid.yaml: " + str(TINY_CONFIG) + ": train: lr: expected a finite number > 0, got -1"),
+    (["report", "{ws}", "--out", "{ws}/o"], "--out: only with --costs"),
+    (["report", "{ws}", "--costs", "{ws}/f.jsonl"], "f.jsonl: invalid JSON"),
+    (["report", "{ws}", "--costs", "{ws}/missing.json"], "missing.json: no such cost file"),
     # data tools, export
     (CLEAN + ["--min-alpha", "2"], "--min-alpha: expected a finite number in [0, 1], got 2.0"),
     (CLEAN + ["--min-chars", "50", "--max-chars", "10"], "--min-chars: expected at most max_chars (10), got 50"),
@@ -204,6 +215,8 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
     (ws / "nofields.jsonl").write_text('{"title": "x"}\n')
     (ws / "bad.yaml").write_text("methods: [crma]\nseeds: [0\n")
+    (ws / "nogrid.yaml").write_text(f"config: {TINY_CONFIG}\n")
+    (ws / "badgrid.yaml").write_text(f"config: {TINY_CONFIG}\npoints: [{{train.lr: -1}}]\n")
     (ws / "foreign").mkdir()
     (ws / "foreign" / "notes.txt").write_text("mine")
     build_stack(ws / "S", ["medic", "money"], steps=2)
@@ -230,8 +243,9 @@ def test_the_table_covers_every_command_and_the_issue_rows():
     assert len(CASES) >= 40
     commands = {case[0][0] for case in CASES}
     assert commands >= {
-        "train", "run", "generate", "eval", "data", "export", "check", "segment", "stream"
+        "train", "run", "generate", "eval", "data", "export", "check", "tune", "segment", "stream"
     }  # fmt: skip
+    assert "report" in commands
 
 
 def crma(*argv: str) -> tuple[int, str, str]:

@@ -58,6 +58,7 @@ def test_rows_are_passages_the_loader_accepts(built, tokenizer):
     assert [len(e["input_ids"]) for e in examples] == [32, 32, 32]
 
 
+@pytest.mark.integration
 def test_two_builds_are_byte_identical(built, tmp_path):
     root, _ = built
     again = tmp_path / "again"

@@ -185,6 +185,7 @@ def test_not_utf8_txt_names_the_line(tmp_path):
         load_records(path)
 
 
+@pytest.mark.integration
 def test_installed_command_reports_bad_input_with_exit_2(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{oops}\n', encoding="utf-8")

@@ -63,6 +63,7 @@ def test_generate_api_routes_and_batches(model):
     assert [a.domain for a in one_by_one] == DOMAINS
 
 
+@pytest.mark.integration
 def test_unknown_domain_is_a_clear_error(model, stack_path):
     with pytest.raises(UserError, match="medic, money, code"):
         model.generate("hi", domain="nope")
@@ -72,6 +73,7 @@ def test_unknown_domain_is_a_clear_error(model, stack_path):
     assert "medic, money, code" in proc.stderr
 
 
+@pytest.mark.integration
 def test_generate_and_chat_cli_show_the_answering_domain(stack_path):
     prompt = texts("medic", 1, 9)[0]
     proc = run_crma("generate", str(stack_path), prompt, "--max-new-tokens", "4")

@@ -7,9 +7,11 @@ import re
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT, crma_env
 
 
+@pytest.mark.integration
 def test_tiny_run_prints_both_arms_and_the_spectral_bound():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--tiny", "--steps", "2"],

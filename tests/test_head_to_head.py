@@ -1,17 +1,24 @@
-"""scripts/head_to_head.py: forgetting numbers from the run, costs from the benchmark, one table."""
+"""`crma report RUN --costs`: forgetting numbers from the run, costs from the benchmark, and
+the training time each domain took in the run, one table."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
-from helpers import ROOT, crma_env
+
+from crma.cli import main
 
 DOMAINS = ["a", "b", "c"]
-SCRIPT = ROOT / "scripts" / "head_to_head.py"
+# Seconds crma run recorded per (label, seed): None where an earlier, killed process trained
+# the domain (left out of the median).
+SECONDS = {
+    ("naive", 0): [None, 60, 64],
+    ("naive", 1): [80, 70, 90],
+    ("ewc", 0): [300, None, 350],
+    ("ewc", 1): [500, 400, 450],
+}
 
 
 def matrix(final_a: float) -> list[list[float | None]]:
@@ -53,6 +60,8 @@ def run(tmp_path):
             d = run_dir / label / f"seed-{seed}"
             d.mkdir(parents=True)
             body = {"domains": DOMAINS, "seed": seed, "loss_matrix": matrix(final_a)}
+            if (label, seed) in SECONDS:
+                body["train_seconds"] = SECONDS[label, seed]
             (d / "loss_matrix.json").write_text(json.dumps(body))
     costs = tmp_path / "costs.json"
     settings = {
@@ -68,16 +77,14 @@ def run(tmp_path):
     return run_dir, costs
 
 
-def head_to_head(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(SCRIPT), *args]
-    return subprocess.run(cmd, env=crma_env(), capture_output=True, text=True)
+def head_to_head(run_dir, *args: str) -> int:
+    return main(["report", str(run_dir), *args])
 
 
 def test_table_joins_drift_with_the_costs_of_the_method_a_label_runs(run, tmp_path):
     run_dir, costs = run
     out = tmp_path / "out"
-    proc = head_to_head(str(run_dir), "--costs", str(costs), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
+    assert head_to_head(run_dir, "--costs", str(costs), "--out", str(out)) == 0
     rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["head_to_head"]}
     # drift of a = 100·(final − 2.0)/2.0, of b = 100·(2.2 − 2.0)/2.0; c is last: the mean of two
     expected = {s: (100 * (a - 2.0) / 2.0 + 10.0) / 2 for s, a in enumerate((2.4, 2.6))}
@@ -93,50 +100,29 @@ def test_table_joins_drift_with_the_costs_of_the_method_a_label_runs(run, tmp_pa
     assert (out / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
 
 
-def test_missing_cost_file_is_a_one_line_error(run, tmp_path):
+def test_missing_cost_file_is_a_one_line_error_and_writes_nothing(run, tmp_path, capsys):
     run_dir, _ = run
     out = tmp_path / "out"
-    proc = head_to_head(str(run_dir), "--costs", str(tmp_path / "nope.json"), "--out", str(out))
-    assert (
-        proc.returncode == 2
-        and "nope.json" in proc.stderr
-        and "benchmarks/methods.py" in proc.stderr
-    )
-    assert not out.exists()
+    assert head_to_head(run_dir, "--costs", str(tmp_path / "nope.json"), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope.json" in err and "benchmarks/methods.py" in err
+    assert not out.exists() and not (run_dir / "report.json").exists()
 
 
-def test_logs_add_the_median_time_per_domain_the_run_printed(run, tmp_path):
+def test_the_time_per_domain_is_the_median_crma_run_recorded(run, tmp_path):
     run_dir, costs = run
-    line = "[{} seed {}] {}/3 {}: 16 steps in {} s, eval 9 s, holdout loss 2.0 | run 1/9 stages"
-    first = tmp_path / "seed-0.log"
-    first.write_text(
-        "\n".join(
-            [
-                line.format("naive", 0, 1, "a", 0),  # resumed: already trained, left out
-                line.format("naive", 0, 2, "b", 60),
-                line.format("ewc", 0, 1, "a", 100),
-                "[ewc seed 0] routing: evaluating centroid",
-                line.format("ewc", 0, 1, "a", 300),  # printed again: the last time counts
-            ]
-        )
-    )
-    second = tmp_path / "seed-1.log"
-    second.write_text(
-        line.format("naive", 1, 1, "a", 80) + "\n" + line.format("ewc", 1, 2, "b", 500)
-    )
     out = tmp_path / "out"
-    proc = head_to_head(
-        str(run_dir), "--costs", str(costs), "--out", str(out), "--logs", str(first), str(second)
-    )
-    assert proc.returncode == 0, proc.stderr
+    assert head_to_head(run_dir, "--costs", str(costs), "--out", str(out)) == 0
     rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["head_to_head"]}
-    assert rows["naive"]["train_s_per_domain"] == 70  # median of 60 and 80
-    assert rows["ewc"]["train_s_per_domain"] == 400  # median of 300 and 500
-    assert rows["crma-tied"]["train_s_per_domain"] is None
+    assert rows["naive"]["train_s_per_domain"] == 70  # median of 60, 64, 80, 70, 90
+    assert rows["ewc"]["train_s_per_domain"] == 400  # median of 300, 350, 500, 400, 450
+    assert rows["crma-tied"]["train_s_per_domain"] is None  # its matrices record none
     text = (out / "report.md").read_text()
     assert "| 70 (1.0×) |" in text and "| 400 (5.7×) |" in text and "train s/domain" in text
 
-    proc = head_to_head(
-        str(run_dir), "--costs", str(costs), "--out", str(tmp_path / "o2"), "--logs", "gone.log"
-    )
-    assert proc.returncode == 2 and "gone.log" in proc.stderr and "crma run" in proc.stderr
+
+def test_without_out_the_table_heads_the_run_directory_report(run):
+    run_dir, costs = run
+    assert head_to_head(run_dir, "--costs", str(costs)) == 0
+    assert (run_dir / "report.md").read_text().startswith("# Head to head")
+    assert "head_to_head" in json.loads((run_dir / "report.json").read_text())

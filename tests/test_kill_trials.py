@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from helpers import kill_harness
 
+pytestmark = pytest.mark.integration  # every test here runs crma in killed subprocesses
 harness = kill_harness()
 
 

@@ -17,7 +17,8 @@ import torch
 from accelerate import Accelerator
 from helpers import ROOT, crma_cmd, crma_env, run_crma
 from peft import PeftModel
-from test_methods import LORA, A, B, killed_then_resumed
+from test_method_contract import killed_then_resumed
+from test_methods import LORA, A, B
 from tiny import tiny_model, tiny_tokenizer
 
 from crma import UserError
@@ -231,6 +232,7 @@ def report(tmp_path_factory):
     return out, json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.integration
 def test_osf_forgets_less_than_naive_and_still_learns(report):
     methods = report[1]["methods"]
     naive = methods["naive"]["per_seed"]["0"]["drift"]
@@ -242,6 +244,7 @@ def test_osf_forgets_less_than_naive_and_still_learns(report):
         assert L[k + 1][k] < L[0][k], f"osf did not learn domain {k}"
 
 
+@pytest.mark.integration
 def test_protocol_run_resumes_after_sigkill_to_the_same_numbers(report, tmp_path):
     out = tmp_path / "killed"
     metrics = out / "osf" / "seed-0" / "metrics.jsonl"

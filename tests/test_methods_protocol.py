@@ -19,6 +19,7 @@ def report(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.integration
 def test_each_baseline_forgets_less_than_naive(report, name):
     methods = report["methods"]
     naive = methods["naive"]["per_seed"]["0"]["drift"]
@@ -28,6 +29,7 @@ def test_each_baseline_forgets_less_than_naive(report, name):
 
 
 @pytest.mark.parametrize("name", BASELINES)
+@pytest.mark.integration
 def test_each_baseline_still_learns_every_domain(report, name):
     L = report["methods"][name]["per_seed"]["0"]["loss_matrix"]
     for k in range(len(L) - 1):

@@ -1,5 +1,8 @@
 """Model loading: the embedded default and clear errors for bad paths."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -49,3 +52,16 @@ def test_cli_reports_bad_model_path_with_exit_2(tmp_path, capsys):
     assert main(["demo", "--base", str(tmp_path / "nope.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("crma: error:") and "nope.gguf" in err and err.count("\n") == 1
+
+
+def test_the_suite_writes_to_a_temporary_crma_home_and_reads_the_users_builds(crma_home):
+    """conftest's isolation: every write goes below a temporary CRMA_HOME (subprocesses too);
+    only finished model and corpus builds are linked in from the user's cache."""
+    from helpers import crma_env
+
+    from crma.model import crma_home as home_in_use
+
+    assert home_in_use() == crma_home and crma_env()["CRMA_HOME"] == str(crma_home)
+    assert crma_home.is_relative_to(Path(tempfile.gettempdir()))
+    for link in crma_home.glob("*/*"):
+        assert link.is_symlink() and not link.resolve().is_relative_to(crma_home.resolve())

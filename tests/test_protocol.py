@@ -23,6 +23,7 @@ def load(path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.integration
 def test_loss_matrix_shape_and_frozen_drift_is_exactly_zero(tiny_run):
     report = load(tiny_run / "report.json")
     T = len(report["domains"])
@@ -34,6 +35,7 @@ def test_loss_matrix_shape_and_frozen_drift_is_exactly_zero(tiny_run):
     assert all(v == 0.0 for v in frozen["drift_per_domain"].values())
 
 
+@pytest.mark.integration
 def test_report_drift_equals_independent_recomputation(tiny_run):
     report = load(tiny_run / "report.json")
     for label, method in report["methods"].items():
@@ -45,6 +47,19 @@ def test_report_drift_equals_independent_recomputation(tiny_run):
         assert got["drift"] == pytest.approx(statistics.fmean(expected), abs=1e-12)
 
 
+@pytest.mark.integration
+def test_training_seconds_are_recorded_per_domain_in_matrix_and_manifest(tiny_run):
+    """Without reading any log: the loss matrix holds the run's wall seconds per domain and
+    the stack's manifest the training part of them."""
+    for label in ("naive", "frozen", "crma"):
+        unit = tiny_run / label / "seed-0"
+        seconds = load(unit / "loss_matrix.json")["train_seconds"]
+        entries = load(unit / "stack" / "manifest.json")["domains"]
+        assert len(seconds) == len(entries) == 3 and all(s > 0 for s in seconds)
+        assert all(0 < e["train_seconds"] <= s + 0.1 for e, s in zip(entries, seconds))
+
+
+@pytest.mark.integration
 def test_naive_forgets_and_crma_does_not(tiny_run):
     methods = load(tiny_run / "report.json")["methods"]
     naive, crma = methods["naive"]["drift_mean"], methods["crma"]["drift_mean"]
@@ -54,6 +69,7 @@ def test_naive_forgets_and_crma_does_not(tiny_run):
     assert spectral["spectral_norm_dev_max"] < 1e-6 and spectral["steps"] == 3 * 24
 
 
+@pytest.mark.integration
 def test_run_directory_contract(tiny_run):
     for name in ("config.yaml", "report.json", "report.md"):
         assert (tiny_run / name).is_file()
@@ -79,6 +95,7 @@ def test_run_directory_contract(tiny_run):
     assert "| crma |" in (tiny_run / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_report_command_regenerates_the_same_json(tiny_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_run, copy)
@@ -89,6 +106,7 @@ def test_report_command_regenerates_the_same_json(tiny_run, tmp_path):
     assert (copy / "report.md").read_text() == (tiny_run / "report.md").read_text()
 
 
+@pytest.mark.integration
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_run, tmp_path):
     out = tmp_path / "killed"
     metrics = out / "crma" / "seed-0" / "metrics.jsonl"
@@ -114,12 +132,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_run, tmp_path):
     assert kill_harness().differences(tiny_run, out) == [], "every file, byte for byte"
 
 
+@pytest.mark.integration
 def test_export_killed_mid_copy_and_rerun_equals_an_export_never_killed(tiny_run, tmp_path):
     harness = kill_harness()
     run_crma("export", str(tiny_run), str(tmp_path / "ref"))
     assert harness.trial("export", "export:4", tmp_path / "dest", tmp_path / "ref", tiny_run) == []
 
 
+@pytest.mark.integration
 def test_run_directory_refuses_a_different_config(tiny_run):
     proc = run_crma(
         "run", str(TINY_CONFIG), "--out", str(tiny_run), "--set", "train.lr=0.5", check=False
@@ -127,6 +147,7 @@ def test_run_directory_refuses_a_different_config(tiny_run):
     assert proc.returncode == 2 and "different config" in proc.stderr
 
 
+@pytest.mark.integration
 def test_accelerate_launch_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [
@@ -163,6 +184,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     assert (out / "crma" / "seed-0" / "metrics.jsonl").read_text().count("\n") == 3 * 6
 
 
+@pytest.mark.integration
 def test_lower_triangle_only_matches_the_full_matrix(tiny_run, tmp_path):
     out = tmp_path / "lower"
     run_crma(
@@ -200,6 +222,7 @@ def test_exponent_notation_is_a_number_even_where_yaml_reads_a_string():
     assert make_method("osf", config.methods[0].options).options.lr == 3e-5
 
 
+@pytest.mark.integration
 def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
     same = tmp_path / "same"
     proc = run_crma(
@@ -231,6 +254,7 @@ def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
     assert (other / metrics).read_text().count("\n") == 3 * 6
 
 
+@pytest.mark.integration
 def test_units_record_their_data_and_reuse_takes_only_the_same(tiny_run, tmp_path):
     from crma.model import file_sha256
 
@@ -269,6 +293,7 @@ def test_units_from_before_the_corpus_tag_are_labelled_legacy(tmp_path):
     assert data_identity(config.domains)["corpus"].startswith("v2-")
 
 
+@pytest.mark.integration
 def test_report_learning_equals_independent_recomputation(tiny_run):
     report = load(tiny_run / "report.json")
     for label, method in report["methods"].items():
@@ -279,6 +304,7 @@ def test_report_learning_equals_independent_recomputation(tiny_run):
     assert "## Learning" in text and "| crma |" in text.split("## Learning")[1]
 
 
+@pytest.mark.integration
 def test_export_keeps_results_without_weights_and_reuse_takes_them(tiny_run, tmp_path):
     source = tmp_path / "source"  # a copy of the run with one unit cut back to unfinished
     shutil.copytree(tiny_run, source)

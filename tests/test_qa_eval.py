@@ -145,15 +145,15 @@ def test_backbone_off_and_routed_use_other_weights(stack):
     medic, money = cm.method.adapter_name("medic"), cm.method.adapter_name("money")
     its = probe_items("medic")
     s, cache = QASettings(), {}
-    predict(cm, its, medic, True, s, cache)
-    predict(cm, its, medic, False, s, cache)
+    predict(cm.engine, its, medic, True, s, cache)
+    predict(cm.engine, its, medic, False, s, cache)
     assert len(cache) == 2, "backbone on and off must be distinct weights"
     from crma.eval.qa import routed_predictions
 
     router = Router(cm)
     wrong = [Route("money", 1.0, "money")] * len(its)
     got = routed_predictions(cm, its, wrong, router, ((medic,), [9] * len(its)), s, None)
-    assert got == predict(cm, its, money, True, s)  # rescored with the routed adapter
+    assert got == predict(cm.engine, its, money, True, s)  # rescored with the routed adapter
     right = [Route("medic", 1.0, "medic")] * len(its)
     reused = routed_predictions(cm, its, right, router, ((medic,), [9] * len(its)), s, None)
     assert reused == [9] * len(its)  # routed to the oracle's adapters: oracle answers reused
@@ -169,6 +169,7 @@ def test_cache_is_handed_over_after_each_domain(stack):
     assert len(sizes) == len(DOMAINS) and 0 < sizes[0] < sizes[1] == len(cache)
 
 
+@pytest.mark.integration
 def test_markdown_and_cli(stack, tmp_path):
     path, cm = stack
     result = evaluate_qa(cm, {"medic": {"probes": probe_items("medic")}})
@@ -186,6 +187,7 @@ def test_markdown_and_cli(stack, tmp_path):
     assert bad.returncode == 2 and "medic, money" in bad.stderr
 
 
+@pytest.mark.integration
 def test_protocol_routing_section_in_report(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -239,3 +241,26 @@ def test_protocol_routing_section_in_report(tmp_path):
     first = json.loads((out / "crma" / "seed-0" / "routing.json").read_text())
     routing = json.loads((again / "crma" / "seed-0" / "routing.json").read_text())
     assert routing["centroid"] == first["centroid"] and routing["loss"]["top1_mean"] > 0.5
+
+
+@pytest.mark.integration
+def test_base_only_scores_the_plain_base_model_on_the_corpus_items(tmp_path):
+    from crma.data.corpus import DOMAINS, corpus_file
+    from crma.eval.qa import corpus_items, read_items
+    from crma.model import load_base
+
+    out = tmp_path / "base"
+    limits = ["--probes-limit", "3", "--mmlu-limit", "2", "--mmlu-order", "first"]
+    run_crma("eval", "--base-only", "--base", str(TINY_BASE), *limits, "--out", str(out))
+    data = json.loads((out / "qa.json").read_text())
+    assert data["conditions"] == ["base"] and data["domains"] == list(DOMAINS)
+    settings = QASettings(probes_limit=3, mmlu_limit=2, mmlu_order="first")
+    items = corpus_items(list(DOMAINS), settings)
+    assert items["legal"]["mmlu"] == read_items(corpus_file("legal", "mmlu"))[:2]
+    model, tok = load_base(str(TINY_BASE))
+    model.eval()
+    for domain, kinds in items.items():
+        for kind, its in kinds.items():  # the plain model, scored without the engine
+            assert data["results"]["base"][domain][kind] == tally(
+                its, score_choices(model, tok, its)
+            )

@@ -14,8 +14,10 @@ from stacks import build_stack, texts
 
 from crma.generate import load_stack
 from crma.serve.app import Server
-from crma.serve.batcher import Batcher, Request, Sampling, Snapshot
+from crma.serve.batcher import Batcher, Request
 from crma.serve.config import ServeSettings
+from crma.serve.sampling import Sampling
+from crma.serve.snapshot import Snapshot
 
 DOMAINS = ["medic", "money", "code"]
 
@@ -92,9 +94,13 @@ def test_auto_routes_a_named_domain_does_not(client):
     info = routed.model_extra["crma"]
     assert info["domain"] == "money" and info["requested"] == "auto"
     assert 0.5 < info["confidence"] <= 1
+    scores = info["scores"]  # the router's probability of every domain; the answer's is largest
+    assert list(scores) == DOMAINS and sum(scores.values()) == pytest.approx(1.0)
+    assert scores["money"] == pytest.approx(info["confidence"]) == max(scores.values())
     assert float(raw.headers["x-crma-confidence"]) == pytest.approx(info["confidence"], abs=1e-4)
     named = chat(client, "code", texts("money", 1, 3)[0], max_tokens=4)
     assert named.model == "code" and named.model_extra["crma"]["confidence"] is None
+    assert named.model_extra["crma"]["scores"] is None
     assert chat(client, "base", "hello", max_tokens=2).model == "base"
     # The adapters differ, so answering through another domain changes the text.
     answers = {
@@ -194,6 +200,19 @@ BAD = [
     ("get", "/v1/fine_tuning/jobs/ftjob-nope/events", {}, 404),
     ("post", "/v1/fine_tuning/jobs/ftjob-nope/cancel", {}, 404),
     ("get", "/v1/fine_tuning/jobs?limit=0", {}, 400),
+    # the dashboard's pages and data
+    ("get", "/nothing.html", {}, 404),
+    ("get", "/static/nope.js", {}, 404),
+    ("get", "/static/..%2F__init__.py", {}, 404),
+    ("get", "/ui/nothing", {}, 404),
+    ("post", "/ui/stack", {}, 405),
+    ("get", "/ui/jobs/ftjob-nope", {}, 404),
+    ("get", "/ui/jobs/..%2F..%2Fmanifest.json", {}, 404),
+    ("get", "/ui/jobs/ftjob-nope/series", {}, 404),
+    ("get", "/ui/jobs/ftjob-nope/series?after=-1", {}, 400),
+    ("get", "/ui/jobs/ftjob-nope/series?after=x", {}, 400),
+    ("get", "/ui/plots/loss_matrix.png", {}, 404),
+    ("get", "/ui/plots/..%2Fmanifest.json", {}, 404),
 ]  # fmt: skip
 
 

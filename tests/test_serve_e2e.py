@@ -18,6 +18,7 @@ from stacks import build_stack, texts
 EPOCHS, BATCH = 4, 2
 
 
+@pytest.mark.integration
 def test_serve_process_sigkill_mid_job_resumes_to_the_uninterrupted_stack(tmp_path):
     stack, twin, data = tmp_path / "stack", tmp_path / "twin", tmp_path / "physics.jsonl"
     build_stack(stack, ["medic", "money"])

@@ -22,6 +22,7 @@ CODE = [
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_train_two_domains_and_generate_on_the_embedded_model(tmp_path):
     files = {}
     for name, texts in (("medical", MEDICAL), ("code", CODE)):

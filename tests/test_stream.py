@@ -199,6 +199,7 @@ sys.exit(main(sys.argv[4:]))
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "point",
     [

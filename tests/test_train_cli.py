@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 
+import pytest
 import torch
 from helpers import (
     ROOT,
@@ -43,6 +44,7 @@ def train(stack, *domains, method="crma", base=TINY_BASE, check=True, extra=()):
     return run_crma(*args, check=check)
 
 
+@pytest.mark.integration
 def test_second_call_adds_a_domain_and_keeps_earlier_adapters(tmp_path):
     stack = tmp_path / "stack"
     train(stack, "alpha")
@@ -59,6 +61,7 @@ def test_second_call_adds_a_domain_and_keeps_earlier_adapters(tmp_path):
     assert not (stack / "checkpoint").exists()
 
 
+@pytest.mark.integration
 def test_duplicate_domain_and_other_base_are_refused(tmp_path):
     stack = tmp_path / "stack"
     train(stack, "alpha")
@@ -80,6 +83,7 @@ def test_duplicate_domain_and_other_base_are_refused(tmp_path):
     assert proc.stderr.count("\n") == 1
 
 
+@pytest.mark.integration
 def test_replace_retrains_a_domain(tmp_path):
     stack = tmp_path / "stack"
     train(stack, "alpha", method="frozen")
@@ -93,6 +97,7 @@ def test_replace_retrains_a_domain(tmp_path):
     assert [d["name"] for d in manifest["domains"]] == ["alpha"]
 
 
+@pytest.mark.integration
 def test_adapters_load_with_plain_peft(tmp_path):
     stack = tmp_path / "stack"
     train(stack, "alpha", "beta", method="frozen")
@@ -106,6 +111,7 @@ def test_adapters_load_with_plain_peft(tmp_path):
     assert (adapted - base_logits).abs().max() > 1e-4, "the trained adapter changes the output"
 
 
+@pytest.mark.integration
 def test_bad_domain_argument_fails_clearly(tmp_path):
     proc = run_crma(
         "train", str(tmp_path / "s"), "--base", str(TINY_BASE), "--domain", "alpha", check=False
@@ -123,6 +129,7 @@ def test_bad_domain_argument_fails_clearly(tmp_path):
     assert proc.returncode == 2 and "/no/file" in proc.stderr
 
 
+@pytest.mark.integration
 def test_method_options_are_stored_checked_and_fixed(tmp_path):
     stack = tmp_path / "stack"
     proc = train(stack, "alpha", method="ewc", check=False, extra=["--option", "lamda=3"])
@@ -140,6 +147,7 @@ def test_method_options_are_stored_checked_and_fixed(tmp_path):
     assert proc.returncode == 2 and "fixed when a stack is created" in proc.stderr
 
 
+@pytest.mark.integration
 def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_path):
     """Two `crma train` on one stack: the second is refused at once, naming the first; the
     first killed (SIGKILL, no cleanup), the next writer takes the stack over and commits."""

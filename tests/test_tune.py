@@ -1,31 +1,21 @@
-"""scripts/tune.py: every committed grid resolves to valid runs, and the one selection rule."""
+"""`crma tune`: every committed grid resolves to valid runs, and the one selection rule."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
+import re
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, TINY_CONFIG, run_crma
 
+from crma import tune
+from crma.errors import UserError
 from crma.protocol.config import load_config
 
 GRIDS = sorted((ROOT / "configs" / "tuning").glob("*.yaml"))
-
-
-def load_tune():
-    spec = importlib.util.spec_from_file_location("tune", ROOT / "scripts" / "tune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tune"] = module  # its dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-tune = load_tune()
 
 
 AXES = [g for g in GRIDS if "axes" in yaml.safe_load(g.read_text())]
@@ -135,11 +125,11 @@ def test_extension_stops_at_a_declared_limit():
 
 
 def test_a_bad_axis_is_a_clear_error():
-    with pytest.raises(tune.UserError, match="outside limits"):
+    with pytest.raises(UserError, match="outside limits"):
         axis([1e-4, 1e-2], [1e-3, 1])
-    with pytest.raises(tune.UserError, match="log-complement scale"):
+    with pytest.raises(UserError, match="log-complement scale"):
         axis([0.5, 1.0], [0.1, 1.0], "log-complement")
-    with pytest.raises(tune.UserError, match="unknown key 'value'"):
+    with pytest.raises(UserError, match="unknown key 'value'"):
         tune.Axis.parse({"key": "train.lr", "value": [1], "limits": [0, 1]}, "t")
 
 
@@ -225,17 +215,61 @@ def test_every_method_is_tuned_on_its_own_and_scaled_keys_move_together():
     assert entries["b"]["crma"] == pytest.approx({"lr_mix": 0.001, "lr_gate": 0.0001})
 
 
-def test_results_mark_extensions_and_give_the_chosen_entries(tmp_path, monkeypatch):
+def test_results_mark_extensions_and_give_the_chosen_entries(tmp_path):
     run, _ = synthetic(lambda lr, s: 0.0, lambda lr, s: (math.log10(lr) + 1.5) ** 2)
     spec = {"config": "c.yaml", "methods": ["m"], "axes": [LR]}
     trials, chosen, entries = tune.tune_axes(spec, run)
-    monkeypatch.chdir(tmp_path)
-    tune.write_results(Path("configs/tuning/g.yaml"), spec, trials, chosen, entries)
-    md = (tmp_path / "results" / "tuning" / "g.md").read_text()
+    results = tmp_path / "results" / "tuning"
+    tune.write_results(Path("configs/tuning/g.yaml"), spec, trials, chosen, entries, results)
+    md = (results / "g.md").read_text()
     assert md.count("*(extension)*") == 3, "two rows, one note"
     assert "at the lr limit" not in md, "the choice is interior"
     assert "| lr=0.01 | m |" in md and "| lr=0.0333333 *(extension)* | m |" in md
     assert '- m: lr=0.0333333 → `{"name": "m", "train": {"lr": 0.0333333}}`' in md
-    saved = json.loads((tmp_path / "results" / "tuning" / "g.json").read_text())
+    saved = json.loads((results / "g.json").read_text())
     assert saved["selected_entries"] == entries
     assert [t["extension"] for t in saved["trials"]] == [False] * 5 + [True] * 2
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"config": str(TINY_CONFIG), "points": [{}], "grid": {}}, "exactly one of `axes`"),
+        ({"points": [{}]}, "needs `config`"),
+        ({"config": str(TINY_CONFIG), "axes": [LR]}, "(with `methods`)"),
+        ({"config": str(TINY_CONFIG), "point": [{}]}, "unknown key 'point'"),
+        ({"config": str(TINY_CONFIG), "points": [{"train.lr": -1}]}, "lr: expected a finite"),
+    ],
+)
+def test_a_bad_grid_file_is_refused_before_any_run(tmp_path, grid, message):
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(UserError, match=re.escape(message)):
+        tune.load_grid(path)
+
+
+@pytest.mark.integration
+def test_crma_tune_runs_the_trials_and_writes_the_choice(tmp_path):
+    """Two learning rates on the tiny protocol: the command runs both trials, applies the rule
+    to their reports, and a second call reads the trials back instead of rerunning them."""
+    grid = tmp_path / "lr.yaml"
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "config": str(TINY_CONFIG),
+                "set": {"methods": ["naive"], "train.max_steps": 2},
+                "points": [{"train.lr": 0.001}, {"train.lr": 0.03}],
+            }
+        )
+    )
+    args = ["tune", str(grid), "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r")]
+    run_crma(*args)
+    saved = json.loads((tmp_path / "r" / "lr.json").read_text())
+    assert [t["point"] for t in saved["trials"]] == [{"train.lr": 0.001}, {"train.lr": 0.03}]
+    assert saved["selected"] == tune.select(saved["trials"])
+    for t in saved["trials"]:
+        report = json.loads((Path(t["run_dir"]) / "report.json").read_text())
+        assert t["scores"] == tune.score(report)
+    again = run_crma(*args)
+    assert "reused" not in again.stdout and "1/" not in again.stdout  # nothing trained again
+    assert json.loads((tmp_path / "r" / "lr.json").read_text()) == saved

@@ -45,3 +45,48 @@ def test_state_dict_round_trip():
     b = ZClip(warmup_steps=3)
     b.load_state_dict(a.state_dict())
     assert b.threshold() == a.threshold() and b.steps == a.steps
+
+
+def test_in_training_each_domain_restarts_the_warm_up_so_short_domains_only_cap_at_one(
+    tmp_path, monkeypatch
+):
+    """The trainer makes a fresh ZClip per domain. With 16 steps per domain (the paper
+    protocol's) the 25-step warm-up never ends: every step's threshold is the max-norm cap of
+    1, in the second domain too, where one ZClip carried across domains would have adapted."""
+    from accelerate import Accelerator
+    from tiny import tiny_model, tiny_tokenizer
+
+    from crma.engine import Engine, LoraSettings
+    from crma.methods import Task, make_method
+    from crma.train import TrainConfig, Trainer
+
+    thresholds, norms = [], []
+    original_threshold, original_update = ZClip.threshold, ZClip._update
+    monkeypatch.setattr(
+        ZClip,
+        "threshold",
+        lambda self: thresholds.append(original_threshold(self)) or thresholds[-1],
+    )
+    monkeypatch.setattr(
+        ZClip, "_update", lambda self, n: norms.append(n) or original_update(self, n)
+    )
+    engine = Engine(tiny_model(), tiny_tokenizer(), LoraSettings(r=4, alpha=8), backbone=None)
+    method, config = (
+        make_method("naive"),
+        TrainConfig(lr=0.02, batch_size=4, max_steps=16, precision="fp32"),
+    )
+    gen = torch.Generator().manual_seed(0)
+    for index, name in enumerate(("alpha", "beta")):
+        data = [
+            {"input_ids": ids, "labels": ids}
+            for ids in torch.randint(10, 400, (12, 10), generator=gen).tolist()
+        ]
+        trainer = Trainer(engine, method, config, Accelerator(cpu=True), {})
+        trainer.train_task(Task(index, name, 0), data, tmp_path / name, tmp_path / "metrics.jsonl")
+    assert thresholds == [1.0] * 32
+
+    monkeypatch.undo()
+    carried, param = ZClip(max_norm=1.0), torch.nn.Parameter(torch.zeros(2))
+    for norm in norms:  # the same 32 clipped norms through one ZClip
+        run_step(carried, param, norm)
+    assert carried.mean is not None and carried.threshold() < 1.0, "it would have adapted"

@@ -1,4 +1,4 @@
-"""The CRMA backbone: a Constrained Residual Mixing Adapter on every decoder layer (DESIGN §3).
+"""The CRMA backbone: a Constrained Residual Mixing Adapter on every decoder layer.
 
 Per layer ℓ, on the layer's output hidden state h (B, T, d), with n streams:
 
@@ -171,7 +171,7 @@ class CRMABackbone(nn.Module):
 
     @torch.no_grad()
     def spectral_stats(self) -> dict[str, float]:
-        """max_ℓ ‖M_ℓ‖₂, max |row sum − 1|, max |col sum − 1| (DESIGN §3 log fields)."""
+        """max_ℓ ‖M_ℓ‖₂, max |row sum − 1|, max |col sum − 1| (the fields of the spectral log)."""
         M = self.mixing_matrices()
         return {
             "spectral_norm_max": torch.linalg.matrix_norm(M, ord=2).max().item(),

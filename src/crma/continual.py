@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ class ContinualModel:
                     engine.remove_adapter(adapter)  # retrained from scratch
             task = Task(index=index, domain=domain, seed=seed)
             trainer = Trainer(engine, method, train_config, accelerator, run_info)
+            start = time.perf_counter()
             result = trainer.train_task(
                 task,
                 examples,
@@ -176,6 +178,9 @@ class ContinualModel:
                 resume_key=self._resume_key(task, train_config, examples),
                 generation=stack.generation,
             )
+            # wall time of this process's training, end-of-domain work included (a resumed
+            # domain counts from the checkpoint)
+            result["train_seconds"] = round(time.perf_counter() - start, 1)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 self._commit(task, result, train_config, data_info or {}, replace, examples)

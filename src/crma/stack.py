@@ -1,4 +1,4 @@
-"""A stack: the on-disk state of a continually trained model (DESIGN §6).
+"""A stack: the on-disk state of a continually trained model.
 
     STACK/manifest.json              the commit point: base model, method, settings, domains,
                                      and every file below with its size and sha256
@@ -52,7 +52,7 @@ DAMAGED = "the stack is damaged: restore it from a copy (`crma check STACK` chec
 HASH_AT_OPEN = 512 << 20
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': versioned folders use it
-# `crma generate --domain auto` routes; `base` is the model without adapter (DESIGN §8).
+# `crma generate --domain auto` routes; `base` is the model without adapter.
 RESERVED = ("auto", "base")
 # Committed files at the top level, in any generation: what a commit may delete once unlisted.
 _COMMITTED = re.compile(

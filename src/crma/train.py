@@ -50,7 +50,11 @@ class TrainConfig(Settings):
     )
     min_lr_ratio: float = setting(0.1, "cosine decays to this fraction of the peak lr", ge=0, le=1)
     weight_decay: float = setting(0.0, "AdamW weight decay on LoRA/projection weights", ge=0)
-    zclip: bool = setting(True, "ZClip adaptive gradient clipping (EMA 0.97, z 2.5, max norm 1)")
+    zclip: bool = setting(
+        True,
+        "ZClip gradient clipping (EMA 0.97, z 2.5, max norm 1); its 25-step warm-up restarts "
+        "every domain, so a domain of at most 25 steps is clipped at max norm 1 only",
+    )
     precision: Literal["auto", "fp32", "bf16"] = setting(
         "auto", "auto: bf16 autocast on GPUs that support it, fp32 otherwise"
     )

@@ -4,6 +4,11 @@ An EMA tracks the mean and variance of the total gradient norm. A step whose nor
 z-score above `z_thresh` is clipped down to mean + z_thresh·std; the EMA is then updated with
 the clipped norm, so one spike does not inflate the statistics. During warm-up only the
 fixed `max_norm` cap applies while the statistics are collected.
+
+The trainer starts a fresh ZClip for every domain, so the statistics never carry over: a
+domain of at most `warmup_steps` (25) steps is clipped at `max_norm` alone and never
+adaptively. The paper protocol trains 16 steps per domain, so in every run it configures ZClip
+is max-norm clipping at 1 (tests/test_zclip.py shows it).
 """
 
 from __future__ import annotations

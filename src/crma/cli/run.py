@@ -1,9 +1,12 @@
-"""`crma run CONFIG.yaml`: the forgetting protocol, and `crma report DIR` to redo its report."""
+"""`crma run CONFIG.yaml`: the forgetting protocol; `crma report DIR` to redo its report (with
+`--costs`, the head-to-head table), `crma export` and `crma tune GRID.yaml` (trials on the
+validation split)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 from crma.errors import UserError
@@ -66,7 +69,49 @@ def register(sub: argparse._SubParsersAction) -> None:
         "report", help="rebuild report.json, report.md and plots/ of a run directory"
     )
     r.add_argument("run_dir", type=Path, help="run directory written by `crma run`")
+    r.add_argument(
+        "--costs",
+        type=Path,
+        default=None,
+        help="benchmarks/methods.py's JSON: put the head-to-head table (forgetting beside "
+        "trainable parameters, memory, step and domain time, task id) first in the report",
+    )
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="with --costs: write report.json, report.md, config.yaml and plots/ there "
+        "(default: the run directory)",
+    )
     r.set_defaults(func=report)
+
+    t = sub.add_parser(
+        "tune",
+        help="hyperparameter trials on the validation split, one selection rule for every method",
+        description=(
+            "Run the trials a grid file declares (configs/tuning/*.yaml), each a protocol run on "
+            "the validation split, and choose each method's setting by one rule: the lowest "
+            "final validation loss among trials that forget at most 0.5 %%, else the least "
+            "drift. Axes whose choice sits at an edge are extended one step at a time within "
+            "their limits. Finished trials are read back, so rerunning resumes."
+        ),
+    )
+    t.add_argument(
+        "grid", type=Path, help="grid file: config, set, methods + axes, or grid / points"
+    )
+    t.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/tuning"),
+        help="trial run directories (default: %(default)s)",
+    )
+    t.add_argument(
+        "--results",
+        type=Path,
+        default=Path("results/tuning"),
+        help="where <grid name>.md and .json go (default: %(default)s)",
+    )
+    t.set_defaults(func=tune)
 
 
 def config_keys() -> str:
@@ -110,7 +155,16 @@ def report(args: argparse.Namespace) -> None:
 
     if not args.run_dir.is_dir():
         raise UserError(f"{args.run_dir}: run directory not found")
-    print(drift_table(build_report(args.run_dir)))
+    if args.out is not None and args.costs is None:
+        raise UserError("--out: only with --costs (the run's own report stays in the run)")
+    if args.costs is not None:
+        from crma.report.head_to_head import load_costs, write_head_to_head
+
+        load_costs(args.costs)  # a bad file fails before anything is written
+    result = build_report(args.run_dir)
+    if args.costs is not None:
+        write_head_to_head(args.run_dir, result, args.costs, args.out or args.run_dir)
+    print(drift_table(result))
 
 
 def export(args: argparse.Namespace) -> None:
@@ -119,3 +173,11 @@ def export(args: argparse.Namespace) -> None:
         f"{args.dest}: {len(units)} finished method/seed results"
         + "".join(f"\n  {u}" for u in units)
     )
+
+
+def tune(args: argparse.Namespace) -> None:
+    from crma.tune import tune as run_trials
+
+    chosen = run_trials(args.grid, args.out, args.results)
+    print("selected: " + json.dumps(chosen), flush=True)
+    print(f"{args.results / args.grid.stem}.md")

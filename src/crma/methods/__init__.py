@@ -1,25 +1,20 @@
-"""Continual-learning methods, one small class each behind the protocol in `base`."""
+"""Continual-learning methods, one small class each behind the protocol in `base`.
+
+Each registers itself with `@register` next to its class; importing a module registers its
+methods, and the import order below is the order commands and errors list them in.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from crma.errors import UserError
-from crma.methods.base import Method, Task
-from crma.methods.crma import Crma, CrmaTask1
-from crma.methods.ewc import Ewc
-from crma.methods.frozen import Frozen
-from crma.methods.inflora import Inflora
-from crma.methods.lwf import Lwf
-from crma.methods.naive import Naive
-from crma.methods.olora import Olora
-from crma.methods.osf import Osf
-from crma.methods.replay import Replay
-from crma.settings import from_dict
+# isort: off
+from crma.methods import naive, frozen, crma, ewc, replay, lwf, olora, inflora, osf  # noqa: F401
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Naive, Frozen, Crma, CrmaTask1, Ewc, Replay, Lwf, Olora, Inflora, Osf)
-}
+# isort: on
+from crma.errors import UserError
+from crma.methods.base import METHODS, Method, Task, register
+from crma.settings import from_dict
 
 
 def make_method(name: str, options: dict[str, Any] | None = None, where: str = "method") -> Method:
@@ -30,4 +25,4 @@ def make_method(name: str, options: dict[str, Any] | None = None, where: str = "
     return cls(from_dict(cls.Options, options, f"{where} options"))
 
 
-__all__ = ["METHODS", "Method", "Task", "make_method"]
+__all__ = ["METHODS", "Method", "Task", "make_method", "register"]

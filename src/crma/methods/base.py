@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -41,14 +41,18 @@ class NoOptions(Settings):
     """This method has no options."""
 
 
+DOMAIN_PREFIX = "d-"
+
+
 def domain_adapter(domain: str) -> str:
     """The PEFT name of `domain`'s own adapter: the domain with a `d-` prefix.
 
     PEFT finds an adapter's parameters by its name as a segment of their dotted names (and in
     places as a substring), so a domain named after a module (`layers`, `0`) or inside PEFT's
     prefixes (`a`, `lora`) would take other parameters; no module or PEFT name holds a '-'.
+    A method's fixed adapters (`Method.fixed_adapters`) never start with the prefix.
     """
-    return f"d-{domain}"
+    return f"{DOMAIN_PREFIX}{domain}"
 
 
 class Method:
@@ -61,6 +65,12 @@ class Method:
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
         self.trained: list[str] = []  # domains finished, in order
+
+    @classmethod
+    def fixed_adapters(cls) -> tuple[str, ...]:
+        """The adapter names this method uses whatever the domains (a shared adapter, a
+        teacher copy); every other adapter it creates is a domain's own, `domain_adapter`."""
+        return ()
 
     # -- per domain ----------------------------------------------------------------------
     def adapter_name(self, domain: str) -> str:
@@ -118,6 +128,23 @@ class Method:
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
+
+
+M = TypeVar("M", bound=type[Method])
+METHODS: dict[str, type[Method]] = {}  # name -> class, in registration order
+
+
+def register(cls: M) -> M:
+    """Class decorator that makes a method available by its `name` to `crma train`, `crma run`
+    and configs (as PEFT registers its tuners). Its fixed adapters may not look like a domain's
+    own, so no domain name can clash with them."""
+    if cls.name in METHODS:
+        raise ValueError(f"two methods named {cls.name!r}: {METHODS[cls.name]} and {cls}")
+    clash = [a for a in cls.fixed_adapters() if a.startswith(DOMAIN_PREFIX)]
+    if clash:
+        raise ValueError(f"method {cls.name!r}: adapter {clash[0]!r} starts with {DOMAIN_PREFIX!r}")
+    METHODS[cls.name] = cls
+    return cls
 
 
 def params_of(groups: list[dict[str, Any]]) -> list[nn.Parameter]:

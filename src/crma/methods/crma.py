@@ -3,9 +3,10 @@ from __future__ import annotations
 from typing import Any
 
 from crma.engine import Engine
-from crma.methods.base import Method, Task
+from crma.methods.base import Method, Task, register
 
 
+@register
 class Crma(Method):
     """A fresh LoRA per domain on the shared CRMA backbone, which keeps training on every domain.
 
@@ -25,6 +26,7 @@ class Crma(Method):
         return groups
 
 
+@register
 class CrmaTask1(Crma):
     """Capacity control: the backbone trains on the first domain only, then stays frozen."""
 

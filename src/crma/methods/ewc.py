@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from crma.engine import Engine
-from crma.methods.base import Example, Task
+from crma.methods.base import Example, Task, register
 from crma.methods.layouts import SharedLora, batches
 from crma.settings import Settings, setting
 
@@ -25,6 +25,7 @@ class EwcOptions(Settings):
     )
 
 
+@register
 class Ewc(SharedLora):
     """Elastic Weight Consolidation, online variant, on one shared LoRA.
 

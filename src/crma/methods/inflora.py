@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 
 from crma.engine import Engine
-from crma.methods.base import Example, Task
+from crma.methods.base import Example, Task, register
 from crma.methods.layouts import SummedLoras, batches, lora_matrices
 from crma.settings import Settings, setting
 
@@ -37,6 +37,7 @@ class InfloraOptions(Settings):
     )
 
 
+@register
 class Inflora(SummedLoras):
     """InfLoRA: each new LoRA can only change the model along inputs earlier domains never used.
 

@@ -22,6 +22,10 @@ class SharedLora(Method):
     needs_task_id = False
     per_domain_adapter = False
 
+    @classmethod
+    def fixed_adapters(cls) -> tuple[str, ...]:
+        return (cls.name,)
+
     def adapter_name(self, domain: str) -> str:
         return self.name
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from crma.engine import Engine
-from crma.methods.base import Example, Task
+from crma.methods.base import Example, Task, register
 from crma.methods.layouts import SharedLora
 from crma.settings import Settings, setting
 
@@ -21,6 +21,7 @@ class LwfOptions(Settings):
     temperature: float = setting(2.0, "softmax temperature T of teacher and student", gt=0)
 
 
+@register
 class Lwf(SharedLora):
     """Learning without Forgetting: distil the model as it was before this domain into itself.
 
@@ -36,6 +37,10 @@ class Lwf(SharedLora):
 
     name = "lwf"
     Options = LwfOptions
+
+    @classmethod
+    def fixed_adapters(cls) -> tuple[str, ...]:
+        return (*super().fixed_adapters(), TEACHER)
 
     def __init__(self, options: LwfOptions | None = None):
         super().__init__(options)

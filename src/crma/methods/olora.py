@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from crma.engine import Engine
-from crma.methods.base import Example, Task
+from crma.methods.base import Example, Task, register
 from crma.methods.layouts import SummedLoras, lora_matrices
 from crma.settings import Settings, setting
 
@@ -17,6 +17,7 @@ class OloraOptions(Settings):
     lambda_1: float = setting(0.5, "weight λ1 of the orthogonality loss Σ|A_oldᵀ A_new|", ge=0)
 
 
+@register
 class Olora(SummedLoras):
     """O-LoRA: each domain's LoRA learns in a subspace orthogonal to the earlier domains'.
 

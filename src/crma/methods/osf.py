@@ -12,7 +12,7 @@ from torch import nn
 
 from crma.engine import Engine, module_name
 from crma.errors import UserError
-from crma.methods.base import Example, Method, Task
+from crma.methods.base import Example, Method, Task, register
 from crma.settings import Settings, setting
 
 ADAPTER = "subspace"  # not "osf": PEFT warns when the name is inside its prefix "osf_"
@@ -59,6 +59,7 @@ class OsfOptions(Settings):
         return self.effective_rank + (1 - self.effective_rank) * step
 
 
+@register
 class Osf(Method):
     """OSF: Orthogonal Subspace Fine-tuning, one shared model trained across domains.
 
@@ -94,6 +95,11 @@ class Osf(Method):
     """
 
     name = "osf"
+
+    @classmethod
+    def fixed_adapters(cls) -> tuple[str, ...]:
+        return (ADAPTER,)
+
     Options = OsfOptions
     needs_task_id = False
     per_domain_adapter = False

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from crma.engine import Engine
-from crma.methods.base import Example, Task
+from crma.methods.base import Example, Task, register
 from crma.methods.layouts import SharedLora
 from crma.settings import Settings, setting
 
@@ -22,6 +22,7 @@ class ReplayOptions(Settings):
     )
 
 
+@register
 class Replay(SharedLora):
     """Experience replay: a small episodic memory of earlier domains, mixed into every batch.
 

@@ -126,17 +126,23 @@ class RunConfig(Settings):
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply `key.sub=value` overrides, and check every key."""
-    path = Path(path)
+def read_yaml(path: Path, kind: str) -> Any:
+    """A YAML file's content; a missing file or invalid YAML is a one-line error naming the
+    file (and the line)."""
     if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+        raise UserError(f"{path}: {kind} file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from exc
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply `key.sub=value` overrides, and check every key."""
+    path = Path(path)
+    data = read_yaml(path, "config") or {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of settings at the top level")
     for item in overrides:

@@ -144,7 +144,11 @@ class ProtocolRun:
         cm.tidy(acc)
         names = [d.name for d in domains]
         matrix_path = run_dir / "loss_matrix.json"
-        rows = json.loads(matrix_path.read_text())["loss_matrix"] if matrix_path.is_file() else []
+        saved = json.loads(matrix_path.read_text()) if matrix_path.is_file() else {}
+        rows = saved.get("loss_matrix", [])
+        # wall seconds to train each domain in this run, commit included; None: trained by an
+        # earlier process that was killed before evaluating it
+        seconds = saved.get("train_seconds") or [None] * len(domains)
         data = recorded_data(run_dir, not self.config.domains) if rows else None
         if data not in (self.data, None):
             raise UserError(
@@ -181,6 +185,7 @@ class ProtocolRun:
                         "method": spec.key,
                         "data": self.data,
                         "loss_matrix": rows,
+                        "train_seconds": seconds,
                     },
                 )
 
@@ -193,7 +198,8 @@ class ProtocolRun:
                 continue
             start = time.perf_counter()
             tag = f"[{spec.key} seed {seed}] {k + 1}/{len(domains)} {d.name}"
-            if d.name not in cm.stack.domains:
+            fresh = d.name not in cm.stack.domains
+            if fresh:
                 cm.add_domain(
                     d.name,
                     d.train,
@@ -206,6 +212,7 @@ class ProtocolRun:
                     progress=tag,
                 )
             trained = time.perf_counter()
+            seconds[k] = round(trained - start, 1) if fresh else None
             rows.append(evaluate_row(k + 1))
             save_rows()
             clock.done(time.perf_counter() - start)

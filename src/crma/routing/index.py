@@ -24,10 +24,9 @@ if TYPE_CHECKING:
 class CentroidSettings:
     """What the stored centroid router embeds; fixed when a stack's router is created."""
 
-    # Chosen on validation (scripts/tune_router.py, results/tuning/router.md): passages, probe-like
-    # prompts and MMLU questions that no evaluation uses. Hidden state 8 of 30 routes those
-    # questions best (mean top-1 60 % over the domains; the best at hidden state 4: 50 %, the
-    # previous default 48 %), for 8/30 of a forward pass over the prompt.
+    # Chosen on validation sets with the hard cases (spare passages, probe-like prompts, MMLU
+    # questions no evaluation uses): scripts/tune_router.py; the scores are in
+    # results/tuning/router.md.
     layer: int | None = setting(
         8, "hidden state embedded: 0 = token embeddings, at most the middle (None means it)"
     )

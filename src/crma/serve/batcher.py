@@ -25,31 +25,22 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from crma.errors import UserError
-from crma.generate import AUTO, BASE, SHARED, StackModel, adapter_names
+from crma.generate import AUTO, BASE, SHARED
 from crma.serve.config import ServeSettings
 from crma.serve.errors import APIError
+from crma.serve.kv import merge, select
+from crma.serve.sampling import Sampling, generator, holdback, sample
+from crma.serve.snapshot import BASE_MODEL, Routed, Snapshot
 
 log = logging.getLogger(__name__)
-BASE_MODEL = "base"  # the model name of "no domain adapter" (base + CRMA backbone)
-
-
-@dataclass
-class Sampling:
-    max_tokens: int | None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
 
 
 @dataclass
 class Request:
     """One API request: its prompt, what answers it, and where its events go.
 
-    Events, in order: ("routed", model, domain, confidence), then per choice ("delta", index,
+    Events, in order: ("routed", model, Routed), then per choice ("delta", index,
     text) and ("done", index, finish_reason, completion_tokens, text); or ("error", APIError).
     """
 
@@ -77,53 +68,6 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of `text` already emitted
-
-
-class Snapshot:
-    """A loaded stack as the batcher serves it: model names, adapters per row, stop tokens."""
-
-    def __init__(self, model: StackModel, settings: ServeSettings):
-        self.model = model
-        cm = model.cm
-        self.engine = cm.engine
-        config = self.engine.base.config.get_text_config(decoder=True)
-        own = getattr(config, "max_position_embeddings", None) or 2048
-        self.max_context = min(settings.max_context or own, own)
-        self.domains = model.domains
-        try:  # methods summing several adapters per domain cannot mix rows in one forward
-            adapter_names(cm, self.domains)
-            self.mixable = True
-        except UserError:
-            self.mixable = False
-        # Requests join a batch by merging caches: plain full-attention layers only (not
-        # sliding windows); otherwise one request is decoded at a time.
-        layers = DynamicCache(config=self.engine.base.config).layers
-        self.batchable = self.mixable and all(type(layer) is DynamicLayer for layer in layers)
-        if self.engine.peft is not None and self.mixable:  # once: rows pick their own adapter
-            self.engine.activate(self.engine.adapters[0])
-        self.eos = _eos_ids(self.engine)
-        # Embedding tables are often padded beyond the tokenizer: those ids decode to nothing.
-        self.vocab = len(self.engine.tokenizer)
-
-    @property
-    def names(self) -> list[str]:
-        """Model names a request may use."""
-        return [AUTO, *self.domains, BASE_MODEL]
-
-    def adapters(self, domain: str | None) -> str | list[str] | None:
-        return self.model.adapters(domain)
-
-    def warm_up(self) -> None:
-        """Fit the router now (it is fitted lazily), so the first routed request does not wait."""
-        if self.domains and self.model.cm.method.needs_task_id:
-            self.model.resolve(["warm-up"], AUTO)
-
-
-def _eos_ids(engine) -> set[int]:
-    ids = {engine.tokenizer.eos_token_id}
-    eos = getattr(getattr(engine.base, "generation_config", None), "eos_token_id", None)
-    ids |= set(eos) if isinstance(eos, list) else {eos}
-    return {i for i in ids if i is not None}
 
 
 class Batcher:
@@ -247,9 +191,9 @@ class Batcher:
             for request in requests:
                 request.emit(("error", APIError(500, f"routing failed: {exc}")))
             return
-        for request, (domain, confidence) in zip(requests, routes):
+        for request, routed in zip(requests, routes):
             try:
-                self._prefill(snap, request, domain, confidence)
+                self._prefill(snap, request, routed)
             except APIError as exc:
                 request.emit(("error", exc))
             except Exception as exc:
@@ -257,20 +201,16 @@ class Batcher:
                 request.emit(("error", APIError(500, f"prefill failed: {exc}")))
 
     @staticmethod
-    def _route(snap: Snapshot, requests: list[Request]) -> list[tuple[str | None, float | None]]:
-        routes: list[tuple[str | None, float | None]] = [
-            (None if r.model == BASE_MODEL else r.model, None) for r in requests
-        ]
+    def _route(snap: Snapshot, requests: list[Request]) -> list[Routed]:
+        routes = [Routed(None if r.model == BASE_MODEL else r.model) for r in requests]
         auto = [i for i, r in enumerate(requests) if r.model == AUTO]
         if auto:
-            chosen = snap.model.resolve([requests[i].route_text for i in auto], AUTO)
+            chosen = snap.route([requests[i].route_text for i in auto])
             for i, route in zip(auto, chosen):
                 routes[i] = route
         return routes
 
-    def _prefill(
-        self, snap: Snapshot, request: Request, domain: str | None, confidence: float | None
-    ) -> None:
+    def _prefill(self, snap: Snapshot, request: Request, routed: Routed) -> None:
         ids = snap.model.encode(request.prompt, request.chat)
         room = snap.max_context - len(ids)
         if room < 1:
@@ -290,13 +230,14 @@ class Batcher:
                 "context_length_exceeded",
             )
         request.prompt_tokens = len(ids)
+        domain = routed.domain
         adapters = snap.adapters(snap.domains[-1] if domain == SHARED else domain)
-        request.emit(("routed", _model_name(domain), domain, confidence))
+        request.emit(("routed", _model_name(domain), routed))
         cache = DynamicCache(config=snap.engine.base.config)
         position = torch.arange(len(ids)).unsqueeze(0)
         logits = self._forward(snap, torch.tensor([ids]), None, position, cache, [adapters])
         rows = [
-            Row(request, i, adapters, min(wanted or room, room), _generator(request.sampling, i))
+            Row(request, i, adapters, min(wanted or room, room), generator(request.sampling, i))
             for i in range(request.n)
         ]
         if request.n > 1:
@@ -311,12 +252,12 @@ class Batcher:
         if not keep:
             return
         if len(keep) < len(rows):
-            _select(cache, keep)
+            select(cache, keep)
             mask, rows = mask[keep], [rows[i] for i in keep]
         if self._cache is None:
             self._cache, self._mask = cache, mask
         else:
-            self._cache, self._mask = _merge(self._cache, self._mask, cache, mask)
+            self._cache, self._mask = merge(self._cache, self._mask, cache, mask)
         self.rows += rows
 
     # -- one decode step for every row ------------------------------------------------------------
@@ -371,7 +312,7 @@ class Batcher:
 
     def _advance(self, snap: Snapshot, rows: list[Row], logits, positions) -> set[int]:
         """Pick each row's next token and emit its text; the indices of rows that finished."""
-        chosen = _sample(logits[:, : snap.vocab], rows)
+        chosen = sample(logits[:, : snap.vocab], rows)
         finished = set()
         for i, (row, token) in enumerate(zip(rows, chosen)):
             reason = self._extend(snap, row, token, int(positions[i]))
@@ -392,7 +333,7 @@ class Batcher:
             row.text = text[:cut]
             return "stop"
         row.text = text
-        safe = len(text) - _holdback(text, stop)
+        safe = len(text) - holdback(text, stop)
         if safe > row.sent:
             row.request.emit(("delta", row.index, text[row.sent : safe]))
             row.sent = safe
@@ -417,7 +358,7 @@ class Batcher:
             self._cache = self._mask = None
             return
         assert self._cache is not None and self._mask is not None
-        _select(self._cache, keep)
+        select(self._cache, keep)
         mask = self._mask[keep]
         lead = int((mask.sum(0) == 0).long().cumprod(0).sum())
         if lead:
@@ -438,69 +379,3 @@ def _timeout(request: Request, now: float) -> None:
             ("error", APIError(504, "the request ran past its time limit", code="timeout"))
         )
     request.cancelled = True
-
-
-def _generator(sampling: Sampling, index: int) -> torch.Generator | None:
-    """A seeded generator per sampled choice, so a seed gives the same text in any batch."""
-    if sampling.temperature <= 0:
-        return None
-    seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item())
-    return torch.Generator().manual_seed(seed + index)
-
-
-def _sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
-    """Greedy rows take the argmax; sampled rows draw with temperature and nucleus top_p."""
-    chosen = logits.argmax(-1).tolist()
-    for i, row in enumerate(rows):
-        s = row.request.sampling
-        if s.temperature <= 0:
-            continue
-        probs = torch.softmax(logits[i] / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            outside = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set >= top_p
-            probs = probs.index_fill(0, order[outside], 0.0)
-        chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
-    return chosen
-
-
-def _holdback(text: str, stops: list[str]) -> int:
-    """Characters at the end of `text` not to stream yet: an unfinished UTF-8 character, or
-    the start of a stop string."""
-    if text.endswith("\ufffd"):
-        return 1
-    return max(
-        (
-            k
-            for s in stops
-            for k in range(min(len(s) - 1, len(text)), 0, -1)
-            if text.endswith(s[:k])
-        ),
-        default=0,
-    )
-
-
-def _select(cache: DynamicCache, keep: list[int]) -> None:
-    index = torch.tensor(keep)
-    for layer in cache.layers:
-        layer.batch_select_indices(index)
-
-
-def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _merge(cache: DynamicCache, mask, new: DynamicCache, new_mask) -> tuple[DynamicCache, Any]:
-    """One cache for both batches, each left-padded to the longer one."""
-    width = max(mask.shape[1], new_mask.shape[1])
-    for layer, other in zip(cache.layers, new.layers):
-        layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(other.keys, width, 2)])
-        layer.values = torch.cat(
-            [_left_pad(layer.values, width, 2), _left_pad(other.values, width, 2)]
-        )
-    return cache, torch.cat([_left_pad(mask, width, 1), _left_pad(new_mask, width, 1)])

@@ -21,10 +21,10 @@ from typing import Any
 
 from crma.errors import UserError
 from crma.fileio import write_json
-from crma.serve.batcher import BASE_MODEL
 from crma.serve.errors import APIError
 from crma.serve.files import Files
 from crma.serve.schemas import JobRequest
+from crma.serve.snapshot import BASE_MODEL
 from crma.serve.store import Store, new_id
 from crma.stack import Stack, check_domain_name
 from crma.train import TrainConfig

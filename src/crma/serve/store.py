@@ -157,6 +157,27 @@ class Store:
         sql = f"SELECT * FROM events WHERE job_id = ? {cursor} ORDER BY seq DESC LIMIT ?"
         return [_event(r) for r in self._run(sql, (job_id, *((after,) if after else ()), limit))]
 
+    def step_metrics(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
+        """The metrics of a job's steps after step `after`, in step order."""
+        sql = "SELECT data FROM events WHERE job_id = ? AND step > ? ORDER BY step"
+        return [json.loads(r[0]) for r in self._run(sql, (job_id, after))]
+
+    def step_span(self, job_id: str) -> tuple[tuple | None, tuple | None, int]:
+        """(step, time) of a job's first and last logged step, and how many steps it logged."""
+        rows = self._run(
+            "SELECT MIN(step), MAX(step), COUNT(step) FROM events WHERE job_id = ? "
+            "AND step IS NOT NULL",
+            (job_id,),
+        )
+        low, high, count = rows[0]
+        if not count:
+            return None, None, 0
+        times = self._run(
+            "SELECT step, created_at FROM events WHERE job_id = ? AND step IN (?, ?) ORDER BY step",
+            (job_id, low, high),
+        )
+        return tuple(times[0]), tuple(times[-1]), count
+
 
 def _file(row: sqlite3.Row) -> dict[str, Any]:
     return {**dict(row), "report": json.loads(row["report"])}

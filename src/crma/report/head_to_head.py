@@ -1,29 +1,19 @@
-"""The head-to-head table of issue 5: a protocol run's forgetting numbers beside each method's costs.
+"""`crma report RUN --costs COSTS.json`: a protocol run's forgetting numbers beside each method's
+costs, one table.
 
-    .venv/bin/python scripts/head_to_head.py runs/baselines \
-        --costs results/benchmarks/methods.json --out results/baselines \
-        [--logs results/baselines/runs/logs/*.log]
-
-Reads the run's loss matrices (through `crma.report.build.build_report`, so the run's own report.md,
-report.json and plots are refreshed too) and the cost columns measured by
-`benchmarks/methods.py`, and writes OUT/report.json (the run's report plus a `head_to_head`
-section), OUT/report.md (the table first, then the run's report), OUT/config.yaml and
-OUT/plots/. A labelled variant with no options of its own (crma-tied) takes the costs of the
-method it runs (crma); one with its own options (osf-qv: OSF on q/v at a LoRA's budget) trains
-another number of parameters, so it has no cost columns until the benchmark measures it.
-`--logs` adds the time each method took per domain in the run itself, read from what
-`crma run` printed ("[label seed N] k/K domain: S steps in X s"): the benchmark's domains are
-small, and EWC's Fisher and InfLoRA's input statistics grow with a domain's examples.
+The cost columns come from `benchmarks/methods.py`'s JSON. A labelled variant with no options
+of its own (crma-tied) takes the costs of the method it runs (crma); one with its own options
+(osf-qv: OSF on q/v at a LoRA's budget) trains another number of parameters, so it has no cost
+columns until the benchmark measures it. The time each method took per domain in the run itself
+comes from its loss matrices (`train_seconds`, recorded by `crma run`): the benchmark's domains
+are small, and EWC's Fisher and InfLoRA's input statistics grow with a domain's examples.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import shutil
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +21,6 @@ import yaml
 
 from crma.errors import UserError
 from crma.fileio import atomic_path, write_json, write_text
-from crma.report.build import build_report
 from crma.report.markdown import plus_minus, render_markdown
 
 COLUMNS = {
@@ -49,27 +38,24 @@ COLUMNS = {
 RUN_TIME = (
     "train s/domain",
     "median wall seconds to train one domain in this run, end-of-domain work included "
-    "(crma run's log; one process per core); in brackets, relative to naive",
+    "(crma run records it in each loss matrix; one process per core); in brackets, relative "
+    "to naive",
 )
-TRAINED = re.compile(r"^\[(\S+) seed (\d+)\] \d+/\d+ (\S+): \d+ steps in (\d+) s,")
 
 
-def train_seconds(logs: list[Path]) -> dict[str, float]:
-    """Median training seconds per domain for each label, from `crma run` logs.
-
-    A domain that was already trained when a run resumed prints 0 s and is left out; a
-    (label, seed, domain) printed twice keeps its last time.
-    """
-    times: dict[tuple[str, str, str], int] = {}
-    for log in logs:
-        for line in log.read_text().splitlines():
-            if m := TRAINED.match(line):
-                times[m.group(1, 2, 3)] = int(m.group(4))
-    per_label: dict[str, list[int]] = {}
-    for (label, _, _), seconds in times.items():
-        if seconds > 0:
-            per_label.setdefault(label, []).append(seconds)
-    return {label: statistics.median(v) for label, v in per_label.items()}
+def train_seconds(run_dir: Path, report: dict[str, Any]) -> dict[str, float]:
+    """Median wall seconds to train one domain, per reported method, over its seeds and domains
+    (`train_seconds` of each loss matrix; domains an earlier, killed process trained are None
+    there and left out)."""
+    out = {}
+    for label, m in report["methods"].items():
+        times = []
+        for seed in m["per_seed"]:
+            unit = json.loads((run_dir / label / f"seed-{seed}" / "loss_matrix.json").read_text())
+            times += [s for s in unit.get("train_seconds") or [] if s]
+        if times:
+            out[label] = statistics.median(times)
+    return out
 
 
 def _size(n: float) -> str:
@@ -144,49 +130,42 @@ def markdown(table: list[dict]) -> str:
     return "\n".join(lines + [""] + notes)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run", type=Path, help="a `crma run` output folder")
-    parser.add_argument("--costs", type=Path, required=True, help="benchmarks/methods.py JSON")
-    parser.add_argument("--out", type=Path, required=True, help="folder for report.md/json")
-    parser.add_argument(
-        "--logs", type=Path, nargs="+", default=[], help="what `crma run` printed, for run times"
-    )
-    args = parser.parse_args(argv)
-    if not args.costs.is_file():
-        raise UserError(f"{args.costs}: no such cost file; run benchmarks/methods.py first")
-    missing = [str(p) for p in args.logs if not p.is_file()]
-    if missing:
-        raise UserError(f"{', '.join(missing)}: no such log; pass what `crma run` printed")
-    costs = json.loads(args.costs.read_text())
-    report = build_report(args.run)
-    config = yaml.safe_load((args.run / "config.yaml").read_text())
+def load_costs(path: Path) -> dict[str, Any]:
+    """benchmarks/methods.py's JSON: {settings, methods: {name: costs}}."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such cost file; run benchmarks/methods.py first")
+    try:
+        costs = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON ({exc.msg})") from None
+    if not isinstance(costs, dict) or not {"settings", "methods"} <= costs.keys():
+        raise UserError(f"{path}: expected benchmarks/methods.py's JSON (settings, methods)")
+    return costs
+
+
+def write_head_to_head(run_dir: Path, report: dict[str, Any], costs_file: Path, out: Path) -> None:
+    """OUT/report.json (the run's report plus a `head_to_head` section) and OUT/report.md (the
+    table first, then the run's report); with OUT elsewhere, also its config.yaml and plots/."""
+    costs = load_costs(costs_file)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
     names = {m["label"] or m["name"]: m["name"] for m in config["methods"] if not m.get("options")}
     table = rows(report, costs["methods"], names)
-    if args.logs:
-        seconds = train_seconds(args.logs)
+    seconds = train_seconds(run_dir, report)
+    if seconds:
         for r in table:
             r["train_s_per_domain"] = seconds.get(r["method"])
     s = costs["settings"]
     source = (
-        f"Costs: `{args.costs}` (benchmarks/methods.py: {s['rounds']} rounds × {s['steps']} "
+        f"Costs: `{costs_file}` (benchmarks/methods.py: {s['rounds']} rounds × {s['steps']} "
         f"steps, batch {s['batch_size']} × {s['max_length']} tokens, {s['examples']} examples "
         f"per domain, {s['threads']} threads)."
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "report.json", {**report, "head_to_head": table, "costs": source})
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", {**report, "head_to_head": table, "costs": source})
     text = ["# Head to head", "", source, "", markdown(table), "", render_markdown(report)]
-    write_text(args.out / "report.md", "\n".join(text))
-    shutil.copyfile(args.run / "config.yaml", args.out / "config.yaml")
-    if (args.run / "plots").is_dir():
-        with atomic_path(args.out / "plots") as tmp:
-            shutil.copytree(args.run / "plots", tmp)
-    print(f"wrote {args.out / 'report.md'}")
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:
-        print(f"head_to_head: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    write_text(out / "report.md", "\n".join(text))
+    if out.resolve() != run_dir.resolve():
+        shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
+        if (run_dir / "plots").is_dir():
+            with atomic_path(out / "plots") as tmp:
+                shutil.copytree(run_dir / "plots", tmp)

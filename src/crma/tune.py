@@ -1,6 +1,5 @@
-"""Hyperparameter trials on the validation split (carved from `spare`), never on the holdout.
-
-    .venv/bin/python scripts/tune.py configs/tuning/ewc.yaml [--out runs/tuning]
+"""`crma tune GRID.yaml`: hyperparameter trials on the validation split (carved from `spare`),
+never on the holdout, and the one rule that picks every method's setting (`select`).
 
 A grid file names a base run config, fixed overrides, and either
 
@@ -13,12 +12,11 @@ A grid file names a base run config, fixed overrides, and either
 
 Every trial is one protocol run with `corpus.split=validation` (it cannot see the holdout),
 and each method's setting is chosen by one rule (see `select`). Trials, scores and choices go
-to results/tuning/<name>.md and .json; a finished trial is read back, not rerun.
+to <results>/<grid name>.md and .json; a finished trial is read back, not rerun.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
@@ -29,11 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from crma.errors import UserError
 from crma.fileio import write_json, write_text
-from crma.protocol.config import load_config
+from crma.protocol.config import load_config, read_yaml
 from crma.protocol.run import ProtocolRun
 
 Scores = dict[str, float]  # drift, plasticity_loss, final_loss
@@ -323,8 +319,10 @@ def protocol_runner(spec: dict, out: Path, root: Path) -> RunTrial:
     return run
 
 
-def write_results(grid: Path, spec: dict, trials: list[dict], chosen: dict, entries: dict) -> None:
-    results = Path("results/tuning")
+def write_results(
+    grid: Path, spec: dict, trials: list[dict], chosen: dict, entries: dict, results: Path
+) -> None:
+    """<results>/<grid name>.json (every trial, its scores, the choices) and .md (the table)."""
     write_json(
         results / f"{grid.stem}.json",
         {
@@ -366,27 +364,37 @@ def write_results(grid: Path, spec: dict, trials: list[dict], chosen: dict, entr
     write_text(results / f"{grid.stem}.md", "\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "grid",
-        type=Path,
-        help="grid file: {config, set: {...}, methods: [...] and axes: [...], or grid/points}",
-    )
-    parser.add_argument("--out", type=Path, default=Path("runs/tuning"))
-    args = parser.parse_args()
-    spec = yaml.safe_load(args.grid.read_text())
-    trial_configs(spec)  # every declared trial resolves, before hours of runs
-    out = args.out / args.grid.stem
+GRID_KEYS = ("config", "set", "methods", "axes", "grid", "points")
+
+
+def load_grid(path: Path) -> dict:
+    """A grid file, its keys checked and every declared trial resolved (a typo in a method,
+    an option or an override fails here, before hours of runs)."""
+    spec = read_yaml(path, "grid")
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a mapping with config and axes, grid or points")
+    if unknown := sorted(set(spec) - set(GRID_KEYS)):
+        raise UserError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(GRID_KEYS)}")
+    kinds = [k for k in ("axes", "grid", "points") if k in spec]
+    if "config" not in spec or len(kinds) != 1 or ("axes" in spec) != ("methods" in spec):
+        raise UserError(
+            f"{path}: needs `config` and exactly one of `axes` (with `methods`), `grid`, `points`"
+        )
+    try:
+        trial_configs(spec)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    return spec
+
+
+def tune(grid: Path, out: Path, results: Path) -> dict[str, str]:
+    """Run (or read back) every trial of `grid` under out/<grid name>/, write the results and
+    return the chosen trial per method label."""
+    spec = load_grid(grid)
+    trials_dir = out / grid.stem
     if "axes" in spec:
-        trials, chosen, entries = tune_axes(spec, protocol_runner(spec, out, args.out))
+        trials, chosen, entries = tune_axes(spec, protocol_runner(spec, trials_dir, out))
     else:
-        (trials, chosen), entries = run_fixed(spec, out, args.out), {}
-    write_results(args.grid, spec, trials, chosen, entries)
-    print("selected: " + json.dumps(chosen), flush=True)
-
-
-if __name__ == "__main__":
-    main()
+        (trials, chosen), entries = run_fixed(spec, trials_dir, out), {}
+    write_results(grid, spec, trials, chosen, entries, results)
+    return chosen
