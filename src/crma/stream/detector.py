@@ -14,8 +14,10 @@ documents by the CUSUM estimate on the documents' own scores (the split after wh
 exceed `drift` the most). The documents after it form a candidate segment, named once it
 holds `identify_docs` documents: the known domain (the stack's, or one found earlier in the
 stream; not the current one) with the lowest score, if at most `known_threshold`, else a
-new domain `new-1`, `new-2`, …. A document is decided at the latest `lookahead` documents
-after it arrived; the reported delay counts every document a decision waited for.
+new domain `new-1`, `new-2`, …, if the whole candidate still scores at least `threshold`
+against the current domain (else it was a false alarm and goes back to it). A document is
+decided at the latest `lookahead` documents after it arrived; the reported delay counts every
+document a decision waited for.
 
 The default thresholds were set on validation streams of the embedded corpus (the validation
 half of each domain's spare pool) for a target false-alarm rate: see benchmarks/stream.py and
@@ -39,7 +41,7 @@ class DetectorSettings(Settings):
     """How the stream detector decides where a domain starts and which one it is."""
 
     window: int = setting(9, "documents in the change test's sliding window", ge=3)
-    threshold: float = setting(0.8, "window score that signals a change", gt=0)
+    threshold: float = setting(0.6, "window score that signals a change", gt=0)
     drift: float = setting(
         0.3, "document score above which a document counts as changed (places the boundary)"
     )
@@ -226,8 +228,17 @@ class Detector:
     def _identify(self, now: int) -> list[Decision]:
         """Name the candidate segment: a known domain, back to the current one, or new."""
         xs = torch.stack([p.x for p in self.pending])
-        domain, new = self._match(xs)
+        known = self._closest_known(xs)
         self.candidate = False
+        if (
+            known is None
+            and self.current is not None
+            and self.score(xs, self.current) < self.settings.threshold
+        ):
+            # A false alarm: the whole candidate is not that far from the current domain (a
+            # new domain needs the stronger evidence: it costs an adapter).
+            return self._commit(len(self.pending), now)
+        domain, new = (known, False) if known is not None else (self._new_name(), True)
         if self.segments:
             self.segments[-1].end = self.pending[0].index
         self.segments.append(Segment(self.pending[0].index, domain, new, now))
@@ -239,15 +250,12 @@ class Detector:
             return [Decision(p.index, domain, p.novelty, p.change, now) for p in done]
         return self._commit(len(self.pending), now)
 
-    def _match(self, xs: torch.Tensor) -> tuple[str, bool]:
-        """The known domain that scores the documents lowest, if under `known_threshold`;
-        else the next new domain. Not the current one: the change test has just ruled it out."""
+    def _closest_known(self, xs: torch.Tensor) -> str | None:
+        """The known domain that scores the documents lowest, if under `known_threshold`. Not
+        the current one: the change test has just ruled it out."""
         scores = {d: v for d, v in self.scores(xs).items() if d != self.current}
-        if scores:
-            best = min(scores, key=scores.__getitem__)
-            if scores[best] <= self.settings.known_threshold:
-                return best, False
-        return self._new_name(), True
+        best = min(scores, key=scores.__getitem__, default=None)
+        return best if best is not None and scores[best] <= self.settings.known_threshold else None
 
     def _new_name(self) -> str:
         self.opened += 1
