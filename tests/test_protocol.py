@@ -148,43 +148,6 @@ def test_run_directory_refuses_a_different_config(tiny_run):
 
 
 @pytest.mark.integration
-def test_accelerate_launch_two_cpu_processes(tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [
-        crma_cmd()[0],
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "crma",
-        "run",
-        str(TINY_CONFIG),
-        "--out",
-        str(out),
-        "--set",
-        "methods=[crma]",
-        "--set",
-        "train.max_steps=6",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = load(out / "report.json")
-    L = report["methods"]["crma"]["per_seed"]["0"]["loss_matrix"]
-    assert len(L) == 4 and L[1][0] < L[0][0]
-    assert (out / "crma" / "seed-0" / "metrics.jsonl").read_text().count("\n") == 3 * 6
-
-
-@pytest.mark.integration
 def test_lower_triangle_only_matches_the_full_matrix(tiny_run, tmp_path):
     out = tmp_path / "lower"
     run_crma(

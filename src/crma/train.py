@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from crma.batching import batch_order, collate, shard, steps_for
+from crma.distributed import gather_rows, label_tokens, refuse_unsupported
 from crma.engine import Engine
 from crma.errors import UserError
 from crma.fileio import atomic_path
@@ -41,7 +42,12 @@ class TrainConfig(Settings):
 
     lr: float = setting(1e-3, "LoRA learning rate (CRMA groups use crma.lr_*)", gt=0)
     batch_size: int = setting(8, "examples per optimizer step (global, across processes)", ge=1)
-    grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1)
+    grad_accum: int = setting(
+        1, "micro-batches per optimizer step (same result as one batch, less memory)", ge=1
+    )
+    gradient_checkpointing: bool = setting(
+        False, "recompute each layer's activations in backward (same result, less memory)"
+    )
     epochs: float = setting(1.0, "passes over each domain's training data", gt=0)
     max_steps: int | None = setting(None, "optimizer steps per domain; overrides epochs", ge=1)
     max_length: int = setting(256, "tokens per example (longer ones are truncated)", ge=2)
@@ -67,6 +73,16 @@ class TrainConfig(Settings):
             raise SettingError(
                 "grad_accum", self.grad_accum, f"at most batch_size ({self.batch_size})"
             )
+
+
+# Settings that change memory use, not results: what a checkpoint or a finished domain is
+# matched on leaves them out, so a run that ran out of memory resumes with them turned on.
+MEMORY_ONLY = ("gradient_checkpointing",)
+
+
+def result_settings(config: TrainConfig) -> dict[str, Any]:
+    """The training settings that decide the numbers (all but MEMORY_ONLY)."""
+    return {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY}
 
 
 def mixed_precision(precision: str) -> str:
@@ -115,6 +131,13 @@ class Trainer:
         """Train `task` to the end, resuming from `checkpoint_dir` if it holds this task with
         this `resume_key`, made on stack `generation`."""
         cfg, acc, engine = self.config, self.accelerator, self.engine
+        refuse_unsupported(self.method, acc)
+        if cfg.batch_size < acc.num_processes * cfg.grad_accum:
+            raise UserError(
+                f"train.batch_size: {cfg.batch_size} examples cannot fill {cfg.grad_accum} "
+                f"micro-batches on each of {acc.num_processes} processes; use at least "
+                f"{acc.num_processes * cfg.grad_accum}"
+            )
         self.method.begin_task(engine, task, examples)
         groups = self.method.trainable_groups(engine, task)
         for group in groups:
@@ -136,6 +159,8 @@ class Trainer:
             self._save_checkpoint(ckpt, task, 0, named, optimizer, zclip)
         model = acc.prepare_model(engine.model) if acc.num_processes > 1 else engine.model
         model.train()
+        if cfg.gradient_checkpointing:  # recomputes each layer's forward; CRMA's hooks run once
+            engine.base.activation_checkpointing_enable({"use_reentrant": False})
         writer = (
             self._tensorboard(metrics_path.parent)
             if cfg.tensorboard and acc.is_main_process
@@ -156,7 +181,8 @@ class Trainer:
                     step, steps, cfg.warmup_ratio, cfg.min_lr_ratio
                 )
             chosen = self.method.batch_examples(task, step, [examples[j] for j in order[step]])
-            loss_value, n_tokens = self._step(model, chosen, params)
+            loss_value, n_tokens, shares = self._step(model, chosen, params)
+            ckpt.add_shares(shares)
             stats = zclip.step(params) if zclip else _plain_norm(params)
             finite = {"loss": loss_value, "gradient": stats["grad_norm"]}
             _stop_unless_finite(task, step, ckpt, {k: math.isfinite(v) for k, v in finite.items()})
@@ -169,6 +195,7 @@ class Trainer:
                 line = self._metrics_line(
                     task, step, global_step_offset, loss_value, stats, optimizer, tokens, t0
                 )
+                line |= {"world_size": acc.num_processes, "rank_examples": [s[0] for s in shares]}
                 self._append_metrics(metrics_path, line, writer)
             bar.set_postfix(
                 loss=f"{loss_value:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}"
@@ -177,32 +204,55 @@ class Trainer:
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 self._save_checkpoint(ckpt, task, step + 1, named, optimizer, zclip)
         bar.close()
+        if acc.num_processes > 1:  # this domain's DDP wrapper goes, and its gradient hooks
+            acc.free_memory(model)
+        if cfg.gradient_checkpointing:
+            engine.base.activation_checkpointing_disable()
         if writer is not None:
             writer.close()
         self.method.end_task(engine, task, examples)
-        return {"steps": steps, "final_train_loss": ckpt.last_loss, "examples": len(examples)}
+        return {
+            "steps": steps,
+            "final_train_loss": ckpt.last_loss,
+            "examples": len(examples),
+            "world_size": acc.num_processes,
+            "rank_examples": [s[0] for s in ckpt.shares],  # what each process trained on
+            "rank_tokens": [s[1] for s in ckpt.shares],
+        }
 
     # -- one optimizer step -----------------------------------------------------------------
-    def _step(self, model, chosen: list[Example], params) -> tuple[float, int]:
+    def _step(self, model, chosen: list[Example], params) -> tuple[float, int, list[list[int]]]:
+        """Forward and backward of one optimizer step on this process's shard of `chosen`.
+
+        Every micro-batch on every process divides its summed token loss by the token count of
+        the whole global batch, so the gradients add up (DDP averages them, hence × world) to
+        those of one process on the whole batch: results do not depend on the number of
+        processes or micro-batches. Returns the step's loss and tokens (over all processes)
+        and each process's (examples, tokens).
+        """
         acc, cfg = self.accelerator, self.config
-        mine = shard(chosen, acc.process_index, acc.num_processes)
+        world = acc.num_processes
+        n_items = max(1, label_tokens(chosen))
+        mine = shard(chosen, acc.process_index, world)
         micro = [mine[i :: cfg.grad_accum] for i in range(cfg.grad_accum)]
-        total_loss, total_tokens = 0.0, 0
+        my_loss, my_tokens = 0.0, 0
         for i, part in enumerate(micro):
             batch = collate(part, self.engine.tokenizer.pad_token_id)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = i == len(micro) - 1
-            ctx = acc.no_sync(model) if (not sync and acc.num_processes > 1) else nullcontext()
+            ctx = acc.no_sync(model) if (not sync and world > 1) else nullcontext()
             with ctx, acc.autocast():
-                outputs = model(**batch)
-                loss = outputs.loss
+                outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
+                loss = outputs.loss * world
                 extra = self.method.extra_loss(self.engine, batch, outputs)
-                if extra is not None:
-                    loss = loss + extra
-            acc.backward(loss / len(micro))
-            total_loss += loss.item() / len(micro)
-            total_tokens += int(batch["attention_mask"].sum())
-        return total_loss, total_tokens
+                if extra is not None:  # a per-step term: counted once per step
+                    loss = loss + extra / len(micro)
+            acc.backward(loss)
+            my_loss += loss.item() / world
+            my_tokens += int(batch["attention_mask"].sum())
+        rows = gather_rows(acc, [my_loss, len(mine), my_tokens])
+        shares = [[int(r[1]), int(r[2])] for r in rows]
+        return sum(r[0] for r in rows), sum(s[1] for s in shares), shares
 
     # -- logging ------------------------------------------------------------------------
     def _metrics_line(
@@ -273,6 +323,8 @@ class Trainer:
             "metrics_bytes": _size(ckpt.metrics),
             "metrics_start": ckpt.metrics_start,
             "last_loss": ckpt.last_loss,
+            "shares": ckpt.shares,
+            "world_size": self.accelerator.num_processes,
         }
         ckpt.directory.mkdir(parents=True, exist_ok=True)
         with atomic_path(ckpt.file) as tmp:
@@ -289,10 +341,13 @@ class Trainer:
         """
         state = ckpt.state()
         if state is not None and state.get("generation") == ckpt.generation:
-            resume = state.get("resume_key") == ckpt.resume_key
+            # Another number of processes restarts the domain (the shares would not add up).
+            world = state.get("world_size", 1) == self.accelerator.num_processes
+            resume = state.get("resume_key") == ckpt.resume_key and world
             self._cut_metrics(ckpt.metrics, state["metrics_bytes" if resume else "metrics_start"])
             if resume:
                 ckpt.metrics_start, ckpt.last_loss = state["metrics_start"], state["last_loss"]
+                ckpt.shares = state.get("shares", [])
                 return self._restore(ckpt, state, named, optimizer, zclip)
         ckpt.metrics_start = _size(ckpt.metrics)
         return 0
@@ -334,6 +389,13 @@ class _Checkpoint:
     generation: int
     metrics_start: int = 0  # the metrics file's size when this task began
     last_loss: float | None = None  # the last step's loss (None before step 1)
+    shares: list[list[int]] = field(default_factory=list)  # per process: examples, tokens
+
+    def add_shares(self, step: list[list[int]]) -> None:
+        self.shares = [
+            [a + b for a, b in zip(mine, new, strict=True)]
+            for mine, new in zip(self.shares or [[0, 0]] * len(step), step, strict=True)
+        ]
 
     @property
     def file(self) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +10,15 @@ import yaml
 
 from crma.backbone import CRMAConfig
 from crma.continual import ContinualModel, StackSpec
+from crma.distributed import make_accelerator
 from crma.engine import LoraSettings
 from crma.errors import UserError
 from crma.methods import METHODS, make_method
 from crma.model import EMBEDDED, base_model_id, file_sha256, load_base
+from crma.quantize import quantization_config
 from crma.settings import add_arguments, from_args
 from crma.stack import METRICS, check_domain_name
-from crma.train import TrainConfig, mixed_precision
+from crma.train import MEMORY_ONLY, TrainConfig, mixed_precision, result_settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +65,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed for adapter init, data order and dropout"
     )
+    quantized = p.add_mutually_exclusive_group()
+    for bits in ("4bit", "8bit"):
+        quantized.add_argument(
+            f"--load-in-{bits}",
+            dest="load_in",
+            action="store_const",
+            const=bits,
+            default="float",
+            help=f"load a Hugging Face base with {bits} weights (bitsandbytes; CUDA GPUs only)",
+        )
     add_arguments(p, TrainConfig)
     add_arguments(p, LoraSettings, prefix="lora_")
     add_arguments(p, CRMAConfig, prefix="crma_")
@@ -107,12 +118,12 @@ def parse_options(items: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from accelerate import Accelerator
-
     from crma.data import load_records
 
     domains = parse_domains(args.domain)
     options = parse_options(args.option)
+    # Refused now, before any work, if this machine cannot load the base that way.
+    quantization_config(args.load_in, args.base, f"--load-in-{args.load_in}")
     method = args.method or "crma"
     make_method(method, options, f"--method {method}")  # a typo fails before any work
     spec = StackSpec(
@@ -124,7 +135,10 @@ def run(args: argparse.Namespace) -> None:
     train_cfg = from_args(TrainConfig, args)
     records = {name: load_records(path) for name, path in domains}  # every file before training
     cm = ContinualModel.open_or_create(
-        args.stack, lambda: load_base(args.base), base_model_id(args.base), spec
+        args.stack,
+        lambda: load_base(args.base, load_in=args.load_in),
+        base_model_id(args.base),
+        spec,
     )
     if spec.method_options and spec.method_options != cm.spec.method_options:
         raise UserError(
@@ -141,7 +155,7 @@ def run(args: argparse.Namespace) -> None:
                 "settings); pass --replace to retrain it"
             )
     check_distinct(cm.stack.domains + [n for n in todo if n not in cm.stack.domains], "--domain")
-    acc = Accelerator(mixed_precision=mixed_precision(train_cfg.precision))
+    acc = make_accelerator(mixed_precision(train_cfg.precision))
     cm.tidy(acc)
     if done and acc.is_main_process:
         print(f"{', '.join(sorted(done))}: already trained on this data with these settings")
@@ -177,9 +191,10 @@ def _done(cm: ContinualModel, name: str, info: dict[str, Any], cfg: TrainConfig,
     if name not in cm.stack.domains:
         return False
     entry = cm.stack.domain_entry(name)
-    return (entry.get("train_sha256"), entry.get("train_config"), entry.get("seed")) == (
+    recorded = {k: v for k, v in entry.get("train_config", {}).items() if k not in MEMORY_ONLY}
+    return (entry.get("train_sha256"), recorded, entry.get("seed")) == (
         info["train_sha256"],
-        dataclasses.asdict(cfg),
+        result_settings(cfg),
         seed,
     )
 

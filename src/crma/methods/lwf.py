@@ -37,6 +37,7 @@ class Lwf(SharedLora):
 
     name = "lwf"
     Options = LwfOptions
+    data_parallel = False  # the KL is a mean over each process's positions, not the batch's
 
     @classmethod
     def fixed_adapters(cls) -> tuple[str, ...]:

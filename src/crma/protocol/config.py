@@ -17,9 +17,10 @@ from crma.engine import LoraSettings
 from crma.errors import UserError
 from crma.methods import METHODS, make_method
 from crma.model import EMBEDDED
+from crma.quantize import LoadIn
 from crma.settings import Settings, from_dict, setting
 from crma.stack import name_problem
-from crma.train import TrainConfig
+from crma.train import TrainConfig, result_settings
 
 
 def _path_problem(path: str) -> str | None:
@@ -111,6 +112,9 @@ class RunConfig(Settings):
         EMBEDDED,
         "base model: 'embedded', a HF folder or hub name, or a .gguf file",
         check=_path_problem,
+    )
+    load_in: LoadIn = setting(
+        "float", "base weights: float, or 8bit / 4bit quantized by bitsandbytes (CUDA GPUs only)"
     )
     methods: list[MethodSpec] = setting([], "conditions to compare")
     seeds: list[int] = setting(
@@ -246,5 +250,5 @@ def unit_settings(config: RunConfig, spec: MethodSpec) -> dict[str, Any]:
         del stack["crma"]  # settings of a backbone the method does not have
     # Options as the method reads them: an option left out equals its default written out.
     stack["method_options"] = dataclasses.asdict(make_method(spec.name, spec.options).options)
-    data["method"] = {"name": spec.name, "stack": stack, "train": dataclasses.asdict(train_cfg)}
+    data["method"] = {"name": spec.name, "stack": stack, "train": result_settings(train_cfg)}
     return data

@@ -12,16 +12,19 @@ from typing import Any
 import yaml
 
 from crma.continual import ContinualModel
+from crma.distributed import make_accelerator, refuse_unsupported
 from crma.errors import UserError
 from crma.eval.hook import protocol_evals
 from crma.eval.loss import mean_token_loss
 from crma.fileio import atomic_path, is_temporary, write_json, write_text
 from crma.lock import LOCK_FILE, WriterLock
+from crma.methods import METHODS
 from crma.model import base_model_id, load_base
-from crma.protocol.config import MethodSpec, RunConfig, method_settings, resolved
+from crma.protocol.config import MethodSpec, RunConfig, load_config, method_settings, resolved
 from crma.protocol.data import DomainData, load_domains
 from crma.protocol.store import finished, missing_evals, reusable_unit
 from crma.provenance import data_identity, recorded_data
+from crma.quantize import quantization_config
 from crma.train import mixed_precision
 
 
@@ -36,14 +39,15 @@ class ProtocolRun:
         self.config, self.out = config, Path(out)
         self.reuse = [Path(r) for r in reuse]
         self._caches_merged: set[Path] = set()  # reuse runs whose eval cache is merged already
-        self.model_loader = model_loader or (lambda: load_base(config.base))
+        self.model_loader = model_loader or (lambda: load_base(config.base, load_in=config.load_in))
         self.cache_path = self.out / "eval_cache.json"
         self.data: dict[str, Any] = {}  # what the results are computed on, once it is read
 
     def run(self) -> dict[str, Any]:
-        from accelerate import Accelerator
-
-        acc = Accelerator(mixed_precision=mixed_precision(self.config.train.precision))
+        quantization_config(self.config.load_in, self.config.base)  # before any work
+        acc = make_accelerator(mixed_precision(self.config.train.precision))
+        for spec in self.config.methods:
+            refuse_unsupported(METHODS[spec.name], acc)
         self._refuse_other_config()
         with WriterLock(self.out) if acc.is_main_process else nullcontext():
             return self._run(acc)
@@ -65,6 +69,9 @@ class ProtocolRun:
             if acc.is_main_process:
                 self._reuse(spec, seed, len(domains), cache)
             acc.wait_for_everyone()
+            if not acc.is_main_process and self.cache_path.is_file():
+                # the main process's cache: every process must skip the same evaluations
+                cache.update(json.loads(self.cache_path.read_text()))
             self._run_one(spec, seed, domains, base_id, acc, cache, clock)
         report = None
         if acc.is_main_process:
@@ -105,8 +112,8 @@ class ProtocolRun:
     def _refuse_other_config(self) -> None:
         """The run directory must be this run's (same config), or new: nothing else in it."""
         path = self.out / "config.yaml"
-        ours = yaml.safe_load(yaml.safe_dump(resolved(self.config), sort_keys=False))
-        if path.is_file() and yaml.safe_load(path.read_text()) != ours:
+        # Parsed, so a setting added since that run was made reads as its default there.
+        if path.is_file() and resolved(load_config(path)) != resolved(self.config):
             raise UserError(
                 f"{path}: this run directory holds a different config; use another --out or the same config"
             )

@@ -46,11 +46,10 @@ def main(argv: list[str]) -> int:
 
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Train the job's domain into the stack (or find it there, committed by an earlier run)."""
-    from accelerate import Accelerator
-
     from crma.cli.train import train_domain
     from crma.continual import ContinualModel
     from crma.data import load_records
+    from crma.distributed import make_accelerator
     from crma.model import base_model_id, load_base
     from crma.settings import from_dict
     from crma.stack import Stack
@@ -64,7 +63,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     cm = ContinualModel.open_or_create(stack, lambda: load_base(base), base_model_id(base))
     cfg = from_dict(TrainConfig, spec["train"], "job hyperparameters")
     path = Path(spec["file"])
-    acc = Accelerator(mixed_precision=mixed_precision(cfg.precision))
+    acc = make_accelerator(mixed_precision(cfg.precision))
     cm.tidy(acc)
     result = train_domain(
         cm, domain, path, load_records(path), cfg, acc, spec["seed"], info={"job": spec["job"]}

@@ -1,0 +1,280 @@
+"""Data parallel for real: two processes started by torchrun (gloo on CPU) against one process.
+
+Two processes on a global batch of 8 train each on 4 examples and DDP averages the gradients;
+the trainer scales each process's loss so that this equals one process on all 8 (crma.train).
+What differs is only the order of float32 reductions (padding to each shard's own longest
+example, the all-reduce), a few 1e-7 per step; the tolerance 1e-4 leaves two decades for the
+growth over the run. At the tiny config's lr 0.03 naive's third domain amplifies that noise to
+5e-4 (one process with two micro-batches does the same, see the accumulation test), so these
+runs use lr 0.003.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from helpers import ROOT, TINY_CONFIG, adapter_file, committed, crma_cmd, crma_env, kill_harness
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+TOLERANCE = 1e-4
+DATA_PARALLEL = [
+    "naive",
+    "frozen",
+    "crma",
+    "crma-task1",
+    "ewc",
+    "replay",
+    "olora",
+    "inflora",
+    "osf",
+]
+DOMAINS = ["alpha", "beta", "gamma"]
+STEPS = 8
+
+
+def torchrun() -> list[str]:
+    """Two local processes; --standalone picks a free rendezvous port (tests run side by side)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def launch(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def config(tmp_path, methods: list[str]):
+    data = yaml.safe_load(TINY_CONFIG.read_text())
+    data["methods"] = methods
+    data["train"] |= {"lr": 0.003, "max_steps": STEPS, "checkpoint_every": 3}
+    path = tmp_path / f"{'-'.join(methods)}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same protocol run in one process and in two."""
+    tmp = tmp_path_factory.mktemp("dist")
+    cfg = config(tmp, DATA_PARALLEL)
+    one, two = tmp / "one", tmp / "two"
+    launch(crma_cmd("run", str(cfg), "--out", str(one)))
+    launch([*torchrun(), "-m", "crma", "run", str(cfg), "--out", str(two)])
+    return one, two
+
+
+def unit(run, method):
+    return run / method / "seed-0"
+
+
+def weight_updates(method: str, tensors: dict) -> dict:
+    """What an adapter file adds to the weights, in the form that defines it uniquely.
+
+    LoRA: its tensors. InfLoRA: B·A per module (A is an eigenbasis, defined up to sign and
+    rotation; 1e-7 apart inputs may give another). OSF: U_low·diag(S_low)·V_low per module
+    (the factors can trade scale among themselves; reduction-order noise moves them along that
+    freedom by up to 6e-3 in one process with two micro-batches as in two processes).
+    """
+    if method == "inflora":
+        return {
+            k: tensors[k.replace("lora_A", "lora_B")] @ a
+            for k, a in tensors.items()
+            if "lora_A" in k
+        }
+    if method == "osf":
+        return {
+            k: u
+            @ (tensors[k.replace("U_low", "S_low")][:, None] * tensors[k.replace("U_low", "V_low")])
+            for k, u in tensors.items()
+            if k.endswith("U_low")
+        }
+    return tensors
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("method", DATA_PARALLEL)
+@pytest.mark.integration
+def test_two_processes_match_one(runs, method):
+    one, two = runs
+    for run, world in ((one, 1), (two, 2)):
+        manifest = json.loads((unit(run, method) / "stack" / "manifest.json").read_text())
+        for entry in manifest["domains"]:
+            assert entry["world_size"] == world
+            assert len(entry["rank_examples"]) == world and min(entry["rank_examples"]) > 0
+            assert sum(entry["rank_examples"]) >= STEPS * 8  # replay adds memory examples
+        lines = (unit(run, method) / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == len(DOMAINS) * STEPS, "one writer: no line twice"
+        assert {json.loads(line)["world_size"] for line in lines} == {world}
+    matrices = [
+        json.loads((unit(r, method) / "loss_matrix.json").read_text())["loss_matrix"] for r in runs
+    ]
+    diffs = [abs(a - b) for ra, rb in zip(*matrices) for a, b in zip(ra, rb) if a is not None]
+    assert max(diffs) <= TOLERANCE
+    stacks = [unit(r, method) / "stack" for r in runs]
+    for domain in DOMAINS:
+        adapters = [load_file(adapter_file(s, domain)) for s in stacks]
+        assert max_diff(*(weight_updates(method, a) for a in adapters)) <= TOLERANCE, domain
+        lora_b = [v for k, v in adapters[1].items() if "lora_B" in k]
+        assert not lora_b or max(v.abs().max().item() for v in lora_b) > 1e-3, "it trained"
+    if method.startswith("crma"):
+        backbones = [load_file(committed(s, "backbone")) for s in stacks]
+        assert max_diff(*backbones) <= TOLERANCE
+        assert backbones[1]["write_weights"].abs().max() > 1e-4, "the backbone trained"
+
+
+@pytest.mark.integration
+def test_a_method_that_cannot_run_distributed_refuses(tmp_path):
+    proc = subprocess.run(
+        [
+            *torchrun(),
+            "-m",
+            "crma",
+            "run",
+            str(config(tmp_path, ["lwf"])),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        env=crma_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "crma: error: method 'lwf' would not give the same result on 2 processes" in proc.stderr
+    assert not (tmp_path / "o" / "lwf").exists()
+
+
+@pytest.mark.integration
+def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path):
+    """SIGKILL the launcher only: its workers die with it (no orphan keeps the lock), and
+    the rerun resumes from the last checkpoint to the uninterrupted run's files."""
+    out = tmp_path / "killed"
+    cmd = [*torchrun(), "-m", "crma", "run", str(config(tmp_path, ["crma"])), "--out", str(out)]
+    metrics = unit(out, "crma") / "metrics.jsonl"
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=crma_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count('"domain": "beta"') >= 4:
+            proc.kill()
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -9, "the launcher should have been killed while training beta"
+    assert (unit(out, "crma") / "stack" / "checkpoint").is_dir()
+    launch(cmd)
+    assert kill_harness().differences(unit(runs[1], "crma"), unit(out, "crma")) == []
+
+
+@pytest.mark.integration
+def test_crma_train_on_two_processes_matches_one(tmp_path):
+    train = [
+        "train",
+        "--base",
+        str(ROOT / "tests/assets/tiny-llama"),
+        "--domain",
+        f"alpha={ROOT / 'tests/assets/tiny-domains/alpha.train.jsonl'}",
+        "--domain",
+        f"beta={ROOT / 'tests/assets/tiny-domains/beta.train.jsonl'}",
+        *("--max-steps", "6", "--lr", "0.003", "--max-length", "32", "--lora-r", "4"),
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(crma_cmd(train[0], str(one), *train[1:]))
+    launch([*torchrun(), "-m", "crma", train[0], str(two), *train[1:]])
+    for stack, world in ((one, 1), (two, 2)):
+        entries = json.loads((stack / "manifest.json").read_text())["domains"]
+        assert [e["world_size"] for e in entries] == [world, world]
+        assert [sum(e["rank_examples"]) for e in entries] == [6 * 8, 6 * 8]
+    for domain in ("alpha", "beta"):
+        adapters = [load_file(adapter_file(s, domain)) for s in (one, two)]
+        assert max_diff(*adapters) <= TOLERANCE
+    backbones = [load_file(committed(s, "backbone")) for s in (one, two)]
+    assert max_diff(*backbones) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_training_is_refused_with_one_line(kind):
+    from accelerate.utils import DistributedType
+
+    from crma import UserError
+    from crma.distributed import refuse_unsupported
+    from crma.methods import make_method
+
+    accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType[kind])
+    with pytest.raises(UserError, match=f"distributed type {kind}: crma trains data-parallel"):
+        refuse_unsupported(make_method("crma"), accelerator)
+
+
+CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_accelerate_config_loads_and_names_only_launch_options(path):
+    """accelerate's own loader reads it, and accelerate launch knows every plugin key (it
+    copies unknown ones silently)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    config = load_config_from_file(str(path))
+    options = vars(launch_command_parser().parse_args(["script.py"]))
+    for section in ("fsdp_config", "deepspeed_config"):
+        for key in getattr(config, section) or {}:
+            assert key in options, f"{path.name}: {section}.{key} is not an accelerate option"
+    expected = {"ddp": "MULTI_GPU", "qlora": "MULTI_GPU", "fsdp2": "FSDP", "qlora-fsdp2": "FSDP"}
+    assert config.distributed_type.value == expected.get(path.stem, "DEEPSPEED")
+    if config.fsdp_config:
+        assert config.fsdp_config["fsdp_version"] == 2
+
+
+def test_every_scale_out_config_is_there():
+    names = {p.stem for p in CONFIGS}
+    assert names == {"ddp", "fsdp2", "deepspeed-zero2", "deepspeed-zero3", "qlora", "qlora-fsdp2"}
+
+
+def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_made_it(tmp_path):
+    """Each process's share of the domain is counted in the checkpoint: a checkpoint made by
+    two processes restarts the domain in one (and the other way round)."""
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+    from tiny import tiny_model, tiny_tokenizer
+
+    from crma.engine import Engine, LoraSettings
+    from crma.methods import Task, make_method
+    from crma.train import CHECKPOINT_FILE, TrainConfig, Trainer
+
+    data = [{"input_ids": list(range(5, 15)), "labels": list(range(5, 15))}] * 8
+    engine = Engine(tiny_model(), tiny_tokenizer(), LoraSettings(r=2), backbone=None)
+    trainer = Trainer(
+        engine,
+        make_method("naive"),
+        TrainConfig(batch_size=4, max_steps=2),
+        Accelerator(cpu=True),
+        {},
+    )
+    task, ckpt, metrics = Task(0, "alpha", 0), tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    trainer.train_task(task, data, ckpt, metrics, resume_key="k")  # leaves its step-2 checkpoint
+    restored = []
+    trainer._restore = lambda *args: restored.append(1) or 2
+    trainer.train_task(task, data, ckpt, metrics, resume_key="k")
+    assert restored == [1], "same processes: resumed"
+    tensors = load_file(ckpt / CHECKPOINT_FILE)
+    with safe_open(str(ckpt / CHECKPOINT_FILE), "pt") as fh:
+        state = json.loads(fh.metadata()["state"])
+    save_file(
+        tensors, str(ckpt / CHECKPOINT_FILE), {"state": json.dumps({**state, "world_size": 2})}
+    )
+    trainer.train_task(task, data, ckpt, metrics, resume_key="k")
+    assert restored == [1], "made by two processes: restarted"
+    assert len(metrics.read_text().splitlines()) == 2
