@@ -19,6 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from stream_baselines import (
+    OFFLINE,
+    every_n,
+    fixed_segments,
+    kernel_cpd,
+    loss_spike,
+    oracle,
+    router_score,
+)
+from stream_report import write_report
 
 HALVES = ("validation", "evaluation")
 
@@ -182,99 +192,6 @@ def crma_method(settings):
     return lambda s: crma_detector(s["x"], settings)[0]
 
 
-def oracle(truth: list[dict]) -> list[dict]:
-    seen: set[str] = set()
-    out = []
-    for s in truth:
-        out.append({**s, "new": s["domain"] not in seen, "decided_at": s["start"]})
-        seen.add(s["domain"])
-    return out
-
-
-def fixed_segments(n: int, starts: list[int], decided: list[int] | None = None) -> list[dict]:
-    """Every piece between `starts` is a new domain (no identification)."""
-    edges = [0, *starts, n]
-    decided = decided or [0, *starts]
-    return [
-        {"start": a, "end": b, "domain": f"new-{i + 1}", "new": True, "decided_at": d}
-        for i, (a, b, d) in enumerate(zip(edges, edges[1:], decided))
-    ]
-
-
-def every_n(n: int, period: int) -> list[dict]:
-    return fixed_segments(n, list(range(period, n, period)))
-
-
-def loss_spike(losses: list[float], window: int, k: float) -> list[dict]:
-    """Aljundi et al. (2019)-style: a new task when the mean loss of the last `window` documents
-    leaves the current plateau (the documents since the last boundary, before the window) by
-    more than `k` standard errors, either way (the frozen base's loss has no learning dip to
-    wait for). Online; the boundary goes at the start of the window."""
-    c1 = np.concatenate([[0.0], np.cumsum(losses)])
-    c2 = np.concatenate([[0.0], np.cumsum(np.square(losses))])
-    starts, decided, begin = [], [0], 0
-    for t in range(len(losses)):
-        w0 = t - window + 1  # the window is [w0, t]
-        if w0 - begin < 2 * window:
-            continue
-        n = w0 - begin
-        mean = (c1[w0] - c1[begin]) / n
-        sd = max((c2[w0] - c2[begin] - n * mean**2) / (n - 1), 1e-12) ** 0.5
-        if abs((c1[t + 1] - c1[w0]) / window - mean) > k * sd / window**0.5:
-            starts.append(w0)
-            decided.append(t)
-            begin = w0
-    return fixed_segments(len(losses), starts, decided)
-
-
-def router_score(x: torch.Tensor, threshold: float) -> list[dict]:
-    """The stored router's score alone: a document whose best prototype cosine (the centroid
-    router's `prototype` head on the domains so far) is under `threshold` opens a new domain,
-    else it goes to the best domain; a boundary wherever the domain changes."""
-    from crma.routing.index import CentroidRouter
-
-    router = CentroidRouter()
-    out: list[dict] = []
-    for t, doc in enumerate(x):
-        if router.domains:
-            scores = router.scores(doc[None])[0]
-            k = int(scores.argmax())
-            known = float(scores[k]) >= threshold
-        if not router.domains or not known:
-            name = f"new-{len(router.domains) + 1}"
-            router.domains.append(name)
-            stats = [doc.new_ones(1), doc[None], (doc * doc)[None]]
-            if len(router.domains) == 1:
-                router.count, router.sum, router.sumsq = stats
-            else:
-                router.count = torch.cat([router.count, stats[0]])
-                router.sum = torch.cat([router.sum, stats[1]])
-                router.sumsq = torch.cat([router.sumsq, stats[2]])
-            new = True
-        else:
-            name, new = router.domains[k], False
-            router.count[k] += 1
-            router.sum[k] += doc
-            router.sumsq[k] += doc * doc
-        if not out or out[-1]["domain"] != name:
-            if out:
-                out[-1]["end"] = t
-            out.append({"start": t, "end": -1, "domain": name, "new": new, "decided_at": t})
-    out[-1]["end"] = len(x)
-    return out
-
-
-def kernel_cpd(x: torch.Tensor, penalty: float) -> list[dict]:
-    """Offline kernel change-point detection (ruptures KernelCPD, RBF kernel) on the stream's
-    standardised embeddings; it sees the whole stream, so its delay is not comparable."""
-    import ruptures
-
-    z = ((x - x.mean(0)) / (x.std(0) + 1e-6)).numpy()
-    ends = ruptures.KernelCPD(kernel="rbf", min_size=5).fit(z).predict(pen=penalty)
-    starts = ends[:-1]
-    return fixed_segments(len(x), starts, [len(x) - 1] * len(ends))  # decided at the end
-
-
 # -- calibration on validation streams, evaluation --------------------------------------------
 def scored(method, streams: list[dict], margin: int) -> dict:
     """Pooled metrics of `method(stream) -> segments` over `streams`."""
@@ -357,34 +274,6 @@ def methods(cal: dict) -> dict:
 
 
 # -- report ----------------------------------------------------------------------------------------
-COLUMNS = [
-    ("precision", "P", "{:.3f}"),
-    ("recall", "R", "{:.3f}"),
-    ("f1", "F1", "{:.3f}"),
-    ("delay_mean", "delay mean", "{:.1f}"),
-    ("delay_p90", "delay p90", "{:.1f}"),
-    ("false_alarms_per_10k", "false alarms /10k", "{:.1f}"),
-    ("new_known_accuracy", "new-vs-known", "{:.3f}"),
-    ("adapters_exact", "adapters exact", "{}"),
-    ("ari_mean", "ARI", "{:.3f}"),
-]
-
-
-OFFLINE = "(offline)"  # sees the whole stream: no delay to report
-
-
-def table(rows: dict[str, dict]) -> str:
-    head = "| method | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
-    for name, m in rows.items():
-        cells = [
-            "–" if m[k] is None or (k.startswith("delay") and OFFLINE in name) else fmt.format(m[k])
-            for k, _, fmt in COLUMNS
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def plot_stream(stream: dict, settings, path: Path, title: str) -> None:
     """Document index on x: the change score and the per-document novelty, true boundaries
     (solid) and detected ones (dashed), the alarm threshold."""
@@ -517,86 +406,6 @@ def loss_table(results: dict, emb: dict, cal: dict, args) -> None:
         "oracle": scored(lambda s: oracle(s["truth"]), ss, args.margin),
         "loss spike": scored(lambda s: loss_spike(s["loss"], *best), ss, args.margin),
     }
-
-
-def write_report(results: dict, args) -> None:
-    from crma.fileio import write_json, write_text
-
-    write_json(args.out / "results.json", results)
-    cal = results["calibration"]
-    lines = [
-        "# Streaming: domain-boundary detection (issue 20)",
-        "",
-        "Command: `PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream.py "
-        "--loss-only && PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream.py` "
-        f"({results['seconds']} s on one CPU thread, embeddings cached).",
-        "",
-        f"Embedded corpus, `spare` pools split in halves by group; up to {args.per_domain} "
-        "documents per domain and half, embedded once (router layer, 128 tokens). "
-        f"Thresholds from {args.streams} validation streams per kind (validation half); "
-        f"the tables from {args.streams} evaluation streams per kind (evaluation half, other "
-        "seeds). Nothing is known at the start of a stream, so each of the 5 domains should "
-        "open one new domain (adapter) and be recognised on its revisit.",
-        "",
-        f"crma detector: threshold {cal['crma']['threshold']} (the lowest with at most "
-        f"{args.target_fa} false alarms per 10k documents on the validation stationary "
-        f"streams), known threshold {cal['crma']['known_threshold']}. Baselines: each tuned "
-        "value is the best validation F1 (every N documents: "
-        f"N = {cal['every_n']}; router score: {cal['router_score']}; kernel CPD penalty "
-        f"{cal['kernel_cpd']}). Kernel CPD is offline (it sees the whole stream): a reference "
-        "for where the boundaries are, with no delay, and it names every segment a new domain.",
-        "",
-    ]
-    titles = {
-        "switching": f"Switching streams: 10 segments of {args.min_segment}–{args.max_segment} "
-        f"documents, margin {args.margin}",
-        "blended": f"Blended streams: neighbours mix over {args.blend} documents, margin "
-        f"{args.blend_margin}",
-        "stationary": f"Stationary streams: one domain, {args.stationary_docs} documents "
-        "(every detection is a false alarm)",
-        "switching, loss subset": f"Loss-spike baseline: switching streams from the first "
-        f"{args.loss_docs} evaluation documents per domain (documents repeat within a stream); "
-        "its window and k are the best F1 on these same streams (an upper bound for it)",
-    }
-    sw, bl, st = (results["tables"][k]["crma"] for k in ("switching", "blended", "stationary"))
-    checks = [
-        ("F1 ≥ 0.95 at margin 10", sw["f1"] >= 0.95, f"{sw['f1']:.3f}"),
-        ("precision ≥ 0.95", sw["precision"] >= 0.95, f"{sw['precision']:.3f}"),
-        ("recall ≥ 0.95", sw["recall"] >= 0.95, f"{sw['recall']:.3f}"),
-        ("mean delay ≤ 10", sw["delay_mean"] <= 10, f"{sw['delay_mean']:.1f}"),
-        ("delay p90 ≤ 20", sw["delay_p90"] <= 20, f"{sw['delay_p90']:.1f}"),
-        (
-            "≤ 1 false alarm per 10k stationary documents",
-            st["false_alarms_per_10k"] <= 1,
-            f"{st['false_alarms_per_10k']:.1f} ({', '.join(results['stationary_false_alarms'])})",
-        ),
-        (
-            "new-vs-known ≥ 0.95",
-            sw["new_known_accuracy"] >= 0.95,
-            f"{sw['new_known_accuracy']:.3f}",
-        ),
-        (
-            "exactly 5 adapters in ≥ 18 of 20 streams",
-            sw["adapters_exact"] >= 18,
-            f"{sw['adapters_exact']} of {sw['streams']} (adapters per stream: {sw['adapters']})",
-        ),
-        ("ARI ≥ 0.90", sw["ari_mean"] >= 0.90, f"{sw['ari_mean']:.3f}"),
-        ("blended F1 ≥ 0.85 at margin 20", bl["f1"] >= 0.85, f"{bl['f1']:.3f}"),
-    ]
-    lines += ["## Targets (crma detector, evaluation streams)", ""]
-    lines += [f"- {'met' if ok else '**missed**'}: {what}: {value}" for what, ok, value in checks]
-    lines += [
-        "- **not done**: the with-training comparison (each domain's final holdout loss against "
-        "the same stream trained with the true boundaries, on 3 streams): too expensive for the "
-        "CPU time this run had.",
-        "",
-    ]
-    for kind, rows in results["tables"].items():
-        lines += [f"## {titles[kind]}", "", table(rows), ""]
-        if kind in ("switching", "blended", "stationary"):
-            lines += [f"![{kind}](plots/{kind}.png)", ""]
-    write_text(args.out / "report.md", "\n".join(lines))
-    print(f"wrote {args.out}/report.md")
 
 
 if __name__ == "__main__":

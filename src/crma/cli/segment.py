@@ -33,11 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from crma.data.formats import load_records
     from crma.fileio import write_json
-    from crma.stream.segment import read_stream, segment_records
+    from crma.stream.segment import segment_records
 
     settings = from_args(DetectorSettings, args)
-    records = read_stream(args.stream)  # a bad file fails before the model loads
+    records = load_records(args.stream)  # a bad file fails before the model loads
     engine, known, embedding = open_detection(args.stack, args.base)
     result = {"input": args.stream, "settings": vars(settings)} | segment_records(
         engine, records, settings, known, embedding

@@ -70,11 +70,11 @@ def run(args: argparse.Namespace) -> None:
 
     from crma.backbone import CRMAConfig
     from crma.continual import ContinualModel, StackSpec
+    from crma.data.formats import load_records
     from crma.engine import LoraSettings
     from crma.model import base_model_id, load_base
     from crma.stack import Stack
     from crma.stream.learner import StreamLearner
-    from crma.stream.segment import read_stream
     from crma.train import mixed_precision
 
     if str(args.input) == "-":
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> None:
     train_cfg = from_args(TrainConfig, args)
     existing = Stack.open(args.stack).domains if Stack.exists(args.stack) else []
     names = parse_names(args.names, existing)
-    records = read_stream(args.input)  # a bad file fails before the model loads
+    records = load_records(args.input)  # a bad file fails before the model loads
     spec = StackSpec(args.method, {}, LoraSettings(), CRMAConfig())
     cm = ContinualModel.open_or_create(
         args.stack, lambda: load_base(args.base), base_model_id(args.base), spec

@@ -6,13 +6,12 @@ Shared by `crma segment` (detection only) and `crma stream` (detection driving t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
-from crma.data.formats import load_records, record_text
+from crma.data.formats import record_text
 from crma.routing.index import CentroidRouter, CentroidSettings
 from crma.stream.detector import Decision, Detector, DetectorSettings, Stats
 from crma.stream.embedding import embed_texts
@@ -24,11 +23,6 @@ if TYPE_CHECKING:
 # Documents embedded together. Fixed, so a rerun (a resumed `crma stream`) computes
 # bit-identical embeddings and so the same decisions.
 CHUNK = 16
-
-
-def read_stream(path: str | Path) -> list[dict[str, Any]]:
-    """The stream's records, in order: any format the data loader reads; `-` is stdin."""
-    return load_records(path)
 
 
 def known_domains(
