@@ -5,7 +5,11 @@ Every `spare` document of the corpus is assigned to a half by its group (the val
 sets the detector's thresholds; the evaluation half builds the streams below), and embedded
 once with the frozen embedded base at the router's layer (cached under CRMA_HOME/stream).
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/stream.py [--per-domain 300]
+    PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream.py --loss-only
+    PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream.py
+
+The first command caches the base model's loss of a few documents (the loss-spike baseline;
+a full forward pass each), the second everything else; `--report-only` rewrites report.md.
 """
 
 from __future__ import annotations

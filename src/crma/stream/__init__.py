@@ -4,8 +4,9 @@ the detector decides where a new domain starts and whether it is one already kno
 
 - `metrics`: boundary precision/recall/F1 within a margin, detection delay, false alarms,
   new-vs-known accuracy, adjusted Rand index.
-- `detector`: novelty against every known domain + a CUSUM change test on the router's base
-  embeddings.
+- `detector`: a windowed two-sample change test against the current domain, and the
+  identification of a new segment against every known domain, on the router's base
+  embeddings (with a CUSUM estimate of where the change began).
 - `segment`: the detector over a file of documents (`crma segment`).
 - `learner`: the detector driving training, logged and resumable (`crma stream`).
 """
