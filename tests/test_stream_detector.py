@@ -73,3 +73,10 @@ def test_known_domains_of_a_stack_are_recognised():
 def test_settings_that_cannot_work_are_refused():
     with pytest.raises(Exception, match="window: expected at most lookahead"):
         DetectorSettings(window=30, lookahead=20)
+
+
+def test_new_domains_take_the_given_names_then_numbers_not_taken():
+    x, _ = stream([(0, 40), (1, 40), (2, 40)])
+    det = Detector(DetectorSettings(), {"new-1": Stats.of(domain_docs(3, 50, 0))}, ["alpha"])
+    det.run(x)
+    assert [s["domain"] for s in det.segments_dicts()] == ["alpha", "new-2", "new-3"]
