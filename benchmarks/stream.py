@@ -1,4 +1,4 @@
-"""Streaming benchmark (issue 20): boundary detection on unlabelled streams of the embedded
+"""Streaming benchmark: boundary detection on unlabelled streams of the embedded
 corpus, next to baselines; writes results/stream/{results.json, report.md, plots/*.png}.
 
 Every `spare` document of the corpus is assigned to a half by its group (the validation half

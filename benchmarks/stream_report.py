@@ -35,7 +35,7 @@ def write_report(results: dict, args) -> None:
     write_json(args.out / "results.json", results)
     cal = results["calibration"]
     lines = [
-        "# Streaming: domain-boundary detection (issue 20)",
+        "# Streaming: domain-boundary detection",
         "",
         "Command: `PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream.py "
         "--loss-only && PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream.py` "

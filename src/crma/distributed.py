@@ -1,4 +1,4 @@
-"""Data-parallel training on several processes, through accelerate (DESIGN §7).
+"""Data-parallel training on several processes, through accelerate.
 
 crma has no distributed layer of its own. `torchrun --standalone --nproc_per_node N -m crma run|train`
 starts N processes (gloo on CPUs, NCCL on GPUs); on GPUs `accelerate launch --config_file

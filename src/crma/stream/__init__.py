@@ -1,4 +1,4 @@
-"""Streaming continual learning (DESIGN §9, issue 20): documents arrive unlabelled and in order;
+"""Streaming continual learning: documents arrive unlabelled and in order;
 the detector decides where a new domain starts and whether it is one already known, and
 `crma stream` trains an adapter for each new one.
 

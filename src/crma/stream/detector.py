@@ -1,4 +1,4 @@
-"""Online domain-boundary detection on the router's base embeddings (issue 20).
+"""Online domain-boundary detection on the router's base embeddings.
 
 Each domain is summarised as the centroid router summarises it: document count, sum and sum
 of squares of its embeddings (the stack's domains come straight from the stored router). A

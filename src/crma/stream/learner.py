@@ -1,4 +1,4 @@
-"""Online continual learning on an unlabelled stream (`crma stream`, issue 20).
+"""Online continual learning on an unlabelled stream (`crma stream`).
 
 The detector (crma.stream.detector) decides every document's domain. A new domain's adapter is
 trained, with the stack's method, once the domain holds `min_segment` decided documents (on
