@@ -24,6 +24,7 @@ from crma.lock import WriterLock
 TRAIN = ["train", "{ws}/new", "--base", str(TINY_BASE), "--domain", "alpha={ws}/f.jsonl"]
 GEN = ["generate", "{ws}/S", "hello"]
 RUN = ["run", str(TINY_CONFIG), "--out", "{ws}/run"]
+STREAM = ["stream", "{ws}/S", "--input", "{ws}/f.jsonl"]
 CLEAN = ["data", "clean", "{ws}/f.jsonl", "--out", "{ws}/clean.jsonl"]
 
 
@@ -186,6 +187,20 @@ CASES = [
     (["data", "clean", "{ws}/missing.jsonl", "--out", "{ws}/o.jsonl"], "missing.jsonl"),
     (["data", "check", "{ws}/f.jsonl", "{ws}/f.jsonl", "--threshold", "1.5"], "--threshold: expected a finite number in [0, 1], got 1.5"),
     (["export", "{ws}/nothing", "{ws}/dest"], "not a run directory (no config.yaml)"),
+    # segment and stream
+    (["segment", "{ws}/missing.jsonl"], "missing.jsonl: file not found"),
+    (["segment", "{ws}/broken.jsonl"], "broken.jsonl:2: invalid JSON"),
+    (["segment", "{ws}/f.jsonl", "--window", "30"], "--window: expected at most lookahead (20), got 30"),
+    (["segment", "{ws}/f.jsonl", "--identify-docs", "1"], "--identify-docs: expected an integer >= 2, got 1"),
+    (["segment", "{ws}/f.jsonl", "--stack", "{ws}/nothing"], "nothing: not a crma stack (no manifest.json)"),
+    (STREAM + ["--names", "medic"], "--names: the stack already has a domain 'medic'"),
+    (STREAM + ["--names", "a,A"], "--names: 'A' and 'a' differ only in case"),
+    (STREAM + ["--names", "../x"], "domain name '../x': expected a name of letters"),
+    (STREAM + ["--min-segment", "0"], "--min-segment: expected an integer >= 1, got 0"),
+    (["stream", "{ws}/S", "--input", "-"], "--input -: crma stream rereads its input"),
+    (["stream", "{ws}/new", "--input", "{ws}/nofields.jsonl"], "nofields.jsonl:1"),
+    (["stream", "{ws}/foreign", "--input", "{ws}/f.jsonl"], "exists and is not a crma stack"),
+    (STREAM, "another crma process is writing here (pid", busy),
     # damaged stacks: opened by generate (sizes and, on small stacks, hashes) or by crma check
     (["generate", "{ws}/D", "hi"], "adapter_model.safetensors: 100 bytes, the manifest recorded", damaged(truncate)),
     (["generate", "{ws}/D", "hi"], "sha256 differs from the manifest's", damaged(flip_router_byte)),
@@ -235,7 +250,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(workspace, argv, fragme
 def test_the_table_covers_every_command_and_the_issue_rows():
     assert len(CASES) >= 40
     commands = {case[0][0] for case in CASES}
-    assert commands >= {"train", "run", "generate", "eval", "data", "export", "check", "tune"}
+    assert commands >= {
+        "train", "run", "generate", "eval", "data", "export", "check", "tune", "segment", "stream"
+    }  # fmt: skip
     assert "report" in commands
 
 

@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
+STREAM_LOG = "stream.jsonl"  # crma stream's decisions (crma.stream.learner)
 ADAPTERS = "adapters"
 BACKBONE_FILE = "crma_backbone.safetensors"
 BACKBONE_CONFIG = "crma_config.json"
@@ -380,7 +381,7 @@ def _from_format_1(m: dict[str, Any], path: Path) -> dict[str, Any]:
 def _stack_owned(name: str) -> bool:
     """Names a stack's directory may hold before its first commit."""
     return (
-        name in (CHECKPOINT, METRICS, LOCK_FILE, ADAPTERS)
+        name in (CHECKPOINT, METRICS, STREAM_LOG, LOCK_FILE, ADAPTERS)
         or bool(_COMMITTED.match(name))
         or is_temporary(name)
     )

@@ -16,6 +16,8 @@ from crma.errors import UserError
 COMMANDS = [
     "crma.cli.demo",
     "crma.cli.train",
+    "crma.cli.segment",
+    "crma.cli.stream",
     "crma.cli.generate",
     "crma.cli.serve",
     "crma.cli.eval",

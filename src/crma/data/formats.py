@@ -10,6 +10,7 @@ dies an hour in on line 41,302 of a file is the failure this module exists to pr
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ def record_kind(record: dict[str, Any]) -> str:
 
 # -- loading ----------------------------------------------------------------------------------
 def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a `.jsonl` or `.txt` file, validated; raises UserError naming file:line."""
+    """Records of a `.jsonl` or `.txt` file (`-`: JSONL on stdin), validated; raises UserError
+    naming file:line."""
     path = Path(path)
     lines = _read_lines(path)
     if path.suffix == ".txt":
@@ -54,7 +56,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 def _read_lines(path: Path) -> list[str]:
     """Decoded lines; an undecodable line is reported by number rather than by byte offset."""
     try:
-        raw = path.read_bytes()
+        raw = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
     except FileNotFoundError as exc:
         raise UserError(f"{path}: file not found") from exc
     except IsADirectoryError as exc:
