@@ -13,7 +13,8 @@ import httpx2
 from fastapi.testclient import TestClient
 from helpers import ROOT, crma_cmd, crma_env
 
-from crma.serve.app import Server, create_app
+from crma.serve.app import create_app
+from crma.serve.server import Server
 from crma.train import TrainConfig
 
 KEY = "test-key"

@@ -11,8 +11,8 @@ import torch
 from serving import JOB_TRAIN, KEY, app_client
 from stacks import build_stack, texts
 
-from crma.serve.app import Server
 from crma.serve.dashboard import render
+from crma.serve.server import Server
 
 DOMAINS = ["medic", "money"]
 # A hand-made loss matrix: rows before training, after medic, after money.

@@ -13,10 +13,10 @@ from serving import JOB_TRAIN, KEY, app_client, wait_for
 from stacks import build_stack, texts
 
 from crma.generate import load_stack
-from crma.serve.app import Server
 from crma.serve.batcher import Batcher, Request
 from crma.serve.config import ServeSettings
 from crma.serve.sampling import Sampling
+from crma.serve.server import Server
 from crma.serve.snapshot import Snapshot
 
 DOMAINS = ["medic", "money", "code"]

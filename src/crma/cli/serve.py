@@ -44,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from crma.serve.app import Server, create_app
+    from crma.serve.app import create_app
     from crma.serve.config import ServeSettings
+    from crma.serve.server import Server
     from crma.stack import Stack
     from crma.train import TrainConfig
 

@@ -312,7 +312,7 @@ class Batcher:
 
     def _advance(self, snap: Snapshot, rows: list[Row], logits, positions) -> set[int]:
         """Pick each row's next token and emit its text; the indices of rows that finished."""
-        chosen = sample(logits[:, : snap.vocab], rows)
+        chosen = sample(logits[:, : snap.vocab], [(r.request.sampling, r.generator) for r in rows])
         finished = set()
         for i, (row, token) in enumerate(zip(rows, chosen)):
             reason = self._extend(snap, row, token, int(positions[i]))

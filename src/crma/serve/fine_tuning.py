@@ -15,7 +15,7 @@ from crma.serve.schemas import JobRequest
 from crma.stack import Stack
 
 if TYPE_CHECKING:
-    from crma.serve.app import Server
+    from crma.serve.server import Server
 
 
 def add_file_routes(app: FastAPI, server: Server) -> None:

@@ -20,7 +20,7 @@ from crma.serve.schemas import ChatRequest, CompletionRequest
 from crma.serve.store import new_id
 
 if TYPE_CHECKING:
-    from crma.serve.app import Server
+    from crma.serve.server import Server
 
 DONE = "data: [DONE]\n\n"
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from crma.serve.errors import APIError
 
 if TYPE_CHECKING:
-    from crma.serve.app import Server
+    from crma.serve.server import Server
 
 GUARDED = ("/v1", "/ui/")  # the OpenAI API and the dashboard's data; `/` and /static are open
 

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from crma.serve.batcher import Row
 
 
 @dataclass
@@ -28,11 +24,11 @@ def generator(sampling: Sampling, index: int) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed + index)
 
 
-def sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
-    """Greedy rows take the argmax; sampled rows draw with temperature and nucleus top_p."""
+def sample(logits: torch.Tensor, rows: list[tuple[Sampling, torch.Generator | None]]) -> list[int]:
+    """Next token per row (its sampling settings and generator): greedy rows take the argmax;
+    sampled rows draw with temperature and nucleus top_p."""
     chosen = logits.argmax(-1).tolist()
-    for i, row in enumerate(rows):
-        s = row.request.sampling
+    for i, (s, row_generator) in enumerate(rows):
         if s.temperature <= 0:
             continue
         probs = torch.softmax(logits[i] / s.temperature, dim=-1)
@@ -40,7 +36,7 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> list[int]:
             sorted_p, order = probs.sort(descending=True)
             outside = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set >= top_p
             probs = probs.index_fill(0, order[outside], 0.0)
-        chosen[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+        chosen[i] = int(torch.multinomial(probs, 1, generator=row_generator))
     return chosen
 
 

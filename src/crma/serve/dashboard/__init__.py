@@ -20,7 +20,7 @@ from crma.serve.dashboard.format import FILTERS
 from crma.serve.errors import APIError
 
 if TYPE_CHECKING:
-    from crma.serve.app import Server
+    from crma.serve.server import Server
 
 HERE = Path(__file__).parent
 NO_STORE = {"Cache-Control": "no-store"}

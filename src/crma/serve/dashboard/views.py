@@ -13,7 +13,7 @@ from crma.report.metrics import drift_per_domain
 from crma.serve.store import ACTIVE
 
 if TYPE_CHECKING:
-    from crma.serve.app import Server
+    from crma.serve.server import Server
 
 REPORT_PLOTS = ("loss_matrix.png", "drift.png")  # the report's figures this view shows
 
