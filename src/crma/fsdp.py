@@ -17,10 +17,13 @@ collective: peak memory is the full base plus evaluation's activations, not plus
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from crma.backbone import decoder_layers
 from crma.engine import Engine
@@ -31,10 +34,11 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def shard_base(engine: Engine, device: torch.device) -> None:
-    """Shard the base for training steps: `fully_shard` on first use (after moving the model
-    to `device`: FSDP leaves ignored parameters where they are), then free the gathered
-    weights. Every process calls this at the same point."""
+def shard_base(engine: Engine, device: torch.device) -> float:
+    """Shard the base for training steps and return the fraction of its weights this process
+    now holds (1/N). `fully_shard` on first use, after moving the model to `device` (FSDP
+    leaves ignored parameters where they are); later, free the gathered weights. Every
+    process calls this at the same point."""
     modules = fsdp_modules(engine.base)
     if not modules:
         engine.model.to(device)
@@ -43,10 +47,14 @@ def shard_base(engine: Engine, device: torch.device) -> None:
         for layer in decoder_layers(engine.base):
             fully_shard(layer, ignored_params=ignored)
         fully_shard(engine.base, ignored_params=ignored)
-        return
-    for module in modules:
+        # CRMA's residual (backbone._LowRankResidual) returns a view; nothing changes a layer's
+        # output in place (the next layer adds its residual out of place), which FSDP warns of.
+        warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor")
+    for module in fsdp_modules(engine.base):
         module.set_reshard_after_forward(True, recurse=False)
         module.reshard()
+    sharded = [p for p in engine.base.parameters() if isinstance(p, DTensor)]
+    return sum(p.to_local().numel() for p in sharded) / sum(p.numel() for p in sharded)
 
 
 def gather_base(engine: Engine) -> None:

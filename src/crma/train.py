@@ -151,8 +151,11 @@ class Trainer:
             group["base_lr"] = group["lr"]
         params = params_of(groups)
         engine.set_trainable(params)
-        if self.fsdp:
-            shard_base(engine, acc.device)
+        shards = (
+            [r[0] for r in gather_rows(acc, [shard_base(engine, acc.device)])]
+            if self.fsdp
+            else None
+        )
         optimizer = torch.optim.AdamW(groups)
         zclip = ZClip(max_norm=1.0) if cfg.zclip else None
         steps = steps_for(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps)
@@ -230,7 +233,7 @@ class Trainer:
             "final_train_loss": ckpt.last_loss,
             "examples": len(examples),
             "world_size": acc.num_processes,
-            "fsdp": self.fsdp,
+            "fsdp_base_shares": shards,  # the part of the base each process held (FSDP)
             "rank_examples": [s[0] for s in ckpt.shares],  # what each process trained on
             "rank_tokens": [s[1] for s in ckpt.shares],
         }
