@@ -132,6 +132,7 @@ def test_two_processes_match_one(runs, kind, method):
             assert sum(entry["rank_examples"]) >= STEPS * 8  # replay adds memory examples
             # measured in each process while it trained: it held half the base
             assert entry["fsdp_base_shares"] == ([0.5, 0.5] if fsdp else None)
+            assert entry["load_in"] == "float"
         lines = [json.loads(line) for line in (unit(run, method) / "metrics.jsonl").open()]
         assert len(lines) == len(DOMAINS) * STEPS, "one writer: no line twice"
         assert {(line["world_size"], line["fsdp"]) for line in lines} == {(world, fsdp)}

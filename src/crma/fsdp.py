@@ -26,6 +26,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from crma.backbone import decoder_layers
+from crma.distributed import gather_rows
 from crma.engine import Engine
 
 
@@ -34,14 +35,14 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def shard_base(engine: Engine, device: torch.device) -> float:
-    """Shard the base for training steps and return the fraction of its weights this process
-    now holds (1/N). `fully_shard` on first use, after moving the model to `device` (FSDP
-    leaves ignored parameters where they are); later, free the gathered weights. Every
-    process calls this at the same point."""
+def shard_base(engine: Engine, accelerator) -> list[float]:
+    """Shard the base for training steps; return the fraction of its weights each process
+    now holds (1/N). `fully_shard` on first use, after moving the model to the accelerator's
+    device (FSDP leaves ignored parameters where they are); later, free the gathered weights.
+    Every process calls this at the same point."""
     modules = fsdp_modules(engine.base)
     if not modules:
-        engine.model.to(device)
+        engine.model.to(accelerator.device)
         ignored = {p for name in engine.adapters for p in engine.adapter_parameters(name)}
         ignored |= set(engine.backbone.parameters()) if engine.backbone is not None else set()
         for layer in decoder_layers(engine.base):
@@ -54,7 +55,8 @@ def shard_base(engine: Engine, device: torch.device) -> float:
         module.set_reshard_after_forward(True, recurse=False)
         module.reshard()
     sharded = [p for p in engine.base.parameters() if isinstance(p, DTensor)]
-    return sum(p.to_local().numel() for p in sharded) / sum(p.numel() for p in sharded)
+    mine = sum(p.to_local().numel() for p in sharded) / sum(p.numel() for p in sharded)
+    return [row[0] for row in gather_rows(accelerator, [mine])]
 
 
 def gather_base(engine: Engine) -> None:

@@ -31,8 +31,9 @@ from crma.errors import UserError
 from crma.fileio import atomic_path
 from crma.fsdp import average_gradients, gather_base, shard_base
 from crma.methods.base import Example, Method, Task, params_of
+from crma.quantize import loaded_as
 from crma.settings import SettingError, Settings, setting
-from crma.zclip import ZClip
+from crma.zclip import ZClip, unclipped
 
 
 @dataclass
@@ -119,7 +120,8 @@ class Trainer:
             config,
             accelerator,
         )
-        self.run_info = run_info  # method label and seed, copied into every metrics line
+        # method label, seed and how the base is loaded, copied into every metrics line
+        self.run_info = {**run_info, "load_in": loaded_as(engine.base)}
         self.fsdp = uses_fsdp(config.fsdp, accelerator)
 
     def train_task(
@@ -151,11 +153,7 @@ class Trainer:
             group["base_lr"] = group["lr"]
         params = params_of(groups)
         engine.set_trainable(params)
-        shards = (
-            [r[0] for r in gather_rows(acc, [shard_base(engine, acc.device)])]
-            if self.fsdp
-            else None
-        )
+        shards = shard_base(engine, acc) if self.fsdp else None
         optimizer = torch.optim.AdamW(groups)
         zclip = ZClip(max_norm=1.0) if cfg.zclip else None
         steps = steps_for(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps)
@@ -194,13 +192,15 @@ class Trainer:
             chosen = self.method.batch_examples(task, step, [examples[j] for j in order[step]])
             loss_value, n_tokens, shares = self._step(model, chosen, params)
             ckpt.add_shares(shares)
-            stats = zclip.step(params) if zclip else _plain_norm(params)
+            stats = zclip.step(params) if zclip else unclipped(params)
             finite = {"loss": loss_value, "gradient": stats["grad_norm"]}
-            _stop_unless_finite(task, step, ckpt, {k: math.isfinite(v) for k, v in finite.items()})
+            ckpt.stop_unless_finite(
+                task.domain, step, {k: math.isfinite(v) for k, v in finite.items()}
+            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             weights = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
-            _stop_unless_finite(task, step, ckpt, {"weight": weights})
+            ckpt.stop_unless_finite(task.domain, step, {"weight": weights})
             ckpt.last_loss, tokens = loss_value, tokens + n_tokens
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 line = self._metrics_line(
@@ -232,6 +232,7 @@ class Trainer:
             "steps": steps,
             "final_train_loss": ckpt.last_loss,
             "examples": len(examples),
+            "load_in": self.run_info["load_in"],
             "world_size": acc.num_processes,
             "fsdp_base_shares": shards,  # the part of the base each process held (FSDP)
             "rank_examples": [s[0] for s in ckpt.shares],  # what each process trained on
@@ -400,24 +401,3 @@ class Trainer:
         if method_state:
             self.method.load_state_tensors(method_state)
         return state["step"]
-
-
-def _stop_unless_finite(task: Task, step: int, ckpt: Checkpoint, finite: dict[str, bool]) -> None:
-    """A UserError naming the domain and step when a loss, gradient or weight is NaN/infinite:
-    the step is not taken, nothing is committed, the last checkpoint stays."""
-    for what, ok in finite.items():
-        if not ok:
-            raise UserError(
-                f"domain {task.domain!r}: non-finite {what} at step {step + 1}; nothing was "
-                f"committed (the checkpoint at step {ckpt.last_step()} is kept); lower the "
-                "learning rate or check the data"
-            )
-
-
-def _plain_norm(params) -> dict[str, float]:
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
-    return {"grad_norm": norm, "grad_norm_clipped": norm}
-
-
-def config_dict(obj: Any) -> dict[str, Any]:
-    return asdict(obj)
