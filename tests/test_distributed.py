@@ -50,7 +50,10 @@ def torchrun() -> list[str]:
 
 
 def launch(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True)
+    """Run `cmd` to success; a collective one process never joins fails it, not hangs it."""
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
