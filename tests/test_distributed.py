@@ -62,6 +62,7 @@ def config(tmp_path, methods: list[str], fsdp: bool = False):
     data = yaml.safe_load(TINY_CONFIG.read_text())
     data["methods"] = methods
     data["train"] |= {"lr": 0.003, "max_steps": STEPS, "checkpoint_every": 3, "fsdp": fsdp}
+    data["eval"] |= {"routing": True}  # forward passes on the main process alone
     path = tmp_path / f"{'-'.join(methods)}{'-fsdp' if fsdp else ''}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -144,6 +145,10 @@ def test_two_processes_match_one(runs, kind, method):
     ]
     diffs = [abs(a - b) for ra, rb in zip(*matrices) for a, b in zip(ra, rb) if a is not None]
     assert max(diffs) <= TOLERANCE
+    routing = [json.loads((unit(r, method) / "routing.json").read_text())["centroid"] for r in runs]
+    assert routing[0]["routes"] == routing[1]["routes"]
+    losses = [r["routed_final_loss"] for r in routing]
+    assert max(abs(losses[0][d] - losses[1][d]) for d in DOMAINS) <= TOLERANCE
     stacks = [unit(r, method) / "stack" for r in runs]
     for domain in DOMAINS:
         adapters = [load_file(adapter_file(s, domain)) for s in stacks]
