@@ -244,11 +244,10 @@ class Trainer:
         """Forward and backward of one optimizer step on this process's shard of `chosen`.
 
         Every micro-batch on every process divides its summed token loss by the token count of
-        the whole global batch, so the gradients add up (DDP or, under FSDP, `average_gradients`
-        averages them, hence × world) to
-        those of one process on the whole batch: results do not depend on the number of
-        processes or micro-batches. Returns the step's loss and tokens (over all processes)
-        and each process's (examples, tokens).
+        the whole global batch, so the gradients add up (DDP, or `average_gradients` under
+        FSDP, averages them, hence × world) to those of one process on the whole batch:
+        results do not depend on the number of processes or micro-batches. Returns the step's
+        loss and tokens (over all processes) and each process's (examples, tokens).
         """
         acc, cfg = self.accelerator, self.config
         world = acc.num_processes
