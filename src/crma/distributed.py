@@ -67,10 +67,11 @@ def refuse_unsupported(method, accelerator, fsdp: bool = False) -> None:
         DistributedType.MULTI_CPU,
         DistributedType.MULTI_GPU,
         DistributedType.FSDP,
+        DistributedType.DEEPSPEED,
     ):
         raise UserError(
-            f"distributed type {kind.value}: crma trains data-parallel (DDP) or with FSDP2 only; "
-            "use configs/accelerate/ddp.yaml or fsdp2.yaml, or torchrun"
+            f"distributed type {kind.value}: crma trains data-parallel (DDP), with FSDP2 or "
+            "DeepSpeed ZeRO-2 only; use a config in configs/accelerate/, or torchrun"
         )
     if not uses_fsdp(fsdp, accelerator):
         return

@@ -34,6 +34,7 @@ from crma.methods.base import Example, Method, Task, params_of
 from crma.quantize import loaded_as
 from crma.settings import SettingError, Settings, setting
 from crma.zclip import ZClip, unclipped
+from crma.zero import ZeroOptimizer, refuse_zero, zero_stage
 
 
 @dataclass
@@ -52,6 +53,12 @@ class TrainConfig(Settings):
         False,
         "shard the frozen base over the processes with FSDP2 while steps run (torchrun); "
         "adapters and backbone stay replicated (same result, less memory)",
+    )
+    deepspeed: int = setting(
+        0,
+        "DeepSpeed ZeRO stage: 2 shards AdamW's state and the gradients over the processes "
+        "(torchrun; needs crma[distributed]); 0: off (same result, less memory)",
+        check=lambda v: None if v in (0, 2) else "0 (off) or 2 (ZeRO-3 is not supported)",
     )
     epochs: float = setting(1.0, "passes over each domain's training data", gt=0)
     max_steps: int | None = setting(None, "optimizer steps per domain; overrides epochs", ge=1)
@@ -78,11 +85,13 @@ class TrainConfig(Settings):
             raise SettingError(
                 "grad_accum", self.grad_accum, f"at most batch_size ({self.batch_size})"
             )
+        if self.deepspeed and self.fsdp:
+            raise SettingError("deepspeed", self.deepspeed, "0 when train.fsdp is true")
 
 
 # Settings that change memory use, not results: what a checkpoint or a finished domain is
 # matched on leaves them out, so a run that ran out of memory resumes with them turned on.
-MEMORY_ONLY = ("gradient_checkpointing", "fsdp")
+MEMORY_ONLY = ("gradient_checkpointing", "fsdp", "deepspeed")
 
 
 def result_settings(config: TrainConfig) -> dict[str, Any]:
@@ -123,6 +132,7 @@ class Trainer:
         # method label, seed and how the base is loaded, copied into every metrics line
         self.run_info = {**run_info, "load_in": loaded_as(engine.base)}
         self.fsdp = uses_fsdp(config.fsdp, accelerator)
+        self.zero_stage = zero_stage(config.deepspeed, accelerator)
 
     def train_task(
         self,
@@ -139,6 +149,7 @@ class Trainer:
         this `resume_key`, made on stack `generation`."""
         cfg, acc, engine = self.config, self.accelerator, self.engine
         refuse_unsupported(self.method, acc, self.fsdp)
+        refuse_zero(self.zero_stage, self.method, acc.num_processes)
         if cfg.batch_size < acc.num_processes * cfg.grad_accum:
             raise UserError(
                 f"train.batch_size: {cfg.batch_size} examples cannot fill {cfg.grad_accum} "
@@ -155,6 +166,8 @@ class Trainer:
         engine.set_trainable(params)
         shards = shard_base(engine, acc) if self.fsdp else None
         optimizer = torch.optim.AdamW(groups)
+        zero = ZeroOptimizer(engine.model, optimizer, cfg.grad_accum) if self.zero_stage else None
+        optimizer = zero or optimizer
         zclip = ZClip(max_norm=1.0) if cfg.zclip else None
         steps = steps_for(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps)
         order = batch_order(len(examples), cfg.batch_size, steps, task.rng_seed("data"))
@@ -165,8 +178,9 @@ class Trainer:
         start = self._resume(ckpt, named, optimizer, zclip)
         if start == 0:  # marks where this task's metrics begin, for a resume before step 1
             self._save_checkpoint(ckpt, task, 0, named, optimizer, zclip)
-        ddp = acc.num_processes > 1 and not self.fsdp
+        ddp = acc.num_processes > 1 and not self.fsdp and zero is None
         model = acc.prepare_model(engine.model) if ddp else engine.model
+        model = zero.engine if zero else model
         model.train()
         if cfg.gradient_checkpointing:  # recomputes each layer's forward; CRMA's hooks run once
             engine.base.activation_checkpointing_enable({"use_reentrant": False})
@@ -190,15 +204,21 @@ class Trainer:
                     step, steps, cfg.warmup_ratio, cfg.min_lr_ratio
                 )
             chosen = self.method.batch_examples(task, step, [examples[j] for j in order[step]])
-            loss_value, n_tokens, shares = self._step(model, chosen, params)
+            loss_value, n_tokens, shares = self._step(model, chosen, params, zero)
             ckpt.add_shares(shares)
-            stats = zclip.step(params) if zclip else unclipped(params)
+            if zero:  # DeepSpeed clips and steps (and skips a non-finite step)
+                stats = zero.step(zclip)
+            elif zclip:
+                stats = zclip.step(params)
+            else:
+                stats = unclipped(params)
             finite = {"loss": loss_value, "gradient": stats["grad_norm"]}
             ckpt.stop_unless_finite(
                 task.domain, step, {k: math.isfinite(v) for k, v in finite.items()}
             )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if not zero:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             weights = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
             ckpt.stop_unless_finite(task.domain, step, {"weight": weights})
             ckpt.last_loss, tokens = loss_value, tokens + n_tokens
@@ -209,6 +229,7 @@ class Trainer:
                 line |= {
                     "world_size": acc.num_processes,
                     "fsdp": self.fsdp,
+                    "deepspeed": self.zero_stage,
                     "rank_examples": [s[0] for s in shares],
                 }
                 self._append_metrics(metrics_path, line, writer)
@@ -221,6 +242,8 @@ class Trainer:
         bar.close()
         if ddp:  # this domain's DDP wrapper goes, and its gradient hooks
             acc.free_memory(model)
+        if zero:
+            zero.close()
         if cfg.gradient_checkpointing:
             engine.base.activation_checkpointing_disable()
         if writer is not None:
@@ -240,12 +263,14 @@ class Trainer:
         }
 
     # -- one optimizer step -----------------------------------------------------------------
-    def _step(self, model, chosen: list[Example], params) -> tuple[float, int, list[list[int]]]:
+    def _step(
+        self, model, chosen: list[Example], params, zero: ZeroOptimizer | None
+    ) -> tuple[float, int, list[list[int]]]:
         """Forward and backward of one optimizer step on this process's shard of `chosen`.
 
         Every micro-batch on every process divides its summed token loss by the token count of
-        the whole global batch, so the gradients add up (DDP, or `average_gradients` under
-        FSDP, averages them, hence × world) to those of one process on the whole batch:
+        the whole global batch, so the gradients add up (DDP, DeepSpeed, or
+        `average_gradients` under FSDP, averages them, hence × world) to those of one process on the whole batch:
         results do not depend on the number of processes or micro-batches. Returns the step's
         loss and tokens (over all processes) and each process's (examples, tokens).
         """
@@ -260,7 +285,9 @@ class Trainer:
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = i == len(micro) - 1
             ctx = (
-                acc.no_sync(model) if (not sync and world > 1 and not self.fsdp) else nullcontext()
+                acc.no_sync(model)
+                if not sync and world > 1 and not self.fsdp and zero is None
+                else nullcontext()
             )
             with ctx, acc.autocast():
                 outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
@@ -268,7 +295,10 @@ class Trainer:
                 extra = self.method.extra_loss(self.engine, batch, outputs)
                 if extra is not None:  # a per-step term: counted once per step
                     loss = loss + extra / len(micro)
-            acc.backward(loss)
+            if zero:
+                zero.backward(loss, last=sync)
+            else:
+                acc.backward(loss)
             my_loss += loss.item() / world
             my_tokens += int(batch["attention_mask"].sum())
         if self.fsdp:  # FSDP leaves the replicated weights' gradients to us
@@ -322,9 +352,9 @@ class Trainer:
         self, ckpt: Checkpoint, task: Task, step: int, named, optimizer, zclip
     ) -> None:
         self.accelerator.wait_for_everyone()
+        opt_state = optimizer.state_dict()  # DeepSpeed gathers it from every process
         if not self.accelerator.is_main_process:
             return
-        opt_state = optimizer.state_dict()
         tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in named.items()}
         for idx, state in opt_state["state"].items():
             for key, value in state.items():

@@ -51,10 +51,14 @@ class ZClip:
         params = [p for p in parameters if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item() if params else 0.0
         limit = self.threshold()
-        clipped = norm
         if math.isfinite(norm) and limit is not None and norm > limit:
             torch.nn.utils.clip_grads_with_norm_(params, limit, torch.tensor(norm))
-            clipped = limit
+        return self.record(norm, limit)
+
+    def record(self, norm: float, limit: float | None) -> dict[str, Any]:
+        """Count a step of total gradient norm `norm` that was clipped at `limit` (this
+        step's `threshold()`, by `step` or by DeepSpeed); return the statistics to log."""
+        clipped = limit if math.isfinite(norm) and limit is not None and norm > limit else norm
         self._update(clipped)
         return {
             "grad_norm": norm,
