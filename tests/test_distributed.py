@@ -4,6 +4,8 @@ Two processes on a global batch of 8 train each on 4 examples and DDP averages t
 the trainer scales each process's loss so that this equals one process on all 8 (crma.train).
 With train.fsdp the two processes also shard the frozen base with FSDP2 (crma.fsdp) and
 average the replicated adapters' and backbone's gradients themselves: the same equality.
+With train.deepspeed: 2 DeepSpeed ZeRO-2 shards AdamW's state and the gradients (crma.zero):
+the same equality again (ZeRO-2 runs need `pip install 'crma[distributed]'`, else they skip).
 What differs is only the order of float32 reductions (padding to each shard's own longest
 example, the all-reduce), a few 1e-7 per step; the tolerance 1e-4 leaves two decades for the
 growth over the run. At the tiny config's lr 0.03 naive's third domain amplifies that noise to
@@ -13,6 +15,7 @@ runs use lr 0.003.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -38,8 +41,24 @@ DATA_PARALLEL = [
     "inflora",
     "osf",
 ]
-# The methods each two-process launch trains: OSF merges into the base, which FSDP shards.
-LAUNCHES = {"ddp": DATA_PARALLEL, "fsdp": [m for m in DATA_PARALLEL if m != "osf"]}
+# The methods each two-process launch trains: OSF merges into the base, which FSDP shards,
+# and projects its factors in place after each step, which ZeRO-2's fp32 copy would undo.
+LAUNCHES = {
+    "ddp": DATA_PARALLEL,
+    "fsdp": [m for m in DATA_PARALLEL if m != "osf"],
+    "zero2": [m for m in DATA_PARALLEL if m != "osf"],
+}
+NEEDS_DEEPSPEED = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (pip install 'crma[distributed]')",
+)
+
+
+def launch_params(pairs):
+    """pytest params of (kind, ...) tuples; ZeRO-2 ones skip without deepspeed."""
+    return [pytest.param(*p, marks=NEEDS_DEEPSPEED if p[0] == "zero2" else ()) for p in pairs]
+
+
 DOMAINS = ["alpha", "beta", "gamma"]
 STEPS = 8
 
@@ -58,19 +77,21 @@ def launch(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def config(tmp_path, methods: list[str], fsdp: bool = False):
+def config(tmp_path, methods: list[str], kind: str = "ddp"):
+    """The tiny protocol for `methods`, trained as `kind` says (ddp, fsdp or zero2)."""
     data = yaml.safe_load(TINY_CONFIG.read_text())
     data["methods"] = methods
-    data["train"] |= {"lr": 0.003, "max_steps": STEPS, "checkpoint_every": 3, "fsdp": fsdp}
+    data["train"] |= {"lr": 0.003, "max_steps": STEPS, "checkpoint_every": 3}
+    data["train"] |= {"fsdp": kind == "fsdp", "deepspeed": 2 if kind == "zero2" else 0}
     data["eval"] |= {"routing": True}  # forward passes on the main process alone
-    path = tmp_path / f"{'-'.join(methods)}{'-fsdp' if fsdp else ''}.yaml"
+    path = tmp_path / f"{'-'.join(methods)}-{kind}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """`runs(kind)`: the same protocol run in one process and in two (`ddp` or `fsdp`), each
+    """`runs(kind)`: the same protocol run in one process and in two (`ddp`, `fsdp` or `zero2`), each
     made once, when a test first asks for it."""
     tmp = tmp_path_factory.mktemp("dist")
     made: dict[str, Path] = {}
@@ -81,7 +102,7 @@ def runs(tmp_path_factory):
             launch(crma_cmd("run", str(config(tmp, DATA_PARALLEL)), "--out", str(made["one"])))
         if kind not in made:
             made[kind] = tmp / kind
-            cfg = config(tmp, LAUNCHES[kind], fsdp=kind == "fsdp")
+            cfg = config(tmp, LAUNCHES[kind], kind)
             launch([*torchrun(), "-m", "crma", "run", str(cfg), "--out", str(made[kind])])
         return made["one"], made[kind]
 
@@ -122,7 +143,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize(
-    "kind, method", [(kind, m) for kind, methods in LAUNCHES.items() for m in methods]
+    "kind, method", launch_params((k, m) for k, methods in LAUNCHES.items() for m in methods)
 )
 @pytest.mark.integration
 def test_two_processes_match_one(runs, kind, method):
@@ -139,7 +160,9 @@ def test_two_processes_match_one(runs, kind, method):
             assert entry["load_in"] == "float"
         lines = [json.loads(line) for line in (unit(run, method) / "metrics.jsonl").open()]
         assert len(lines) == len(DOMAINS) * STEPS, "one writer: no line twice"
-        assert {(line["world_size"], line["fsdp"]) for line in lines} == {(world, fsdp)}
+        zero = 2 if kind == "zero2" and world == 2 else 0
+        kinds = {(line["world_size"], line["fsdp"], line["deepspeed"]) for line in lines}
+        assert kinds == {(world, fsdp, zero)}
     matrices = [
         json.loads((unit(r, method) / "loss_matrix.json").read_text())["loss_matrix"] for r in runs
     ]
@@ -162,15 +185,21 @@ def test_two_processes_match_one(runs, kind, method):
 
 
 @pytest.mark.parametrize(
-    "method, fsdp, error",
+    "method, kind, error",
     [
-        ("lwf", False, "method 'lwf' would not give the same result on 2 processes"),
-        ("osf", True, "train.fsdp: method 'osf' merges its adapters into the base weights"),
+        ("lwf", "ddp", "method 'lwf' would not give the same result on 2 processes"),
+        ("osf", "fsdp", "train.fsdp: method 'osf' merges its adapters into the base weights"),
+        pytest.param(
+            "osf",
+            "zero2",
+            "train.deepspeed: method 'osf' edits its trained weights in place",
+            marks=NEEDS_DEEPSPEED,
+        ),
     ],
 )
 @pytest.mark.integration
-def test_a_method_that_cannot_run_distributed_refuses(tmp_path, method, fsdp, error):
-    cfg = config(tmp_path, [method], fsdp)
+def test_a_method_that_cannot_run_distributed_refuses(tmp_path, method, kind, error):
+    cfg = config(tmp_path, [method], kind)
     proc = subprocess.run(
         [*torchrun(), "-m", "crma", "run", str(cfg), "--out", str(tmp_path / "o")],
         cwd=ROOT,
@@ -183,13 +212,13 @@ def test_a_method_that_cannot_run_distributed_refuses(tmp_path, method, fsdp, er
     assert not (tmp_path / "o" / method).exists()
 
 
-@pytest.mark.parametrize("kind", sorted(LAUNCHES))
+@pytest.mark.parametrize("kind", launch_params((k,) for k in sorted(LAUNCHES)))
 @pytest.mark.integration
 def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path, kind):
     """SIGKILL the launcher only: its workers die with it (no orphan keeps the lock), and
     the rerun resumes from the last checkpoint to the uninterrupted run's files."""
     out = tmp_path / "killed"
-    cfg = config(tmp_path, ["crma"], fsdp=kind == "fsdp")
+    cfg = config(tmp_path, ["crma"], kind)
     cmd = [*torchrun(), "-m", "crma", "run", str(cfg), "--out", str(out)]
     metrics = unit(out, "crma") / "metrics.jsonl"
     proc = subprocess.Popen(
@@ -239,16 +268,30 @@ def test_crma_train_on_two_processes_matches_one(tmp_path, levers):
     assert max_diff(*backbones) <= TOLERANCE
 
 
-def test_deepspeed_is_refused_with_one_line():
+def test_accelerates_deepspeed_type_trains_zero2_and_refuses_zero3():
+    """An accelerate launch with configs/accelerate/deepspeed-zero2.yaml (GPUs) trains with
+    ZeRO-2 without train.deepspeed; deepspeed-zero3.yaml is refused with one line."""
     from accelerate.utils import DistributedType
 
     from crma import UserError
     from crma.distributed import refuse_unsupported
     from crma.methods import make_method
+    from crma.zero import refuse_zero, zero_stage
 
-    accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED)
-    with pytest.raises(UserError, match="distributed type DEEPSPEED: crma trains data-parallel"):
-        refuse_unsupported(make_method("crma"), accelerator)
+    def launched(stage):
+        plugin = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))
+        kind = DistributedType.DEEPSPEED
+        return SimpleNamespace(num_processes=2, distributed_type=kind, state=plugin)
+
+    crma = make_method("crma")
+    refuse_unsupported(crma, launched(2))
+    assert zero_stage(0, launched(2)) == 2
+    refuse_zero(2, crma, 2)
+    assert zero_stage(0, launched(3)) == 3
+    with pytest.raises(UserError, match="train.deepspeed: ZeRO-3 is not supported"):
+        refuse_zero(3, crma, 2)
+    ddp = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU)
+    assert zero_stage(0, ddp) == 0 and zero_stage(2, ddp) == 2
 
 
 def test_accelerates_fsdp_type_trains_sharded_and_refuses_osf():

@@ -34,7 +34,7 @@ from crma.methods.base import Example, Method, Task, params_of
 from crma.quantize import loaded_as
 from crma.settings import SettingError, Settings, setting
 from crma.zclip import ZClip, unclipped
-from crma.zero import ZeroOptimizer, refuse_zero, zero_stage
+from crma.zero import ZeroOptimizer, zero_stage
 
 
 @dataclass
@@ -148,8 +148,7 @@ class Trainer:
         """Train `task` to the end, resuming from `checkpoint_dir` if it holds this task with
         this `resume_key`, made on stack `generation`."""
         cfg, acc, engine = self.config, self.accelerator, self.engine
-        refuse_unsupported(self.method, acc, self.fsdp)
-        refuse_zero(self.zero_stage, self.method, acc.num_processes)
+        refuse_unsupported(self.method, acc, self.fsdp, self.zero_stage)
         if cfg.batch_size < acc.num_processes * cfg.grad_accum:
             raise UserError(
                 f"train.batch_size: {cfg.batch_size} examples cannot fill {cfg.grad_accum} "

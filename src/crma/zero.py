@@ -51,10 +51,11 @@ def refuse_zero(stage: int, method, world: int) -> None:
             "train.deepspeed: shards over several processes; launch with torchrun --standalone "
             "--nproc_per_node N -m crma ... (or set train.deepspeed: 0)"
         )
-    if not method.fsdp:  # merges adapters into the base between domains, as under FSDP
+    if not method.zero:
         raise UserError(
-            f"train.deepspeed: method {method.name!r} merges its adapters into the base weights; "
-            "train it data-parallel (train.deepspeed: 0)"
+            f"train.deepspeed: method {method.name!r} edits its trained weights in place after "
+            "each step, which ZeRO-2's sharded copy of them would undo; train it data-parallel "
+            "(train.deepspeed: 0)"
         )
 
 
