@@ -6,10 +6,10 @@ crma's loop keeps its semantics: the same loss scaling and micro-batches (DeepSp
 accumulation count is `train.grad_accum`, its loss scaling by it turned off), the same AdamW
 with CRMA's learning rate per group, ZClip's clipping (DeepSpeed clips the total norm at this
 step's ZClip threshold, as `clip_grads_with_norm_` does, and reports the norm back to ZClip),
-and checkpoints in the one-process format (the sharded AdamW state gathered per parameter), so
-a checkpoint resumes under ZeRO-2 or plain DDP alike. A non-finite gradient norm
-makes DeepSpeed skip the step; the trainer then stops the domain. The base stays replicated
-and frozen: ZeRO-2 shards what is trained, which for LoRA and CRMA is small.
+and checkpoints in the one-process format (the sharded AdamW state gathered per parameter). A
+non-finite gradient norm makes DeepSpeed skip the step; the trainer then stops the domain. The
+base stays replicated and frozen: ZeRO-2 shards what is trained, which for LoRA and CRMA is
+small.
 
 ZeRO-3 is refused: it partitions every weight and gathers a module's weights only around that
 module's forward, while CRMA's hooks on the decoder layers read the backbone's weights outside
