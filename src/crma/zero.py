@@ -11,9 +11,9 @@ non-finite gradient norm makes DeepSpeed skip the step; the trainer then stops t
 base stays replicated and frozen: ZeRO-2 shards what is trained, which for LoRA and CRMA is
 small.
 
-ZeRO-3 is refused: it partitions every weight and gathers a module's weights only around that
-module's forward, while CRMA's hooks on the decoder layers read the backbone's weights outside
-the backbone's own forward.
+ZeRO-3 is refused: it partitions every weight, the base's too, and crma's evaluation and commits
+run forward passes on the main process alone, which would wait for the other processes' shards
+(FSDP, crma.fsdp, gathers the base around them; nothing does that for ZeRO-3 yet).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def refuse_zero(stage: int, method, world: int) -> None:
         return
     if stage != 2:
         raise UserError(
-            f"train.deepspeed: ZeRO-{stage} is not supported (ZeRO-3 partitions the CRMA "
-            "backbone, which crma's layer hooks read outside its module); use 2, or train.fsdp "
-            "to shard the base"
+            f"train.deepspeed: ZeRO-{stage} is not supported (it partitions every weight, and "
+            "evaluation and commits run on the main process alone); use 2, or train.fsdp to "
+            "shard the base"
         )
     if world < 2:
         raise UserError(
