@@ -90,3 +90,22 @@ def test_in_training_each_domain_restarts_the_warm_up_so_short_domains_only_cap_
     for norm in norms:  # the same 32 clipped norms through one ZClip
         run_step(carried, param, norm)
     assert carried.mean is not None and carried.threshold() < 1.0, "it would have adapted"
+
+
+def test_record_of_a_step_clipped_elsewhere_matches_step():
+    """DeepSpeed clips at `threshold()` itself and hands ZClip the norm (crma.zero): the
+    statistics and the EMA then follow those of `step` clipping in place."""
+    in_place, elsewhere = ZClip(warmup_steps=10), ZClip(warmup_steps=10)
+    param = torch.nn.Parameter(torch.zeros(2))
+    clipped_to = []
+    norms = [0.5, 0.5, 0.5, 2.0, *[0.5] * 6, 0.5, 5.0, 0.5]  # exact in float32
+    for norm in norms:
+        stats = elsewhere.record(norm, elsewhere.threshold())
+        assert stats == run_step(in_place, param, norm)
+        # what it counts as the clipped norm is the norm of the gradient clipped in place
+        assert math.isclose(stats["grad_norm_clipped"], param.grad.norm().item(), rel_tol=1e-6)
+        clipped_to.append(stats["grad_norm_clipped"] if stats["clipped"] else None)
+    assert elsewhere.state_dict() == in_place.state_dict()
+    # 2.0 is cut to max_norm in warm-up, 5.0 to the adaptive threshold (below max_norm) after it
+    assert [i for i, c in enumerate(clipped_to) if c is not None] == [3, 11]
+    assert clipped_to[3] == 1.0 and 0.5 < clipped_to[11] < 1.0
