@@ -178,8 +178,10 @@ class Trainer:
         if start == 0:  # marks where this task's metrics begin, for a resume before step 1
             self._save_checkpoint(ckpt, task, 0, named, optimizer, zclip)
         ddp = acc.num_processes > 1 and not self.fsdp and zero is None
-        model = acc.prepare_model(engine.model) if ddp else engine.model
-        model = zero.engine if zero else model
+        if zero:
+            model = zero.engine
+        else:
+            model = acc.prepare_model(engine.model) if ddp else engine.model
         model.train()
         if cfg.gradient_checkpointing:  # recomputes each layer's forward; CRMA's hooks run once
             engine.base.activation_checkpointing_enable({"use_reentrant": False})
@@ -268,8 +270,8 @@ class Trainer:
         """Forward and backward of one optimizer step on this process's shard of `chosen`.
 
         Every micro-batch on every process divides its summed token loss by the token count of
-        the whole global batch, so the gradients add up (DDP, DeepSpeed, or
-        `average_gradients` under FSDP, averages them, hence × world) to those of one process on the whole batch:
+        the whole global batch, so the gradients add up (DDP, DeepSpeed, or `average_gradients`
+        under FSDP, averages them, hence × world) to those of one process on the whole batch:
         results do not depend on the number of processes or micro-batches. Returns the step's
         loss and tokens (over all processes) and each process's (examples, tokens).
         """
