@@ -178,10 +178,11 @@ class Trainer:
         if start == 0:  # marks where this task's metrics begin, for a resume before step 1
             self._save_checkpoint(ckpt, task, 0, named, optimizer, zclip)
         ddp = acc.num_processes > 1 and not self.fsdp and zero is None
-        if zero:
+        model = engine.model
+        if zero:  # DeepSpeed's engine reduces the gradients
             model = zero.engine
-        else:
-            model = acc.prepare_model(engine.model) if ddp else engine.model
+        elif ddp:
+            model = acc.prepare_model(engine.model)
         model.train()
         if cfg.gradient_checkpointing:  # recomputes each layer's forward; CRMA's hooks run once
             engine.base.activation_checkpointing_enable({"use_reentrant": False})
