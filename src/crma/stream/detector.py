@@ -11,17 +11,20 @@ The change test is a two-sample test over a sliding window (a linear-kernel MMD 
 location): the last `window` documents of the current segment against the current domain,
 an alarm when their score reaches `threshold`. The boundary is then placed among the pending
 documents by the CUSUM estimate on the documents' own scores (the split after which they
-exceed `drift` the most). The documents after it form a candidate segment, named once it
-holds `identify_docs` documents: the known domain (the stack's, or one found earlier in the
-stream; not the current one) with the lowest score, if at most `known_threshold`, else a
-new domain `new-1`, `new-2`, …, if the whole candidate still scores at least `threshold`
-against the current domain (else it was a false alarm and goes back to it). A document is
-decided at the latest `lookahead` documents after it arrived; the reported delay counts every
-document a decision waited for.
+exceed `drift` the most). The documents after it form a candidate segment. Once it holds
+`identify_docs` documents the change has to be confirmed: the whole candidate must score at
+least `confirm` against the current domain. Under `threshold` it is a false alarm (the
+candidate goes back to the current domain); in between, the novelty has to persist: the
+candidate grows, document by document, until it reaches `confirm` or `confirm_docs`
+documents (then it is cancelled too). A confirmed candidate is named: the known domain (the
+stack's, or one found earlier in the stream; not the current one) with the lowest score, if at
+most `known_threshold`, else a new domain `new-1`, `new-2`, …. A document is decided at the
+latest `lookahead` documents after it arrived; the reported delay counts every document a
+decision waited for.
 
-The default thresholds were set on validation streams of the embedded corpus (the validation
-half of each domain's spare pool) for a target false-alarm rate: see benchmarks/stream.py and
-results/stream/report.md.
+The default `confirm` and `known_threshold` were set on validation streams of the embedded
+corpus (the validation half of each domain's spare pool), `confirm` for half the target
+false-alarm rate: see benchmarks/stream.py and results/stream/report.md.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class DetectorSettings(Settings):
     known_threshold: float = setting(1.0, "score under which a new segment is a known domain", gt=0)
     identify_docs: int = setting(9, "documents of a new segment used to identify it", ge=2)
     confirm: float = setting(
-        1.0, "candidate score against the current domain that confirms a change at once", gt=0
+        1.25, "candidate score against the current domain that confirms a change", gt=0
     )
     confirm_docs: int = setting(
         18, "documents an ambiguous candidate collects before it is decided", ge=2
