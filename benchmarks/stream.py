@@ -423,7 +423,8 @@ def training_comparison(emb: dict, args) -> None:
     start = time.monotonic()
     results["with_training"] = with_training(ss, settings, args)
     results["with_training"]["seconds"] = round(time.monotonic() - start)
-    write_report(results, argparse.Namespace(**{**results["settings"], "out": args.out}))
+    shown = {"out": args.out, "with_training": args.with_training}
+    write_report(results, argparse.Namespace(**(results["settings"] | shown)))
 
 
 def loss_table(results: dict, emb: dict, cal: dict, args) -> None:
