@@ -153,7 +153,9 @@ def training_section(training: dict | None) -> list[str]:
         "per new domain, on its first 30 documents (StreamSettings.min_segment); then each "
         f"domain's loss on its first {training['holdout_docs']} holdout documents under the "
         "adapter the run sent most of that domain's documents to. "
-        f"{training['seconds']} s on one CPU thread shared with other jobs.",
+        f"This command took {training['seconds']} s (a run found finished in its stack is "
+        "resumed, not redone); each run's own time is below, on one CPU thread of a shared "
+        "2-core machine.",
         "",
         "| stream | domain | detector's adapter | loss (detector) | loss (oracle) | difference |",
         "|---|---|---|---|---|---|",
