@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from crma.errors import UserError
-from crma.generate import AUTO, StackModel, adapter_names
+from crma.generate import AUTO, BASE, StackModel, adapter_names
 from crma.serve.config import ServeSettings
+from crma.serve.prefill import TemplateHead
 
 BASE_MODEL = "base"  # the model name of "no domain adapter" (base + CRMA backbone)
 
@@ -47,6 +54,8 @@ class Snapshot:
         self.batchable = self.mixable and all(type(layer) is DynamicLayer for layer in layers)
         if self.engine.peft is not None and self.mixable:  # once: rows pick their own adapter
             self.engine.activate(self.engine.adapters[0])
+        self.rows = RowAdapters.attach(self.engine.base) if self.mixable else None
+        self.head = TemplateHead(self)
         self.eos = _eos_ids(self.engine)
         # Embedding tables are often padded beyond the tokenizer: those ids decode to nothing.
         self.vocab = len(self.engine.tokenizer)
@@ -58,6 +67,30 @@ class Snapshot:
 
     def adapters(self, domain: str | None) -> str | list[str] | None:
         return self.model.adapters(domain)
+
+    def logits(self, ids, mask, positions, cache, adapters: list) -> torch.Tensor:
+        """Last-position logits (B, V) float32 of one forward, each row through its adapters."""
+        engine = self.engine
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "cache": cache,
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }
+        if engine.peft is None:
+            return engine.model(**kwargs).logits[:, -1].float()
+        if self.rows is not None:
+            with self.rows.using([a or BASE for a in adapters]):
+                return engine.base(**kwargs).logits[:, -1].float()
+        context = nullcontext()
+        if self.mixable:
+            kwargs["adapter_names"] = [a or BASE for a in adapters]
+        else:
+            context = engine.using(adapters[0])
+        with context:
+            return engine.model(**kwargs).logits[:, -1].float()
 
     def route(self, texts: list[str]) -> list[Routed]:
         """Where `auto` sends each text (as StackModel.resolve), with every domain's score."""
@@ -75,6 +108,42 @@ class Snapshot:
         """Fit the router now (it is fitted lazily), so the first routed request does not wait."""
         if self.domains and self.model.cm.method.needs_task_id:
             self.model.resolve(["warm-up"], AUTO)
+
+
+class RowAdapters:
+    """Each batch row through its own LoRA adapter ('__base__': none), as PEFT's
+    `adapter_names` argument does, through forward pre-hooks registered once.
+
+    PEFT registers and removes a hook on every LoRA layer, and walks every module twice, on
+    each call with `adapter_names`: a sixth of a decode step of the embedded model. These
+    hooks hand the same argument to the same layers, so the arithmetic is PEFT's own.
+    """
+
+    def __init__(self, layers: list[nn.Module]):
+        self.names: list[str] | None = None
+        for layer in layers:
+            layer.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    @classmethod
+    def attach(cls, model: nn.Module) -> RowAdapters | None:
+        """Hooks on `model`'s adapter layers; None when some are not LoRA (PEFT's path then)."""
+        tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        if not tuners or not all(isinstance(m, LoraLayer) for m in tuners):
+            return None
+        return cls(tuners)
+
+    def _hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.names is not None:
+            kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+    @contextmanager
+    def using(self, names: list[str]) -> Iterator[None]:
+        self.names = names
+        try:
+            yield
+        finally:
+            self.names = None
 
 
 def _eos_ids(engine) -> set[int]:
