@@ -43,9 +43,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from serve import prompts
 
-    from crma.generate import load_stack
+    from crma.generate import BASE, load_stack
     from crma.model import load_base
     from crma.serve.config import ServeSettings
+    from crma.serve.prefill import groups, prefill
     from crma.serve.snapshot import Snapshot
 
     snap = Snapshot(load_stack(args.stack), ServeSettings())
@@ -66,15 +67,22 @@ def main() -> None:
             plain(input_ids=x, cache=cache, use_cache=True)
         return cache
 
-    def server_step(batch: int):
+    def server_step(batch: int, peft: bool = False):
+        """The server's decode step; with `peft`, rows pick adapters through PEFT's own
+        `adapter_names` argument instead (what the server did before)."""
         cache = cache_of(batch, T)
         x = torch.randint(0, 1000, (batch, 1))
         mask = torch.ones(batch, T + 1, dtype=torch.long)
         pos = torch.full((batch, 1), T)
         rows = [domains[i % len(domains)] for i in range(batch)]
+        kwargs = {"attention_mask": mask, "position_ids": pos, "cache": cache, "use_cache": True}
 
         def step():
-            snap.logits(x, mask, pos, cache, rows)
+            if peft:
+                names = [a or BASE for a in rows]
+                snap.engine.model(input_ids=x, adapter_names=names, logits_to_keep=1, **kwargs)
+            else:
+                snap.logits(x, mask, pos, cache, rows)
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[..., :T, :], layer.values[..., :T, :]
 
@@ -92,12 +100,24 @@ def main() -> None:
         return step
 
     def server_prefill(rows: int):
+        """One by one, the whole prompt (what the server did before)."""
+
         def run():
             for k in range(rows):
                 x = torch.tensor([ids[k]])
                 pos = torch.arange(x.shape[1]).unsqueeze(0)
                 cache = DynamicCache(config=config)
                 snap.logits(x, None, pos, cache, [domains[k]])
+
+        return run
+
+    def server_batched_prefill(rows: int):
+        """As the server prefills requests that join together: groups, the cached head."""
+
+        def run():
+            lengths = [len(i) for i in ids[:rows]]
+            for group in groups(lengths, lambda i: snap.head.length(ids[i])):
+                prefill(snap, snap.head, [ids[i] for i in group], [domains[i] for i in group])
 
         return run
 
@@ -112,12 +132,17 @@ def main() -> None:
     with torch.no_grad():
         results = {
             "decode step, 1 row: server": timed(server_step(1), args.repeats),
+            "decode step, 1 row: PEFT adapter_names": timed(server_step(1, True), args.repeats),
             "decode step, 1 row: plain HF": timed(plain_step(1), args.repeats),
             f"decode step, {B} rows mixed: server": timed(server_step(B), args.repeats),
+            f"decode step, {B} rows mixed: PEFT adapter_names": timed(
+                server_step(B, True), args.repeats
+            ),
             f"decode step, {B} rows: plain HF": timed(plain_step(B), args.repeats),
             "prefill 1 prompt: server": timed(server_prefill(1), args.repeats),
             "prefill 1 prompt: plain HF": timed(plain_prefill(1), args.repeats),
-            f"prefill {B} prompts: server": timed(server_prefill(B), 1),
+            f"prefill {B} prompts one by one: server": timed(server_prefill(B), 1),
+            f"prefill {B} prompts together: server": timed(server_batched_prefill(B), 1),
             f"prefill {B} prompts one by one: plain HF": timed(plain_prefill(B), 1),
             "route 1 prompt": timed(lambda: snap.route(texts[:1]), args.repeats),
             f"route {B} prompts": timed(lambda: snap.route(texts[:B]), 1),

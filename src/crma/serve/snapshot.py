@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
-from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from crma.errors import UserError
 from crma.generate import AUTO, BASE, StackModel, adapter_names
 from crma.serve.config import ServeSettings
+from crma.serve.mixed import RowAdapters
 from crma.serve.prefill import TemplateHead
 
 BASE_MODEL = "base"  # the model name of "no domain adapter" (base + CRMA backbone)
@@ -108,42 +105,6 @@ class Snapshot:
         """Fit the router now (it is fitted lazily), so the first routed request does not wait."""
         if self.domains and self.model.cm.method.needs_task_id:
             self.model.resolve(["warm-up"], AUTO)
-
-
-class RowAdapters:
-    """Each batch row through its own LoRA adapter ('__base__': none), as PEFT's
-    `adapter_names` argument does, through forward pre-hooks registered once.
-
-    PEFT registers and removes a hook on every LoRA layer, and walks every module twice, on
-    each call with `adapter_names`: a sixth of a decode step of the embedded model. These
-    hooks hand the same argument to the same layers, so the arithmetic is PEFT's own.
-    """
-
-    def __init__(self, layers: list[nn.Module]):
-        self.names: list[str] | None = None
-        for layer in layers:
-            layer.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    @classmethod
-    def attach(cls, model: nn.Module) -> RowAdapters | None:
-        """Hooks on `model`'s adapter layers; None when some are not LoRA (PEFT's path then)."""
-        tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-        if not tuners or not all(isinstance(m, LoraLayer) for m in tuners):
-            return None
-        return cls(tuners)
-
-    def _hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self.names is not None:
-            kwargs["adapter_names"] = self.names
-        return args, kwargs
-
-    @contextmanager
-    def using(self, names: list[str]) -> Iterator[None]:
-        self.names = names
-        try:
-            yield
-        finally:
-            self.names = None
 
 
 def _eos_ids(engine) -> set[int]:
