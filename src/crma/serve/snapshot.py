@@ -102,9 +102,14 @@ class Snapshot:
         return out
 
     def warm_up(self) -> None:
-        """Fit the router now (it is fitted lazily), so the first routed request does not wait."""
+        """Fit the router and compute the template head's keys and values under every model
+        now (both are lazy), so the first requests do not wait for them."""
         if self.domains and self.model.cm.method.needs_task_id:
             self.model.resolve(["warm-up"], AUTO)
+        if self.head.ids:
+            with torch.no_grad():
+                for domain in [*self.domains, None]:
+                    self.head.kv(self.adapters(domain))
 
 
 def _eos_ids(engine) -> set[int]:
