@@ -2,9 +2,9 @@
 
 `crma train` (method crma) on a small random Llama (6 layers, hidden 384, the tests' 512-token
 tokenizer) over real medical passages of the embedded corpus, global batch 8 × up to 128
-tokens. Three arms, interleaved in rounds so that the machine's load hits them alike:
+tokens. Four arms, interleaved in rounds so that the machine's load hits them alike:
 one process with one thread, one process with two threads, and two processes (torchrun,
-gloo) with one thread each. tokens/s is the trainer's own figure (metrics.jsonl: tokens of
+gloo) with one thread each, data-parallel and with the base sharded (train.fsdp). tokens/s is the trainer's own figure (metrics.jsonl: tokens of
 the whole global batch over training time, model loading excluded); the load average is
 recorded around every measurement. Writes results/benchmarks/scaling.{json,md,png}.
 
@@ -24,10 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "benchmarks"
-ARMS = {  # name -> (processes, threads per process)
-    "1 process × 1 thread": (1, 1),
-    "1 process × 2 threads": (1, 2),
-    "2 processes × 1 thread": (2, 1),
+ARMS = {  # name -> (processes, threads per process, train.fsdp)
+    "1 process × 1 thread": (1, 1, False),
+    "1 process × 2 threads": (1, 2, False),
+    "2 processes × 1 thread": (2, 1, False),
+    "2 processes × 1 thread, FSDP": (2, 1, True),
 }
 
 
@@ -59,7 +60,7 @@ def domain_file(path: Path, n: int = 400) -> None:
 
 
 def measure(arm: str, model: Path, data: Path, steps: int, work: Path) -> dict:
-    processes, threads = ARMS[arm]
+    processes, threads, fsdp = ARMS[arm]
     stack = Path(tempfile.mkdtemp(dir=work))
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -77,7 +78,7 @@ def measure(arm: str, model: Path, data: Path, steps: int, work: Path) -> dict:
         "--domain",
         f"medical={data}",
         *("--max-steps", str(steps), "--batch-size", "8", "--max-length", "128"),
-        *("--checkpoint-every", str(steps)),
+        *("--checkpoint-every", str(steps), "--fsdp", str(fsdp).lower()),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
@@ -85,10 +86,12 @@ def measure(arm: str, model: Path, data: Path, steps: int, work: Path) -> dict:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     lines = [json.loads(x) for x in (stack / "s" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == steps and lines[-1]["world_size"] == processes
+    assert lines[-1]["fsdp"] == fsdp
     return {
         "arm": arm,
         "tokens_per_s": lines[-1]["tokens_per_s"],
         "world_size": lines[-1]["world_size"],
+        "fsdp": fsdp,
         "rank_examples": lines[-1]["rank_examples"],
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
@@ -143,7 +146,7 @@ def plot(results: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = plt.subplots(figsize=(7.5, 3))
     for i, arm in enumerate(ARMS):
         values = [r["tokens_per_s"] for r in results if r["arm"] == arm]
         ax.scatter([i] * len(values), values, color="C0")

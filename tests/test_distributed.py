@@ -2,6 +2,8 @@
 
 Two processes on a global batch of 8 train each on 4 examples and DDP averages the gradients;
 the trainer scales each process's loss so that this equals one process on all 8 (crma.train).
+With train.fsdp the two processes also shard the frozen base with FSDP2 (crma.fsdp) and
+average the replicated adapters' and backbone's gradients themselves: the same equality.
 What differs is only the order of float32 reductions (padding to each shard's own longest
 example, the all-reduce), a few 1e-7 per step; the tolerance 1e-4 leaves two decades for the
 growth over the run. At the tiny config's lr 0.03 naive's third domain amplifies that noise to
@@ -15,6 +17,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -35,6 +38,8 @@ DATA_PARALLEL = [
     "inflora",
     "osf",
 ]
+# The methods each two-process launch trains: OSF merges into the base, which FSDP shards.
+LAUNCHES = {"ddp": DATA_PARALLEL, "fsdp": [m for m in DATA_PARALLEL if m != "osf"]}
 DOMAINS = ["alpha", "beta", "gamma"]
 STEPS = 8
 
@@ -45,29 +50,42 @@ def torchrun() -> list[str]:
 
 
 def launch(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True)
+    """Run `cmd` to success; a collective one process never joins fails it, not hangs it."""
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def config(tmp_path, methods: list[str]):
+def config(tmp_path, methods: list[str], fsdp: bool = False):
     data = yaml.safe_load(TINY_CONFIG.read_text())
     data["methods"] = methods
-    data["train"] |= {"lr": 0.003, "max_steps": STEPS, "checkpoint_every": 3}
-    path = tmp_path / f"{'-'.join(methods)}.yaml"
+    data["train"] |= {"lr": 0.003, "max_steps": STEPS, "checkpoint_every": 3, "fsdp": fsdp}
+    data["eval"] |= {"routing": True}  # forward passes on the main process alone
+    path = tmp_path / f"{'-'.join(methods)}{'-fsdp' if fsdp else ''}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same protocol run in one process and in two."""
+    """`runs(kind)`: the same protocol run in one process and in two (`ddp` or `fsdp`), each
+    made once, when a test first asks for it."""
     tmp = tmp_path_factory.mktemp("dist")
-    cfg = config(tmp, DATA_PARALLEL)
-    one, two = tmp / "one", tmp / "two"
-    launch(crma_cmd("run", str(cfg), "--out", str(one)))
-    launch([*torchrun(), "-m", "crma", "run", str(cfg), "--out", str(two)])
-    return one, two
+    made: dict[str, Path] = {}
+
+    def run(kind: str) -> tuple[Path, Path]:
+        if "one" not in made:
+            made["one"] = tmp / "one"
+            launch(crma_cmd("run", str(config(tmp, DATA_PARALLEL)), "--out", str(made["one"])))
+        if kind not in made:
+            made[kind] = tmp / kind
+            cfg = config(tmp, LAUNCHES[kind], fsdp=kind == "fsdp")
+            launch([*torchrun(), "-m", "crma", "run", str(cfg), "--out", str(made[kind])])
+        return made["one"], made[kind]
+
+    return run
 
 
 def unit(run, method):
@@ -103,24 +121,34 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("method", DATA_PARALLEL)
+@pytest.mark.parametrize(
+    "kind, method", [(kind, m) for kind, methods in LAUNCHES.items() for m in methods]
+)
 @pytest.mark.integration
-def test_two_processes_match_one(runs, method):
-    one, two = runs
+def test_two_processes_match_one(runs, kind, method):
+    one, two = runs = runs(kind)
     for run, world in ((one, 1), (two, 2)):
+        fsdp = kind == "fsdp" and world == 2
         manifest = json.loads((unit(run, method) / "stack" / "manifest.json").read_text())
         for entry in manifest["domains"]:
             assert entry["world_size"] == world
             assert len(entry["rank_examples"]) == world and min(entry["rank_examples"]) > 0
             assert sum(entry["rank_examples"]) >= STEPS * 8  # replay adds memory examples
-        lines = (unit(run, method) / "metrics.jsonl").read_text().splitlines()
+            # measured in each process while it trained: it held half the base
+            assert entry["fsdp_base_shares"] == ([0.5, 0.5] if fsdp else None)
+            assert entry["load_in"] == "float"
+        lines = [json.loads(line) for line in (unit(run, method) / "metrics.jsonl").open()]
         assert len(lines) == len(DOMAINS) * STEPS, "one writer: no line twice"
-        assert {json.loads(line)["world_size"] for line in lines} == {world}
+        assert {(line["world_size"], line["fsdp"]) for line in lines} == {(world, fsdp)}
     matrices = [
         json.loads((unit(r, method) / "loss_matrix.json").read_text())["loss_matrix"] for r in runs
     ]
     diffs = [abs(a - b) for ra, rb in zip(*matrices) for a, b in zip(ra, rb) if a is not None]
     assert max(diffs) <= TOLERANCE
+    routing = [json.loads((unit(r, method) / "routing.json").read_text())["centroid"] for r in runs]
+    assert routing[0]["routes"] == routing[1]["routes"]
+    losses = [r["routed_final_loss"] for r in routing]
+    assert max(abs(losses[0][d] - losses[1][d]) for d in DOMAINS) <= TOLERANCE
     stacks = [unit(r, method) / "stack" for r in runs]
     for domain in DOMAINS:
         adapters = [load_file(adapter_file(s, domain)) for s in stacks]
@@ -133,34 +161,36 @@ def test_two_processes_match_one(runs, method):
         assert backbones[1]["write_weights"].abs().max() > 1e-4, "the backbone trained"
 
 
+@pytest.mark.parametrize(
+    "method, fsdp, error",
+    [
+        ("lwf", False, "method 'lwf' would not give the same result on 2 processes"),
+        ("osf", True, "train.fsdp: method 'osf' merges its adapters into the base weights"),
+    ],
+)
 @pytest.mark.integration
-def test_a_method_that_cannot_run_distributed_refuses(tmp_path):
+def test_a_method_that_cannot_run_distributed_refuses(tmp_path, method, fsdp, error):
+    cfg = config(tmp_path, [method], fsdp)
     proc = subprocess.run(
-        [
-            *torchrun(),
-            "-m",
-            "crma",
-            "run",
-            str(config(tmp_path, ["lwf"])),
-            "--out",
-            str(tmp_path / "o"),
-        ],
+        [*torchrun(), "-m", "crma", "run", str(cfg), "--out", str(tmp_path / "o")],
         cwd=ROOT,
         env=crma_env(),
         capture_output=True,
         text=True,
     )
     assert proc.returncode != 0
-    assert "crma: error: method 'lwf' would not give the same result on 2 processes" in proc.stderr
-    assert not (tmp_path / "o" / "lwf").exists()
+    assert f"crma: error: {error}" in proc.stderr
+    assert not (tmp_path / "o" / method).exists()
 
 
+@pytest.mark.parametrize("kind", sorted(LAUNCHES))
 @pytest.mark.integration
-def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path):
+def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path, kind):
     """SIGKILL the launcher only: its workers die with it (no orphan keeps the lock), and
     the rerun resumes from the last checkpoint to the uninterrupted run's files."""
     out = tmp_path / "killed"
-    cmd = [*torchrun(), "-m", "crma", "run", str(config(tmp_path, ["crma"])), "--out", str(out)]
+    cfg = config(tmp_path, ["crma"], fsdp=kind == "fsdp")
+    cmd = [*torchrun(), "-m", "crma", "run", str(cfg), "--out", str(out)]
     metrics = unit(out, "crma") / "metrics.jsonl"
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=crma_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -175,11 +205,16 @@ def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path):
     assert proc.returncode == -9, "the launcher should have been killed while training beta"
     assert (unit(out, "crma") / "stack" / "checkpoint").is_dir()
     launch(cmd)
-    assert kill_harness().differences(unit(runs[1], "crma"), unit(out, "crma")) == []
+    assert kill_harness().differences(unit(runs(kind)[1], "crma"), unit(out, "crma")) == []
 
 
+@pytest.mark.parametrize(
+    "levers",
+    [[], ["--fsdp", "true", "--gradient-checkpointing", "true", "--grad-accum", "2"]],
+    ids=["ddp", "fsdp-checkpointing-accumulation"],
+)
 @pytest.mark.integration
-def test_crma_train_on_two_processes_matches_one(tmp_path):
+def test_crma_train_on_two_processes_matches_one(tmp_path, levers):
     train = [
         "train",
         "--base",
@@ -192,7 +227,7 @@ def test_crma_train_on_two_processes_matches_one(tmp_path):
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     launch(crma_cmd(train[0], str(one), *train[1:]))
-    launch([*torchrun(), "-m", "crma", train[0], str(two), *train[1:]])
+    launch([*torchrun(), "-m", "crma", train[0], str(two), *train[1:], *levers])
     for stack, world in ((one, 1), (two, 2)):
         entries = json.loads((stack / "manifest.json").read_text())["domains"]
         assert [e["world_size"] for e in entries] == [world, world]
@@ -204,17 +239,34 @@ def test_crma_train_on_two_processes_matches_one(tmp_path):
     assert max_diff(*backbones) <= TOLERANCE
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_training_is_refused_with_one_line(kind):
+def test_deepspeed_is_refused_with_one_line():
     from accelerate.utils import DistributedType
 
     from crma import UserError
     from crma.distributed import refuse_unsupported
     from crma.methods import make_method
 
-    accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType[kind])
-    with pytest.raises(UserError, match=f"distributed type {kind}: crma trains data-parallel"):
+    accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType.DEEPSPEED)
+    with pytest.raises(UserError, match="distributed type DEEPSPEED: crma trains data-parallel"):
         refuse_unsupported(make_method("crma"), accelerator)
+
+
+def test_accelerates_fsdp_type_trains_sharded_and_refuses_osf():
+    """An accelerate launch with configs/accelerate/fsdp2.yaml (GPUs) turns FSDP on without
+    train.fsdp; OSF then refuses as it does with train.fsdp."""
+    from accelerate.utils import DistributedType
+
+    from crma import UserError
+    from crma.distributed import refuse_unsupported, uses_fsdp
+    from crma.methods import make_method
+
+    accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP)
+    assert uses_fsdp(False, accelerator)
+    refuse_unsupported(make_method("crma"), accelerator)
+    with pytest.raises(UserError, match="train.fsdp: method 'osf' merges"):
+        refuse_unsupported(make_method("osf"), accelerator)
+    ddp = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU)
+    assert not uses_fsdp(False, ddp) and uses_fsdp(True, ddp)
 
 
 CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))

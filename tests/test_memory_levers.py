@@ -88,3 +88,23 @@ def test_gradient_accumulation_equals_one_batch(tmp_path):
     accumulated = train_crma(dataclasses.replace(TRAIN, grad_accum=2), tmp_path / "accum")
     assert_same(whole, accumulated, 1e-5)  # float32 sums in another order, over 3 steps
     assert whole[0]["crma.write_weights"].abs().max() > 0.05  # it trained
+
+
+@pytest.mark.parametrize(
+    "mark, recorded",
+    [(None, "float"), ("is_loaded_in_4bit", "4bit"), ("is_loaded_in_8bit", "8bit")],
+)
+def test_how_the_base_is_loaded_is_recorded(tmp_path, mark, recorded):
+    """The mark transformers leaves on a bitsandbytes load goes into every metrics line and
+    the domain's result (its manifest entry). The weights stay float: no GPU here."""
+    model = tiny_model()
+    if mark is not None:
+        setattr(model, mark, True)
+    engine = Engine(model, tiny_tokenizer(), LORA, backbone=None)
+    metrics = tmp_path / "metrics.jsonl"
+    trainer = Trainer(
+        engine, make_method("naive"), TRAIN, Accelerator(cpu=True), {"method": "naive"}
+    )
+    result = trainer.train_task(Task(0, "alpha", 0), examples(), tmp_path / "ckpt", metrics)
+    assert result["load_in"] == recorded
+    assert [json.loads(line)["load_in"] for line in metrics.open()] == [recorded] * 3

@@ -9,6 +9,8 @@ from typing import Any
 
 from safetensors import safe_open
 
+from crma.errors import UserError
+
 CHECKPOINT_FILE = "state.safetensors"
 
 
@@ -40,6 +42,17 @@ class Checkpoint:
     def last_step(self) -> int:
         state = self.state()
         return state["step"] if state and state.get("resume_key") == self.resume_key else 0
+
+    def stop_unless_finite(self, domain: str, step: int, finite: dict[str, bool]) -> None:
+        """A UserError naming the domain and step when a loss, gradient or weight is
+        NaN/infinite: the step is not taken, nothing is committed, the last checkpoint stays."""
+        for what, ok in finite.items():
+            if not ok:
+                raise UserError(
+                    f"domain {domain!r}: non-finite {what} at step {step + 1}; nothing was "
+                    f"committed (the checkpoint at step {self.last_step()} is kept); lower the "
+                    "learning rate or check the data"
+                )
 
 
 def checkpoint_state(directory: Path) -> dict[str, Any] | None:

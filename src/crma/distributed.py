@@ -50,8 +50,9 @@ def _die_with_launcher() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def refuse_unsupported(method, accelerator) -> None:
-    """Methods whose result would depend on the number of processes refuse more than one."""
+def refuse_unsupported(method, accelerator, fsdp: bool = False) -> None:
+    """Methods whose result would depend on the number of processes refuse more than one;
+    FSDP (`fsdp`: train.fsdp) needs several processes and base weights that stay fixed."""
     from accelerate.utils import DistributedType
 
     world = accelerator.num_processes
@@ -61,11 +62,36 @@ def refuse_unsupported(method, accelerator) -> None:
             "one; run it in one process (without torchrun / accelerate launch)"
         )
     kind = accelerator.distributed_type
-    if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+    if kind not in (
+        DistributedType.NO,
+        DistributedType.MULTI_CPU,
+        DistributedType.MULTI_GPU,
+        DistributedType.FSDP,
+    ):
         raise UserError(
-            f"distributed type {kind.value}: crma trains data-parallel (DDP) only; use "
-            "configs/accelerate/ddp.yaml or torchrun"
+            f"distributed type {kind.value}: crma trains data-parallel (DDP) or with FSDP2 only; "
+            "use configs/accelerate/ddp.yaml or fsdp2.yaml, or torchrun"
         )
+    if not uses_fsdp(fsdp, accelerator):
+        return
+    if not method.fsdp:
+        raise UserError(
+            f"train.fsdp: method {method.name!r} merges its adapters into the base weights, "
+            "which FSDP shards; train it data-parallel (train.fsdp: false)"
+        )
+    if world < 2:
+        raise UserError(
+            "train.fsdp: shards the base over several processes; launch with torchrun "
+            "--standalone --nproc_per_node N -m crma ... (or set train.fsdp: false)"
+        )
+
+
+def uses_fsdp(fsdp: bool, accelerator) -> bool:
+    """Whether training shards the base (crma.fsdp): train.fsdp, or accelerate's FSDP type
+    (configs/accelerate/fsdp2.yaml on GPUs; accelerate keeps CPUs data-parallel)."""
+    from accelerate.utils import DistributedType
+
+    return fsdp or accelerator.distributed_type == DistributedType.FSDP
 
 
 def label_tokens(examples: list[dict[str, list[int]]]) -> int:

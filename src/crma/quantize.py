@@ -2,7 +2,7 @@
 
 4-bit is QLoRA's recipe (Dettmers et al., 2023): NF4 weights with double quantization, bf16
 compute; the packed weights are stored as bf16 so that FSDP can shard them beside the bf16
-parameters (configs/accelerate/qlora-fsdp.yaml). Adapters and the CRMA backbone stay in float.
+parameters (configs/accelerate/qlora-fsdp2.yaml). Adapters and the CRMA backbone stay in float.
 """
 
 from __future__ import annotations
@@ -45,3 +45,12 @@ def quantization_config(load_in: LoadIn, base: str, flag: str = ""):
         bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_quant_storage=torch.bfloat16,
     )
+
+
+def loaded_as(model: torch.nn.Module) -> LoadIn:
+    """How `model`'s base weights are held, from the marks transformers leaves on a
+    bitsandbytes load (recorded in metrics lines and the stack's manifest)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner, "is_loaded_in_4bit", False):
+        return "4bit"
+    return "8bit" if getattr(inner, "is_loaded_in_8bit", False) else "float"

@@ -25,13 +25,15 @@ from tqdm.auto import tqdm
 
 from crma.batching import batch_order, collate, shard, steps_for
 from crma.checkpoint import Checkpoint, file_size
-from crma.distributed import gather_rows, label_tokens, refuse_unsupported
+from crma.distributed import gather_rows, label_tokens, refuse_unsupported, uses_fsdp
 from crma.engine import Engine
 from crma.errors import UserError
 from crma.fileio import atomic_path
+from crma.fsdp import average_gradients, gather_base, shard_base
 from crma.methods.base import Example, Method, Task, params_of
+from crma.quantize import loaded_as
 from crma.settings import SettingError, Settings, setting
-from crma.zclip import ZClip
+from crma.zclip import ZClip, unclipped
 
 
 @dataclass
@@ -45,6 +47,11 @@ class TrainConfig(Settings):
     )
     gradient_checkpointing: bool = setting(
         False, "recompute each layer's activations in backward (same result, less memory)"
+    )
+    fsdp: bool = setting(
+        False,
+        "shard the frozen base over the processes with FSDP2 while steps run (torchrun); "
+        "adapters and backbone stay replicated (same result, less memory)",
     )
     epochs: float = setting(1.0, "passes over each domain's training data", gt=0)
     max_steps: int | None = setting(None, "optimizer steps per domain; overrides epochs", ge=1)
@@ -75,7 +82,7 @@ class TrainConfig(Settings):
 
 # Settings that change memory use, not results: what a checkpoint or a finished domain is
 # matched on leaves them out, so a run that ran out of memory resumes with them turned on.
-MEMORY_ONLY = ("gradient_checkpointing",)
+MEMORY_ONLY = ("gradient_checkpointing", "fsdp")
 
 
 def result_settings(config: TrainConfig) -> dict[str, Any]:
@@ -113,7 +120,9 @@ class Trainer:
             config,
             accelerator,
         )
-        self.run_info = run_info  # method label and seed, copied into every metrics line
+        # method label, seed and how the base is loaded, copied into every metrics line
+        self.run_info = {**run_info, "load_in": loaded_as(engine.base)}
+        self.fsdp = uses_fsdp(config.fsdp, accelerator)
 
     def train_task(
         self,
@@ -129,7 +138,7 @@ class Trainer:
         """Train `task` to the end, resuming from `checkpoint_dir` if it holds this task with
         this `resume_key`, made on stack `generation`."""
         cfg, acc, engine = self.config, self.accelerator, self.engine
-        refuse_unsupported(self.method, acc)
+        refuse_unsupported(self.method, acc, self.fsdp)
         if cfg.batch_size < acc.num_processes * cfg.grad_accum:
             raise UserError(
                 f"train.batch_size: {cfg.batch_size} examples cannot fill {cfg.grad_accum} "
@@ -144,6 +153,7 @@ class Trainer:
             group["base_lr"] = group["lr"]
         params = params_of(groups)
         engine.set_trainable(params)
+        shards = shard_base(engine, acc) if self.fsdp else None
         optimizer = torch.optim.AdamW(groups)
         zclip = ZClip(max_norm=1.0) if cfg.zclip else None
         steps = steps_for(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps)
@@ -155,7 +165,8 @@ class Trainer:
         start = self._resume(ckpt, named, optimizer, zclip)
         if start == 0:  # marks where this task's metrics begin, for a resume before step 1
             self._save_checkpoint(ckpt, task, 0, named, optimizer, zclip)
-        model = acc.prepare_model(engine.model) if acc.num_processes > 1 else engine.model
+        ddp = acc.num_processes > 1 and not self.fsdp
+        model = acc.prepare_model(engine.model) if ddp else engine.model
         model.train()
         if cfg.gradient_checkpointing:  # recomputes each layer's forward; CRMA's hooks run once
             engine.base.activation_checkpointing_enable({"use_reentrant": False})
@@ -181,19 +192,25 @@ class Trainer:
             chosen = self.method.batch_examples(task, step, [examples[j] for j in order[step]])
             loss_value, n_tokens, shares = self._step(model, chosen, params)
             ckpt.add_shares(shares)
-            stats = zclip.step(params) if zclip else _plain_norm(params)
+            stats = zclip.step(params) if zclip else unclipped(params)
             finite = {"loss": loss_value, "gradient": stats["grad_norm"]}
-            _stop_unless_finite(task, step, ckpt, {k: math.isfinite(v) for k, v in finite.items()})
+            ckpt.stop_unless_finite(
+                task.domain, step, {k: math.isfinite(v) for k, v in finite.items()}
+            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             weights = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
-            _stop_unless_finite(task, step, ckpt, {"weight": weights})
+            ckpt.stop_unless_finite(task.domain, step, {"weight": weights})
             ckpt.last_loss, tokens = loss_value, tokens + n_tokens
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 line = self._metrics_line(
                     task, step, global_step_offset, loss_value, stats, optimizer, tokens, t0
                 )
-                line |= {"world_size": acc.num_processes, "rank_examples": [s[0] for s in shares]}
+                line |= {
+                    "world_size": acc.num_processes,
+                    "fsdp": self.fsdp,
+                    "rank_examples": [s[0] for s in shares],
+                }
                 self._append_metrics(metrics_path, line, writer)
             bar.set_postfix(
                 loss=f"{loss_value:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}"
@@ -202,18 +219,22 @@ class Trainer:
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 self._save_checkpoint(ckpt, task, step + 1, named, optimizer, zclip)
         bar.close()
-        if acc.num_processes > 1:  # this domain's DDP wrapper goes, and its gradient hooks
+        if ddp:  # this domain's DDP wrapper goes, and its gradient hooks
             acc.free_memory(model)
         if cfg.gradient_checkpointing:
             engine.base.activation_checkpointing_disable()
         if writer is not None:
             writer.close()
         self.method.end_task(engine, task, examples)
+        if self.fsdp:  # evaluation and the commit run forward passes on one process alone
+            gather_base(engine)
         return {
             "steps": steps,
             "final_train_loss": ckpt.last_loss,
             "examples": len(examples),
+            "load_in": self.run_info["load_in"],
             "world_size": acc.num_processes,
+            "fsdp_base_shares": shards,  # the part of the base each process held (FSDP)
             "rank_examples": [s[0] for s in ckpt.shares],  # what each process trained on
             "rank_tokens": [s[1] for s in ckpt.shares],
         }
@@ -223,10 +244,10 @@ class Trainer:
         """Forward and backward of one optimizer step on this process's shard of `chosen`.
 
         Every micro-batch on every process divides its summed token loss by the token count of
-        the whole global batch, so the gradients add up (DDP averages them, hence × world) to
-        those of one process on the whole batch: results do not depend on the number of
-        processes or micro-batches. Returns the step's loss and tokens (over all processes)
-        and each process's (examples, tokens).
+        the whole global batch, so the gradients add up (DDP, or `average_gradients` under
+        FSDP, averages them, hence × world) to those of one process on the whole batch:
+        results do not depend on the number of processes or micro-batches. Returns the step's
+        loss and tokens (over all processes) and each process's (examples, tokens).
         """
         acc, cfg = self.accelerator, self.config
         world = acc.num_processes
@@ -238,7 +259,9 @@ class Trainer:
             batch = collate(part, self.engine.tokenizer.pad_token_id)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = i == len(micro) - 1
-            ctx = acc.no_sync(model) if (not sync and world > 1) else nullcontext()
+            ctx = (
+                acc.no_sync(model) if (not sync and world > 1 and not self.fsdp) else nullcontext()
+            )
             with ctx, acc.autocast():
                 outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
                 loss = outputs.loss * world
@@ -248,6 +271,8 @@ class Trainer:
             acc.backward(loss)
             my_loss += loss.item() / world
             my_tokens += int(batch["attention_mask"].sum())
+        if self.fsdp:  # FSDP leaves the replicated weights' gradients to us
+            average_gradients(params, world)
         rows = gather_rows(acc, [my_loss, len(mine), my_tokens])
         shares = [[int(r[1]), int(r[2])] for r in rows]
         return sum(r[0] for r in rows), sum(s[1] for s in shares), shares
@@ -375,24 +400,3 @@ class Trainer:
         if method_state:
             self.method.load_state_tensors(method_state)
         return state["step"]
-
-
-def _stop_unless_finite(task: Task, step: int, ckpt: Checkpoint, finite: dict[str, bool]) -> None:
-    """A UserError naming the domain and step when a loss, gradient or weight is NaN/infinite:
-    the step is not taken, nothing is committed, the last checkpoint stays."""
-    for what, ok in finite.items():
-        if not ok:
-            raise UserError(
-                f"domain {task.domain!r}: non-finite {what} at step {step + 1}; nothing was "
-                f"committed (the checkpoint at step {ckpt.last_step()} is kept); lower the "
-                "learning rate or check the data"
-            )
-
-
-def _plain_norm(params) -> dict[str, float]:
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
-    return {"grad_norm": norm, "grad_norm_clipped": norm}
-
-
-def config_dict(obj: Any) -> dict[str, Any]:
-    return asdict(obj)

@@ -88,3 +88,9 @@ class ZClip:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.mean, self.var, self.steps = state["mean"], state["var"], state["steps"]
         self._warmup_norms = list(state["warmup_norms"])
+
+
+def unclipped(parameters: Iterable[torch.Tensor]) -> dict[str, float]:
+    """The statistics `ZClip.step` logs, for training without clipping."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    return {"grad_norm": norm.item(), "grad_norm_clipped": norm.item()}

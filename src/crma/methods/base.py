@@ -62,6 +62,7 @@ class Method:
     needs_task_id: ClassVar[bool] = True  # inference must know (or route to) the domain
     per_domain_adapter: ClassVar[bool] = True  # False: one adapter learns every domain
     data_parallel: ClassVar[bool] = True  # same result on several processes (crma.distributed)
+    fsdp: ClassVar[bool] = True  # trains with the base weights sharded (crma.fsdp)
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()

@@ -95,6 +95,7 @@ class Osf(Method):
     """
 
     name = "osf"
+    fsdp = False  # merges each domain into the base weights, which FSDP shards
 
     @classmethod
     def fixed_adapters(cls) -> tuple[str, ...]:

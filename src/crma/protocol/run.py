@@ -47,7 +47,7 @@ class ProtocolRun:
         quantization_config(self.config.load_in, self.config.base)  # before any work
         acc = make_accelerator(mixed_precision(self.config.train.precision))
         for spec in self.config.methods:
-            refuse_unsupported(METHODS[spec.name], acc)
+            refuse_unsupported(METHODS[spec.name], acc, method_settings(self.config, spec)[1].fsdp)
         self._refuse_other_config()
         with WriterLock(self.out) if acc.is_main_process else nullcontext():
             return self._run(acc)
