@@ -39,18 +39,22 @@ def write_report(results: dict, args) -> None:
         "",
         "Command: `PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream.py "
         "--loss-only && PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream.py` "
-        f"({results['seconds']} s on one CPU thread, embeddings cached).",
+        f"({results['seconds']} s on one CPU thread, embeddings cached), then the with-training "
+        "comparison: `PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python "
+        f"benchmarks/stream.py --with-training {args.with_training or 'N'}`.",
         "",
         f"Embedded corpus, `spare` pools split in halves by group; up to {args.per_domain} "
         "documents per domain and half, embedded once (router layer, 128 tokens). "
-        f"Thresholds from {args.streams} validation streams per kind (validation half); "
+        f"Thresholds from {args.val_streams} validation streams per kind (validation half); "
         f"the tables from {args.streams} evaluation streams per kind (evaluation half, other "
         "seeds). Nothing is known at the start of a stream, so each of the 5 domains should "
         "open one new domain (adapter) and be recognised on its revisit.",
         "",
-        f"crma detector: threshold {cal['crma']['threshold']} (the lowest with at most "
-        f"{args.target_fa} false alarms per 10k documents on the validation stationary "
-        f"streams), known threshold {cal['crma']['known_threshold']}. Baselines: each tuned "
+        f"crma detector: confirmation threshold {cal['crma']['confirm']} (the best validation "
+        f"F1 among those with at most {args.fa_margin * args.target_fa:g} false alarms per 10k "
+        f"documents on the validation stationary streams, {args.fa_margin:g} of the target), "
+        f"known threshold {cal['crma']['known_threshold']} (the best validation new-vs-known "
+        "accuracy); the other settings are DetectorSettings' defaults. Baselines: each tuned "
         "value is the best validation F1 (every N documents: "
         f"N = {cal['every_n']}; router score: {cal['router_score']}; kernel CPD penalty "
         f"{cal['kernel_cpd']}). Kernel CPD is offline (it sees the whole stream): a reference "
@@ -95,15 +99,78 @@ def write_report(results: dict, args) -> None:
     ]
     lines += ["## Targets (crma detector, evaluation streams)", ""]
     lines += [f"- {'met' if ok else '**missed**'}: {what}: {value}" for what, ok, value in checks]
-    lines += [
-        "- **not done**: the with-training comparison (each domain's final holdout loss against "
-        "the same stream trained with the true boundaries, on 3 streams): too expensive for the "
-        "CPU time this run had.",
-        "",
-    ]
+    lines += training_check(results.get("with_training")) + [""]
+    lines += ["## Validation (calibration)", "", calibration_table(cal["log"]), ""]
     for kind, rows in results["tables"].items():
         lines += [f"## {titles[kind]}", "", table(rows), ""]
         if kind in ("switching", "blended", "stationary"):
             lines += [f"![{kind}](plots/{kind}.png)", ""]
+    lines += training_section(results.get("with_training"))
     write_text(args.out / "report.md", "\n".join(lines))
     print(f"wrote {args.out}/report.md")
+
+
+def calibration_table(log: dict[str, list]) -> str:
+    """The crma detector's validation figures for every value tried."""
+    lines = [
+        "| setting | value | stationary FA /10k | switching F1 | new-vs-known | adapters exact |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("confirm", "known_threshold"):
+        for row in log[name]:
+            sw = row["switching"]
+            fa = f"{row['fa']:.2f}" if "fa" in row else "–"
+            lines.append(
+                f"| {name} | {row[name]} | {fa} | {sw['f1']:.3f} | "
+                f"{sw['new_known_accuracy'] or 0:.3f} | {sw['adapters_exact']} of {sw['streams']} |"
+            )
+    return "\n".join(lines)
+
+
+def training_check(training: dict | None) -> list[str]:
+    what = "each domain's final holdout loss within 2% of the oracle-boundary run"
+    if not training:
+        return [f"- **not done**: {what} (run `benchmarks/stream.py --with-training N`)"]
+    diffs = [d for row in training["streams"] for d in row["diff_pct"].values()]
+    ok = all(abs(d) <= 2 for d in diffs)
+    n = len(training["streams"])
+    return [
+        f"- {'met' if ok else '**missed**'}: {what}: largest |difference| "
+        f"{max(map(abs, diffs)):.2f}% over {len(diffs)} domains of {n} stream(s) (of the 3 "
+        "the issue asks for)"
+    ]
+
+
+def training_section(training: dict | None) -> list[str]:
+    if not training:
+        return []
+    lines = [
+        f"## With training: {len(training['streams'])} evaluation switching stream(s)",
+        "",
+        "`crma stream` (the Python API, method crma) over the stream twice: driven by the "
+        "detector above, and by the true boundaries and names (oracle). Training as "
+        f"configs/paper.yaml (lr 3e-3, batch 8, 64 tokens) with {training['train_steps']} steps "
+        "per new domain, on its first 30 documents (StreamSettings.min_segment); then each "
+        f"domain's loss on its first {training['holdout_docs']} holdout documents under the "
+        "adapter the run sent most of that domain's documents to. "
+        f"This command took {training['seconds']} s (a run found finished in its stack is "
+        "resumed, not redone); each run's own time is below, on one CPU thread of a shared "
+        "2-core machine.",
+        "",
+        "| stream | domain | detector's adapter | loss (detector) | loss (oracle) | difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in training["streams"]:
+        for d, diff in row["diff_pct"].items():
+            lines.append(
+                f"| {row['seed']} | {d} | {row['crma']['adapters'][d]} | "
+                f"{row['crma']['loss'][d]:.4f} | {row['oracle']['loss'][d]:.4f} | {diff:+.2f}% |"
+            )
+    lines += [""]
+    for row in training["streams"]:
+        lines.append(
+            f"Stream {row['seed']}: the detector's run trained {row['crma']['trained']} "
+            f"({row['crma']['seconds']} s), the oracle's {row['oracle']['trained']} "
+            f"({row['oracle']['seconds']} s)."
+        )
+    return lines + [""]

@@ -222,3 +222,42 @@ def test_stream_killed_and_rerun_makes_the_same_decisions(reference, tmp_path, p
     crma(*args)
     assert logged(tmp_path / "S") == logged(ref_stack)
     assert Stack.open(tmp_path / "S").domains == Stack.open(ref_stack).domains
+
+
+def test_stream_with_the_true_segments_trains_each_new_domain_on_its_first_documents(tmp_path):
+    from accelerate import Accelerator
+
+    from crma.backbone import CRMAConfig
+    from crma.continual import ContinualModel, StackSpec
+    from crma.data.formats import load_records
+    from crma.engine import LoraSettings
+    from crma.model import base_model_id, load_base
+    from crma.stream.detector import DetectorSettings
+    from crma.stream.learner import StreamLearner, StreamSettings
+    from crma.train import TrainConfig
+
+    stream = write_stream(tmp_path / "s.jsonl", PLAN)
+    truth = [{"start": 40 * i, "end": 40 * i + 40, "domain": d} for i, (d, _) in enumerate(PLAN)]
+    spec = StackSpec("crma", {}, LoraSettings(), CRMAConfig())
+    base = str(TINY_BASE)
+    cm = ContinualModel.open_or_create(
+        tmp_path / "S", lambda: load_base(base), base_model_id(base), spec
+    )
+    train = TrainConfig(max_steps=2, batch_size=4, max_length=128, precision="fp32")
+    learner = StreamLearner(
+        cm, stream, StreamSettings(min_segment=20), DetectorSettings(), train, Accelerator(),
+        truth=truth,
+    )  # fmt: skip
+    done = learner.run(load_records(stream))
+    assert [(s["start"], s["domain"], s["new"]) for s in done["segments"]] == [
+        (0, "medic", True),
+        (40, "money", True),
+        (80, "medic", False),
+        (120, "code", True),
+    ]
+    trained = [e for e in logged(tmp_path / "S") if e["event"] == "trained"]
+    assert [(e["domain"], e["first"], e["last"]) for e in trained] == [
+        ("medic", 0, 19),
+        ("money", 40, 59),
+        ("code", 120, 139),
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crma.stream.detector import Detector, DetectorSettings, Stats
+from crma.stream.detector import Detector, DetectorSettings, Oracle, Stats
 from crma.stream.metrics import match
 
 DIM = 48
@@ -80,3 +80,81 @@ def test_new_domains_take_the_given_names_then_numbers_not_taken():
     det = Detector(DetectorSettings(), {"new-1": Stats.of(domain_docs(3, 50, 0))}, ["alpha"])
     det.run(x)
     assert [s["domain"] for s in det.segments_dicts()] == ["alpha", "new-2", "new-3"]
+
+
+# -- the confirmation stage, with a score checkable by hand ---------------------------------------
+class MeanDetector(Detector):
+    """Scores documents by |mean of their first coordinate - the domain's mean|."""
+
+    def score(self, xs: torch.Tensor, domain: str) -> float:
+        s = self.domains[domain]
+        return abs(float(xs[:, 0].mean()) - float(s.sum[0] / s.count))
+
+
+CONFIRMING = DetectorSettings(
+    window=3, threshold=1.0, confirm=2.0, drift=0.5, identify_docs=3, confirm_docs=6, lookahead=8
+)
+
+
+def run_mean(values: list[float], known: dict[str, Stats] | None = None):
+    det = MeanDetector(CONFIRMING, known)
+    decisions = {d.index: d for d in det.run(torch.tensor(values).double()[:, None])}
+    segments = [(s["start"], s["end"], s["domain"], s["decided_at"]) for s in det.segments_dicts()]
+    return segments, decisions
+
+
+def test_a_clear_change_is_confirmed_at_once():
+    # Alarm at 10 (window 0, 0, 3: mean 1 >= 1); the CUSUM puts the change at 10; at 12 the
+    # three candidate documents score 3 >= confirm 2: a new domain, decided at 12.
+    segments, decisions = run_mean([0.0] * 10 + [3.0] * 5)
+    assert segments == [(0, 10, "new-1", 2), (10, 15, "new-2", 12)]
+    assert [decisions[i].decided_at for i in (10, 11, 12)] == [12, 12, 12]
+
+
+@pytest.mark.parametrize("known", [None, {"k": Stats.of(torch.full((4, 1), 1.5).double())}])
+def test_an_ambiguous_candidate_that_fades_is_cancelled(known):
+    # Alarm at 11 (0, 1.5, 1.5: mean 1); change at 10. Candidate means: 1.5 at 12 and 1.125 at
+    # 13 (between threshold and confirm: wait), 0.9 at 14 (< threshold): back to the current
+    # domain, even though a known domain matches it (score 0).
+    segments, decisions = run_mean([0.0] * 10 + [1.5] * 3 + [0.0] * 10, known)
+    assert segments == [(0, 23, "new-1", 2)]
+    assert [(decisions[i].domain, decisions[i].decided_at) for i in range(10, 15)] == [
+        ("new-1", 14)
+    ] * 5
+
+
+def test_an_ambiguous_candidate_whose_novelty_grows_is_confirmed_later():
+    # Candidate means 1.5 at 12 (wait), (3 * 1.5 + 4) / 4 = 2.125 at 13: confirmed.
+    segments, _ = run_mean([0.0] * 10 + [1.5] * 3 + [4.0] * 5)
+    assert segments == [(0, 10, "new-1", 2), (10, 18, "new-2", 13)]
+
+
+def test_an_ambiguous_candidate_is_cancelled_after_confirm_docs():
+    # 1.5 at 12, 13, 14 (wait), and still 1.5 with confirm_docs = 6 documents at 15: cancelled.
+    _, decisions = run_mean([0.0] * 10 + [1.5] * 6)
+    assert {decisions[i].decided_at for i in range(10, 16)} == {15}
+    assert {decisions[i].domain for i in range(16)} == {"new-1"}
+
+
+def test_a_change_not_confirmed_by_the_end_of_the_stream_is_cancelled():
+    segments, decisions = run_mean([0.0] * 10 + [3.0])
+    assert segments == [(0, 11, "new-1", 2)]
+    assert (decisions[10].domain, decisions[10].decided_at) == ("new-1", 10)
+
+
+def test_the_oracle_replays_the_true_segments():
+    truth = [
+        {"start": 0, "end": 3, "domain": "a"},
+        {"start": 3, "end": 5, "domain": "b"},
+        {"start": 5, "end": 7, "domain": "a"},
+    ]
+    oracle = Oracle(truth, known=["b"])
+    decisions = [d for x in torch.zeros(7, 2) for d in oracle.push(x)] + oracle.finish()
+    assert [(d.index, d.domain, d.decided_at) for d in decisions] == [
+        (i, "aaabbaa"[i], i) for i in range(7)
+    ]
+    assert oracle.segments_dicts() == [
+        {"start": 0, "end": 3, "domain": "a", "new": True, "decided_at": 0},
+        {"start": 3, "end": 5, "domain": "b", "new": False, "decided_at": 3},
+        {"start": 5, "end": 7, "domain": "a", "new": False, "decided_at": 5},
+    ]

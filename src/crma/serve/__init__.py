@@ -7,6 +7,8 @@
     schemas.py   request models (pydantic) and their checks
     batcher.py   the continuous-batching decoder: one thread owns the model, mixed adapters
     snapshot.py  a loaded stack as the batcher serves it
+    prefill.py   joining requests prefilled together, the chat template's head from a cache
+    mixed.py     each row through its own LoRA adapter (hooks registered once)
     sampling.py  greedy / temperature / top_p next-token choice
     kv.py        the batch's KV cache: select rows, merge new ones by left padding
     store.py     files, jobs and events in SQLite inside the stack (WAL)

@@ -1,7 +1,8 @@
 """Continuous batching across domains: one thread owns the model and decodes every active row.
 
 Between decode steps the thread admits waiting requests: it routes the `auto` ones together,
-prefills each request alone (its own adapter, no padding) into a DynamicCache, and merges that
+prefills them together (prefill.py: one forward per group of similar length, each row through
+its own adapter, the chat template's head from a cache) into a DynamicCache, and merges that
 cache into the batch's by left padding. Every step then feeds all rows one token, each row
 through its own domain's adapter (PEFT `adapter_names`), with the attention mask hiding the
 padding and `position_ids` counting each row's own tokens, so a row computes what it would
@@ -19,17 +20,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from crma.generate import AUTO, BASE, SHARED
+from crma.generate import AUTO, SHARED
 from crma.serve.config import ServeSettings
 from crma.serve.errors import APIError
 from crma.serve.kv import merge, select
+from crma.serve.prefill import Adapters, groups, prefill
 from crma.serve.sampling import Sampling, generator, holdback, sample
 from crma.serve.snapshot import BASE_MODEL, Routed, Snapshot
 
@@ -191,14 +191,24 @@ class Batcher:
             for request in requests:
                 request.emit(("error", APIError(500, f"routing failed: {exc}")))
             return
+        ready: list[tuple[Request, list[int], Adapters]] = []
         for request, routed in zip(requests, routes):
             try:
-                self._prefill(snap, request, routed)
+                ready.append(self._prepare(snap, request, routed))
             except APIError as exc:
                 request.emit(("error", exc))
             except Exception as exc:
                 log.exception("prefill failed")
                 request.emit(("error", APIError(500, f"prefill failed: {exc}")))
+        lengths = [len(ids) for _, ids, _ in ready]
+        for group in groups(lengths, lambda i: snap.head.length(ready[i][1])):
+            members = [ready[i] for i in group]
+            try:
+                self._prefill(snap, members)
+            except Exception as exc:
+                log.exception("prefill failed")
+                for request, _, _ in members:
+                    request.emit(("error", APIError(500, f"prefill failed: {exc}")))
 
     @staticmethod
     def _route(snap: Snapshot, requests: list[Request]) -> list[Routed]:
@@ -210,7 +220,11 @@ class Batcher:
                 routes[i] = route
         return routes
 
-    def _prefill(self, snap: Snapshot, request: Request, routed: Routed) -> None:
+    @staticmethod
+    def _prepare(
+        snap: Snapshot, request: Request, routed: Routed
+    ) -> tuple[Request, list[int], Adapters]:
+        """Check that the prompt fits and announce the route: the prompt's ids and adapters."""
         ids = snap.model.encode(request.prompt, request.chat)
         room = snap.max_context - len(ids)
         if room < 1:
@@ -233,17 +247,25 @@ class Batcher:
         domain = routed.domain
         adapters = snap.adapters(snap.domains[-1] if domain == SHARED else domain)
         request.emit(("routed", _model_name(domain), routed))
-        cache = DynamicCache(config=snap.engine.base.config)
-        position = torch.arange(len(ids)).unsqueeze(0)
-        logits = self._forward(snap, torch.tensor([ids]), None, position, cache, [adapters])
-        rows = [
-            Row(request, i, adapters, min(wanted or room, room), generator(request.sampling, i))
-            for i in range(request.n)
-        ]
-        if request.n > 1:
-            cache.batch_repeat_interleave(request.n)
-        mask = torch.ones(request.n, len(ids), dtype=torch.long)
-        self._join(snap, rows, cache, mask, logits.expand(request.n, -1))
+        return request, ids, adapters
+
+    def _prefill(self, snap: Snapshot, members: list[tuple[Request, list[int], Adapters]]):
+        """Prefill requests together (one forward); each of their choices becomes a row."""
+        prompts, adapters = [ids for _, ids, _ in members], [a for _, _, a in members]
+        cache, mask, logits = prefill(snap, snap.head, prompts, adapters)
+        rows: list[Row] = []
+        index: list[int] = []  # each row's prompt: a request's n choices share one
+        for k, (request, ids, chosen) in enumerate(members):
+            room = snap.max_context - len(ids)
+            limit = min(request.sampling.max_tokens or room, room)
+            rows += [
+                Row(request, i, chosen, limit, generator(request.sampling, i))
+                for i in range(request.n)
+            ]
+            index += [k] * request.n
+        if index != list(range(len(members))):
+            select(cache, index)
+        self._join(snap, rows, cache, mask[index], logits[index])
 
     def _join(self, snap, rows: list[Row], cache, mask, logits) -> None:
         """Rows whose first token is not already their last join the batch."""
@@ -270,8 +292,7 @@ class Batcher:
         ids = torch.tensor([[r.tokens[-1]] for r in self.rows])
         mask = torch.cat([self._mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
         try:
-            logits = self._forward(
-                snap,
+            logits = snap.logits(
                 ids,
                 mask,
                 positions.unsqueeze(1),
@@ -289,26 +310,6 @@ class Batcher:
         for request in {id(r.request): r.request for r in self.rows}.values():
             request.emit(("error", APIError(500, f"decoding failed: {exc}")))
         self.rows, self._cache, self._mask = [], None, None
-
-    @staticmethod
-    def _forward(snap: Snapshot, ids, mask, positions, cache, adapters: list) -> torch.Tensor:
-        """Last-position logits (B, V) with each row's adapters (float32)."""
-        engine = snap.engine
-        kwargs: dict[str, Any] = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "cache": cache,
-            "use_cache": True,
-            "logits_to_keep": 1,
-        }
-        context = nullcontext()
-        if engine.peft is not None and snap.mixable:
-            kwargs["adapter_names"] = [a or BASE for a in adapters]
-        elif engine.peft is not None:
-            context = engine.using(adapters[0])
-        with context:
-            return engine.model(**kwargs).logits[:, -1].float()
 
     def _advance(self, snap: Snapshot, rows: list[Row], logits, positions) -> set[int]:
         """Pick each row's next token and emit its text; the indices of rows that finished."""

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from crma.errors import UserError
-from crma.generate import AUTO, StackModel, adapter_names
+from crma.generate import AUTO, BASE, StackModel, adapter_names
 from crma.serve.config import ServeSettings
+from crma.serve.mixed import RowAdapters
+from crma.serve.prefill import TemplateHead
 
 BASE_MODEL = "base"  # the model name of "no domain adapter" (base + CRMA backbone)
 
@@ -47,6 +51,8 @@ class Snapshot:
         self.batchable = self.mixable and all(type(layer) is DynamicLayer for layer in layers)
         if self.engine.peft is not None and self.mixable:  # once: rows pick their own adapter
             self.engine.activate(self.engine.adapters[0])
+        self.rows = RowAdapters.attach(self.engine.base) if self.mixable else None
+        self.head = TemplateHead(self)
         self.eos = _eos_ids(self.engine)
         # Embedding tables are often padded beyond the tokenizer: those ids decode to nothing.
         self.vocab = len(self.engine.tokenizer)
@@ -58,6 +64,30 @@ class Snapshot:
 
     def adapters(self, domain: str | None) -> str | list[str] | None:
         return self.model.adapters(domain)
+
+    def logits(self, ids, mask, positions, cache, adapters: list) -> torch.Tensor:
+        """Last-position logits (B, V) float32 of one forward, each row through its adapters."""
+        engine = self.engine
+        kwargs: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "cache": cache,
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }
+        if engine.peft is None:
+            return engine.model(**kwargs).logits[:, -1].float()
+        if self.rows is not None:
+            with self.rows.using([a or BASE for a in adapters]):
+                return engine.base(**kwargs).logits[:, -1].float()
+        context = nullcontext()
+        if self.mixable:
+            kwargs["adapter_names"] = [a or BASE for a in adapters]
+        else:
+            context = engine.using(adapters[0])
+        with context:
+            return engine.model(**kwargs).logits[:, -1].float()
 
     def route(self, texts: list[str]) -> list[Routed]:
         """Where `auto` sends each text (as StackModel.resolve), with every domain's score."""
@@ -72,9 +102,14 @@ class Snapshot:
         return out
 
     def warm_up(self) -> None:
-        """Fit the router now (it is fitted lazily), so the first routed request does not wait."""
+        """Fit the router and compute the template head's keys and values under every model
+        now (both are lazy), so the first requests do not wait for them."""
         if self.domains and self.model.cm.method.needs_task_id:
             self.model.resolve(["warm-up"], AUTO)
+        if self.head.ids:
+            with torch.no_grad():
+                for domain in [*self.domains, None]:
+                    self.head.kv(self.adapters(domain))
 
 
 def _eos_ids(engine) -> set[int]:

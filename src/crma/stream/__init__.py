@@ -6,7 +6,8 @@ the detector decides where a new domain starts and whether it is one already kno
   new-vs-known accuracy, adjusted Rand index.
 - `detector`: a windowed two-sample change test against the current domain, and the
   identification of a new segment against every known domain, on the router's base
-  embeddings (with a CUSUM estimate of where the change began).
+  embeddings (with a CUSUM estimate of where the change began, and a confirmation that the
+  change persists before a segment is opened); `Oracle`, the true segments replayed.
 - `segment`: the detector over a file of documents (`crma segment`).
 - `learner`: the detector driving training, logged and resumable (`crma stream`).
 """

@@ -11,17 +11,20 @@ The change test is a two-sample test over a sliding window (a linear-kernel MMD 
 location): the last `window` documents of the current segment against the current domain,
 an alarm when their score reaches `threshold`. The boundary is then placed among the pending
 documents by the CUSUM estimate on the documents' own scores (the split after which they
-exceed `drift` the most). The documents after it form a candidate segment, named once it
-holds `identify_docs` documents: the known domain (the stack's, or one found earlier in the
-stream; not the current one) with the lowest score, if at most `known_threshold`, else a
-new domain `new-1`, `new-2`, …, if the whole candidate still scores at least `threshold`
-against the current domain (else it was a false alarm and goes back to it). A document is
-decided at the latest `lookahead` documents after it arrived; the reported delay counts every
-document a decision waited for.
+exceed `drift` the most). The documents after it form a candidate segment. Once it holds
+`identify_docs` documents the change has to be confirmed: the whole candidate must score at
+least `confirm` against the current domain. Under `threshold` it is a false alarm (the
+candidate goes back to the current domain); in between, the novelty has to persist: the
+candidate grows, document by document, until it reaches `confirm` or `confirm_docs`
+documents (then it is cancelled too). A confirmed candidate is named: the known domain (the
+stack's, or one found earlier in the stream; not the current one) with the lowest score, if at
+most `known_threshold`, else a new domain `new-1`, `new-2`, …. A document is decided at the
+latest `lookahead` documents after it arrived; the reported delay counts every document a
+decision waited for.
 
-The default thresholds were set on validation streams of the embedded corpus (the validation
-half of each domain's spare pool) for a target false-alarm rate: see benchmarks/stream.py and
-results/stream/report.md.
+The default `confirm` and `known_threshold` were set on validation streams of the embedded
+corpus (the validation half of each domain's spare pool), `confirm` for half the target
+false-alarm rate: see benchmarks/stream.py and results/stream/report.md.
 """
 
 from __future__ import annotations
@@ -47,10 +50,16 @@ class DetectorSettings(Settings):
     )
     known_threshold: float = setting(1.0, "score under which a new segment is a known domain", gt=0)
     identify_docs: int = setting(9, "documents of a new segment used to identify it", ge=2)
+    confirm: float = setting(
+        1.25, "candidate score against the current domain that confirms a change", gt=0
+    )
+    confirm_docs: int = setting(
+        18, "documents an ambiguous candidate collects before it is decided", ge=2
+    )
     lookahead: int = setting(20, "most documents a decision may wait for (part of the delay)", ge=1)
 
     def check_together(self) -> None:
-        for name in ("window", "identify_docs"):
+        for name in ("window", "identify_docs", "confirm_docs"):
             if getattr(self, name) > self.lookahead:
                 raise SettingError(
                     name, getattr(self, name), f"at most lookahead ({self.lookahead})"
@@ -204,13 +213,13 @@ class Detector:
         return decisions + self.finish()
 
     def finish(self) -> list[Decision]:
-        """End of stream: decide what is pending (a candidate too short to identify is
-        identified with what it has)."""
+        """End of stream: decide what is pending (the stream's first documents are
+        identified with what there is; a candidate change not confirmed yet is cancelled)."""
         if not self.pending:
             return []
-        if self.current is None or self.candidate:
+        if self.current is None:
             return self._identify(self.seen - 1)
-        return self._commit(len(self.pending), self.seen - 1)
+        return self._cancel(self.seen - 1)
 
     def _commit(self, n: int, now: int) -> list[Decision]:
         """The first `n` pending documents belong to the current domain."""
@@ -221,23 +230,31 @@ class Detector:
         return [Decision(p.index, self.current, p.novelty, p.change, now) for p in done]
 
     def _identify_if_ready(self, now: int) -> list[Decision]:
-        if len(self.pending) < self.settings.identify_docs:
+        """Once the candidate holds `identify_docs` documents, confirm the change (the whole
+        candidate scores at least `confirm` against the current domain) and identify it, or
+        cancel it (it scores under `threshold`, or still under `confirm` after `confirm_docs`
+        documents). In between the novelty has to persist: wait for more documents."""
+        n = len(self.pending)
+        if n < self.settings.identify_docs:
             return []
+        if self.current is not None:
+            change = self.score(torch.stack([p.x for p in self.pending]), self.current)
+            if change < self.settings.confirm:
+                if change >= self.settings.threshold and n < self.settings.confirm_docs:
+                    return []
+                return self._cancel(now)
         return self._identify(now)
 
+    def _cancel(self, now: int) -> list[Decision]:
+        """A false alarm: the candidate goes back to the current domain."""
+        self.candidate = False
+        return self._commit(len(self.pending), now)
+
     def _identify(self, now: int) -> list[Decision]:
-        """Name the candidate segment: a known domain, back to the current one, or new."""
+        """Name the (confirmed) candidate segment: a known domain or a new one."""
         xs = torch.stack([p.x for p in self.pending])
         known = self._closest_known(xs)
         self.candidate = False
-        if (
-            known is None
-            and self.current is not None
-            and self.score(xs, self.current) < self.settings.threshold
-        ):
-            # A false alarm: the whole candidate is not that far from the current domain (a
-            # new domain needs the stronger evidence: it costs an adapter).
-            return self._commit(len(self.pending), now)
         domain, new = (known, False) if known is not None else (self._new_name(), True)
         if self.segments:
             self.segments[-1].end = self.pending[0].index
@@ -272,3 +289,31 @@ class Detector:
         if out and out[-1]["end"] == -1:
             out[-1]["end"] = self.seen
         return out
+
+
+class Oracle:
+    """The true segmentation `[{start, end, domain}]` replayed through the detector's interface,
+    each document decided on arrival: the reference that a detector-driven stream is compared
+    with (benchmarks/stream.py --with-training)."""
+
+    def __init__(self, truth: list[dict[str, Any]], known: list[str] | None = None):
+        self.truth = truth
+        self.initial = list(known or [])
+        self.segments: list[Segment] = []
+        self.seen = 0
+
+    def push(self, x: torch.Tensor) -> list[Decision]:
+        index = self.seen
+        self.seen += 1
+        domain = next(s["domain"] for s in self.truth if s["start"] <= index < s["end"])
+        if not self.segments or self.segments[-1].domain != domain:
+            if self.segments:
+                self.segments[-1].end = index
+            new = domain not in self.initial and all(s.domain != domain for s in self.segments)
+            self.segments.append(Segment(index, domain, new, index))
+        return [Decision(index, domain, None, 0.0, index)]
+
+    def finish(self) -> list[Decision]:
+        return []
+
+    segments_dicts = Detector.segments_dicts

@@ -31,7 +31,7 @@ from crma.lock import WriterLock
 from crma.model import file_sha256
 from crma.settings import Settings, setting
 from crma.stack import STREAM_LOG
-from crma.stream.detector import Decision, Detector, DetectorSettings
+from crma.stream.detector import Decision, Detector, DetectorSettings, Oracle
 from crma.stream.segment import chunk_embeddings, known_domains
 from crma.train import TrainConfig
 
@@ -108,13 +108,16 @@ class StreamLearner:
         seed: int = 0,
         names: list[str] | None = None,
         refresh: bool = False,
+        truth: list[dict[str, Any]] | None = None,
     ):
         """`names`: of the new domains, in order found; `refresh`: at the end, retrain each
         domain known at the start that recurred with `min_segment` documents, on them
-        (replacing its adapter)."""
+        (replacing its adapter); `truth`: the true segments `[{start, end, domain}]`, followed
+        instead of detecting (the oracle a detector-driven run is compared with)."""
         self.cm, self.input_path, self.settings = cm, Path(input_path), settings
         self.detector_settings, self.train_cfg, self.acc = detector, train, accelerator
         self.seed, self.names, self.refresh = seed, list(names or []), refresh
+        self.truth = truth
         self.log = StreamLog(cm.stack.path)
 
     # -- the run ------------------------------------------------------------------------------
@@ -125,7 +128,11 @@ class StreamLearner:
         if logged and logged[-1]["event"] == "done":
             return logged[-1]
         known, embedding = known_domains(self.cm.stack, header["known"])
-        detector = Detector(self.detector_settings, known, header["names"])
+        detector = (
+            Oracle(self.truth, header["known"])
+            if self.truth is not None
+            else Detector(self.detector_settings, known, header["names"])
+        )
         replay = _Replay(logged)
         docs: dict[str, list[int]] = {}  # domain -> decided document indices
         texts = [record_text(r) for r in records]
@@ -159,10 +166,11 @@ class StreamLearner:
             "sha256": file_sha256(self.input_path),
             "documents": n_docs,
             "settings": dataclasses.asdict(self.settings),
-            "detector": dataclasses.asdict(self.detector_settings),
+            "detector": None if self.truth else dataclasses.asdict(self.detector_settings),
             "train": dataclasses.asdict(self.train_cfg),
             "seed": self.seed,
             "refresh": self.refresh,
+            "truth": self.truth,
         }
         if starts:
             last = events[starts[-1]]
