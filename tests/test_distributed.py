@@ -376,3 +376,16 @@ def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_made_it(tmp
     trainer.train_task(task, data, ckpt, metrics, resume_key="k")
     assert restored == [1], "made by two processes: restarted"
     assert len(metrics.read_text().splitlines()) == 2
+
+
+def test_zero2_without_deepspeed_says_what_to_install(monkeypatch):
+    import torch
+
+    from crma import UserError
+    from crma.zero import ZeroOptimizer
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed fails
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with pytest.raises(UserError, match=r"needs the deepspeed package \(pip install 'crma\["):
+        ZeroOptimizer(model, optimizer, grad_accum=1)
