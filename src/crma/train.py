@@ -133,6 +133,9 @@ class Trainer:
         self.run_info = {**run_info, "load_in": loaded_as(engine.base)}
         self.fsdp = uses_fsdp(config.fsdp, accelerator)
         self.zero_stage = zero_stage(config.deepspeed, accelerator)
+        # plain data parallel: accelerate's DDP wrapper reduces the gradients (FSDP and
+        # DeepSpeed reduce them their own way)
+        self.ddp = accelerator.num_processes > 1 and not self.fsdp and not self.zero_stage
 
     def train_task(
         self,
@@ -177,11 +180,10 @@ class Trainer:
         start = self._resume(ckpt, named, optimizer, zclip)
         if start == 0:  # marks where this task's metrics begin, for a resume before step 1
             self._save_checkpoint(ckpt, task, 0, named, optimizer, zclip)
-        ddp = acc.num_processes > 1 and not self.fsdp and zero is None
         model = engine.model
         if zero:  # DeepSpeed's engine reduces the gradients
             model = zero.engine
-        elif ddp:
+        elif self.ddp:
             model = acc.prepare_model(engine.model)
         model.train()
         if cfg.gradient_checkpointing:  # recomputes each layer's forward; CRMA's hooks run once
@@ -242,7 +244,7 @@ class Trainer:
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 self._save_checkpoint(ckpt, task, step + 1, named, optimizer, zclip)
         bar.close()
-        if ddp:  # this domain's DDP wrapper goes, and its gradient hooks
+        if self.ddp:  # this domain's DDP wrapper goes, and its gradient hooks
             acc.free_memory(model)
         if zero:
             zero.close()
@@ -286,11 +288,7 @@ class Trainer:
             batch = collate(part, self.engine.tokenizer.pad_token_id)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = i == len(micro) - 1
-            ctx = (
-                acc.no_sync(model)
-                if not sync and world > 1 and not self.fsdp and zero is None
-                else nullcontext()
-            )
+            ctx = acc.no_sync(model) if not sync and self.ddp else nullcontext()
             with ctx, acc.autocast():
                 outputs = model(**batch, num_items_in_batch=n_items, use_cache=False)
                 loss = outputs.loss * world
