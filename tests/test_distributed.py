@@ -5,8 +5,10 @@ the trainer scales each process's loss so that this equals one process on all 8 
 With train.fsdp the two processes also shard the frozen base with FSDP2 (crma.fsdp) and
 average the replicated adapters' and backbone's gradients themselves: the same equality.
 With train.deepspeed: 2 DeepSpeed ZeRO-2 shards AdamW's state and the gradients (crma.zero),
-here with two micro-batches per process (DeepSpeed's accumulation): the same equality again
-(ZeRO-2 runs need `pip install 'crma[distributed]'`, else they skip).
+here with two micro-batches per process (DeepSpeed's accumulation): the same equality again;
+with train.deepspeed: 3 ZeRO-3 also partitions the base while steps run, and gathers it back
+for evaluation and commits: the same equality once more (ZeRO runs need
+`pip install 'crma[distributed]'`, else they skip).
 What differs is only the order of float32 reductions (padding to each shard's own longest
 example, the all-reduce), a few 1e-7 per step; the tolerance 1e-4 leaves two decades for the
 growth over the run. At the tiny config's lr 0.03 naive's third domain amplifies that noise to
@@ -43,12 +45,14 @@ DATA_PARALLEL = [
     "osf",
 ]
 # The methods each two-process launch trains: OSF merges into the base, which FSDP shards,
-# and projects its factors in place after each step, which ZeRO-2's fp32 copy would undo.
+# and projects its factors in place after each step, which ZeRO's fp32 copy would undo.
 LAUNCHES = {
     "ddp": DATA_PARALLEL,
     "fsdp": [m for m in DATA_PARALLEL if m != "osf"],
     "zero2": [m for m in DATA_PARALLEL if m != "osf"],
+    "zero3": [m for m in DATA_PARALLEL if m != "osf"],
 }
+ZERO_STAGE = {"zero2": 2, "zero3": 3}
 NEEDS_DEEPSPEED = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="deepspeed is not installed (pip install 'crma[distributed]')",
@@ -56,8 +60,8 @@ NEEDS_DEEPSPEED = pytest.mark.skipif(
 
 
 def launch_params(pairs):
-    """pytest params of (kind, ...) tuples; ZeRO-2 ones skip without deepspeed."""
-    return [pytest.param(*p, marks=NEEDS_DEEPSPEED if p[0] == "zero2" else ()) for p in pairs]
+    """pytest params of (kind, ...) tuples; ZeRO ones skip without deepspeed."""
+    return [pytest.param(*p, marks=NEEDS_DEEPSPEED if p[0] in ZERO_STAGE else ()) for p in pairs]
 
 
 DOMAINS = ["alpha", "beta", "gamma"]
@@ -79,12 +83,12 @@ def launch(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def config(tmp_path, methods: list[str], kind: str = "ddp"):
-    """The tiny protocol for `methods`, trained as `kind` says (ddp, fsdp or zero2)."""
+    """The tiny protocol for `methods`, trained as `kind` says (ddp, fsdp, zero2 or zero3)."""
     data = yaml.safe_load(TINY_CONFIG.read_text())
     data["methods"] = methods
     data["train"] |= {"lr": 0.003, "max_steps": STEPS, "checkpoint_every": 3}
-    data["train"] |= {"fsdp": kind == "fsdp", "deepspeed": 2 if kind == "zero2" else 0}
-    if kind == "zero2":  # and DeepSpeed's accumulation: two micro-batches per process
+    data["train"] |= {"fsdp": kind == "fsdp", "deepspeed": ZERO_STAGE.get(kind, 0)}
+    if kind in ZERO_STAGE:  # and DeepSpeed's accumulation: two micro-batches per process
         data["train"] |= {"grad_accum": 2}
     data["eval"] |= {"routing": True}  # forward passes on the main process alone
     path = tmp_path / f"{'-'.join(methods)}-{kind}.yaml"
@@ -94,7 +98,7 @@ def config(tmp_path, methods: list[str], kind: str = "ddp"):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """`runs(kind)`: the same protocol run in one process and in two (`ddp`, `fsdp` or `zero2`), each
+    """`runs(kind)`: the same protocol run in one process and in two (a key of LAUNCHES), each
     made once, when a test first asks for it."""
     tmp = tmp_path_factory.mktemp("dist")
     made: dict[str, Path] = {}
@@ -153,17 +157,22 @@ def test_two_processes_match_one(runs, kind, method):
     one, two = runs = runs(kind)
     for run, world in ((one, 1), (two, 2)):
         fsdp = kind == "fsdp" and world == 2
+        zero = ZERO_STAGE.get(kind, 0) if world == 2 else 0
         manifest = json.loads((unit(run, method) / "stack" / "manifest.json").read_text())
         for entry in manifest["domains"]:
             assert entry["world_size"] == world
             assert len(entry["rank_examples"]) == world and min(entry["rank_examples"]) > 0
             assert sum(entry["rank_examples"]) >= STEPS * 8  # replay adds memory examples
-            # measured in each process while it trained: it held half the base
-            assert entry["fsdp_base_shares"] == ([0.5, 0.5] if fsdp else None)
+            # measured in each process while it trained: it held half the base (ZeRO-3 keeps
+            # tensors no larger than the adapters' and the backbone's whole: the norms)
+            shares = entry["base_shares"]
+            if zero == 3:
+                assert len(shares) == 2 and all(0.5 < s < 0.52 for s in shares)
+            else:
+                assert shares == ([0.5, 0.5] if fsdp else None)
             assert entry["load_in"] == "float"
         lines = [json.loads(line) for line in (unit(run, method) / "metrics.jsonl").open()]
         assert len(lines) == len(DOMAINS) * STEPS, "one writer: no line twice"
-        zero = 2 if kind == "zero2" and world == 2 else 0
         kinds = {(line["world_size"], line["fsdp"], line["deepspeed"]) for line in lines}
         assert kinds == {(world, fsdp, zero)}
     matrices = [
@@ -268,9 +277,9 @@ def test_crma_train_on_two_processes_matches_one(tmp_path, levers):
     assert max_diff(*backbones) <= TOLERANCE
 
 
-def test_accelerates_deepspeed_type_trains_zero2_and_refuses_zero3():
-    """An accelerate launch with configs/accelerate/deepspeed-zero2.yaml (GPUs) trains with
-    ZeRO-2 without train.deepspeed; deepspeed-zero3.yaml is refused with one line."""
+def test_accelerates_deepspeed_type_trains_with_its_zero_stage():
+    """An accelerate launch with configs/accelerate/deepspeed-zero{2,3}.yaml (GPUs) trains with
+    that ZeRO stage without train.deepspeed; OSF and stages that do not exist refuse."""
     from accelerate.utils import DistributedType
 
     from crma import UserError
@@ -284,16 +293,15 @@ def test_accelerates_deepspeed_type_trains_zero2_and_refuses_zero3():
         return SimpleNamespace(num_processes=2, distributed_type=kind, state=plugin)
 
     crma = make_method("crma")
-    refuse_unsupported(crma, launched(2))
-    assert zero_stage(0, launched(2)) == 2
-    refuse_zero(2, crma, 2)
-    assert zero_stage(0, launched(3)) == 3
-    with pytest.raises(UserError, match="train.deepspeed: ZeRO-3 is not supported"):
-        refuse_zero(3, crma, 2)
-    with pytest.raises(UserError, match="train.deepspeed: method 'osf' edits its trained weights"):
-        refuse_unsupported(make_method("osf"), launched(2))
+    for stage in (2, 3):
+        refuse_unsupported(crma, launched(stage))
+        assert zero_stage(0, launched(stage)) == stage
+        with pytest.raises(UserError, match=f"method 'osf' edits .* ZeRO-{stage}'s sharded copy"):
+            refuse_unsupported(make_method("osf"), launched(stage))
+    with pytest.raises(UserError, match="train.deepspeed: ZeRO-1 is not supported by crma"):
+        refuse_zero(1, crma, 2)
     ddp = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU)
-    assert zero_stage(0, ddp) == 0 and zero_stage(2, ddp) == 2
+    assert zero_stage(0, ddp) == 0 and zero_stage(2, ddp) == 2 and zero_stage(3, ddp) == 3
 
 
 def test_accelerates_fsdp_type_trains_sharded_and_refuses_osf():
@@ -378,7 +386,7 @@ def test_a_checkpoint_resumes_only_with_the_number_of_processes_that_made_it(tmp
     assert len(metrics.read_text().splitlines()) == 2
 
 
-def test_zero2_without_deepspeed_says_what_to_install(monkeypatch):
+def test_zero_without_deepspeed_says_what_to_install(monkeypatch):
     import torch
 
     from crma import UserError

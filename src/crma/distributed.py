@@ -74,7 +74,7 @@ def refuse_unsupported(method, accelerator, fsdp: bool = False, deepspeed: int =
     ):
         raise UserError(
             f"distributed type {kind.value}: crma trains data-parallel (DDP), with FSDP2 or "
-            "DeepSpeed ZeRO-2 only; use a config in configs/accelerate/, or torchrun"
+            "DeepSpeed ZeRO-2 or ZeRO-3 only; use a config in configs/accelerate/, or torchrun"
         )
     refuse_zero(zero_stage(deepspeed, accelerator), method, world)
     if not uses_fsdp(fsdp, accelerator):

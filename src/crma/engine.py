@@ -178,6 +178,12 @@ class Engine:
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.adapter_state(name).values())
 
+    def added_parameters(self) -> set[nn.Parameter]:
+        """What crma adds to the base: every adapter's parameters and the backbone's. Sharding
+        (crma.fsdp, crma.zero) keeps these whole on every process."""
+        added = {p for name in self.adapters for p in self.adapter_parameters(name)}
+        return added | (set(self.backbone.parameters()) if self.backbone is not None else set())
+
     def set_trainable(self, params: list[nn.Parameter]) -> None:
         """Exactly `params` require grad; everything else (base, other adapters) is frozen."""
         keep = {id(p) for p in params}

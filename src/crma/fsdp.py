@@ -43,8 +43,7 @@ def shard_base(engine: Engine, accelerator) -> list[float]:
     modules = fsdp_modules(engine.base)
     if not modules:
         engine.model.to(accelerator.device)
-        ignored = {p for name in engine.adapters for p in engine.adapter_parameters(name)}
-        ignored |= set(engine.backbone.parameters()) if engine.backbone is not None else set()
+        ignored = engine.added_parameters()
         for layer in decoder_layers(engine.base):
             fully_shard(layer, ignored_params=ignored)
         fully_shard(engine.base, ignored_params=ignored)

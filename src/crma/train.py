@@ -56,9 +56,10 @@ class TrainConfig(Settings):
     )
     deepspeed: int = setting(
         0,
-        "DeepSpeed ZeRO stage: 2 shards AdamW's state and the gradients over the processes "
-        "(torchrun; needs crma[distributed]); 0: off (same result, less memory)",
-        check=lambda v: None if v in (0, 2) else "0 (off) or 2 (ZeRO-3 is not supported)",
+        "DeepSpeed ZeRO stage: 2 shards AdamW's state and the gradients over the processes, "
+        "3 also the frozen base while steps run (torchrun; needs crma[distributed]); 0: off "
+        "(same result, less memory)",
+        check=lambda v: None if v in (0, 2, 3) else "0 (off), 2 or 3",
     )
     epochs: float = setting(1.0, "passes over each domain's training data", gt=0)
     max_steps: int | None = setting(None, "optimizer steps per domain; overrides epochs", ge=1)
@@ -168,7 +169,12 @@ class Trainer:
         engine.set_trainable(params)
         shards = shard_base(engine, acc) if self.fsdp else None
         optimizer = torch.optim.AdamW(groups)
-        zero = ZeroOptimizer(engine.model, optimizer, cfg.grad_accum) if self.zero_stage else None
+        zero = None
+        if self.zero_stage:
+            whole = engine.added_parameters()
+            zero = ZeroOptimizer(engine.model, optimizer, cfg.grad_accum, self.zero_stage, whole)
+            if zero.base_share is not None:  # ZeRO-3
+                shards = [row[0] for row in gather_rows(acc, [zero.base_share])]
         optimizer = zero or optimizer
         zclip = ZClip(max_norm=1.0) if cfg.zclip else None
         steps = steps_for(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps)
@@ -246,8 +252,8 @@ class Trainer:
         bar.close()
         if self.ddp:  # this domain's DDP wrapper goes, and its gradient hooks
             acc.free_memory(model)
-        if zero:
-            zero.close()
+        if zero:  # under ZeRO-3 the base is gathered again: evaluation and the commit run
+            zero.close()  # forward passes on one process alone
         if cfg.gradient_checkpointing:
             engine.base.activation_checkpointing_disable()
         if writer is not None:
@@ -261,7 +267,7 @@ class Trainer:
             "examples": len(examples),
             "load_in": self.run_info["load_in"],
             "world_size": acc.num_processes,
-            "fsdp_base_shares": shards,  # the part of the base each process held (FSDP)
+            "base_shares": shards,  # the part of the base each process held (FSDP, ZeRO-3)
             "rank_examples": [s[0] for s in ckpt.shares],  # what each process trained on
             "rank_tokens": [s[1] for s in ckpt.shares],
         }

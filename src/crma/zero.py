@@ -1,19 +1,21 @@
-"""DeepSpeed ZeRO-2 (`train.deepspeed: 2`): AdamW's state and the gradients of the trainable
-weights sharded over the processes, under torchrun (gloo on CPUs) or an accelerate launch with
-configs/accelerate/deepspeed-zero2.yaml (GPUs).
+"""DeepSpeed ZeRO (`train.deepspeed: 2` or `3`) under torchrun (gloo on CPUs), or an
+accelerate launch with configs/accelerate/deepspeed-zero{2,3}.yaml (GPUs).
+
+ZeRO-2 shards AdamW's state and the gradients of the trained weights over the processes. ZeRO-3
+also partitions the frozen base while a domain's steps run: each process holds 1/N of every
+base weight larger than the largest adapter or backbone tensor, and DeepSpeed gathers a module's
+weights around its forward and backward. The adapters and the CRMA backbone stay whole on every
+process (DeepSpeed's persistent parameters), so CRMA's hooks, which read the backbone inside the
+decoder layers' forwards, see ordinary tensors, as under FSDP (crma.fsdp). At the end of a
+domain the base is gathered into plain weights and the engine removed, so evaluation and
+commits, which run on the main process alone, need no collective.
 
 crma's loop keeps its semantics: the same loss scaling and micro-batches (DeepSpeed's
 accumulation count is `train.grad_accum`, its loss scaling by it turned off), the same AdamW
 with CRMA's learning rate per group, ZClip's clipping (DeepSpeed clips the total norm at this
 step's ZClip threshold, as `clip_grads_with_norm_` does, and reports the norm back to ZClip),
 and checkpoints in the one-process format (the sharded AdamW state gathered per parameter). A
-non-finite gradient norm makes DeepSpeed skip the step; the trainer then stops the domain. The
-base stays replicated and frozen: ZeRO-2 shards what is trained, which for LoRA and CRMA is
-small.
-
-ZeRO-3 is refused: it partitions every weight, the base's too, and crma's evaluation and commits
-run forward passes on the main process alone, which would wait for the other processes' shards
-(FSDP, crma.fsdp, gathers the base around them; nothing does that for ZeRO-3 yet).
+non-finite gradient norm makes DeepSpeed skip the step; the trainer then stops the domain.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from crma.errors import UserError
 
@@ -41,11 +44,10 @@ def refuse_zero(stage: int, method, world: int) -> None:
     """One-line refusals for what ZeRO cannot train the same way."""
     if stage == 0:
         return
-    if stage != 2:
+    if stage not in (2, 3):
         raise UserError(
-            f"train.deepspeed: ZeRO-{stage} is not supported (it partitions every weight, and "
-            "evaluation and commits run on the main process alone); use 2, or train.fsdp to "
-            "shard the base"
+            f"train.deepspeed: ZeRO-{stage} is not supported by crma; use 2 (sharded AdamW "
+            "state) or 3 (also the base), or 0"
         )
     if world < 2:
         raise UserError(
@@ -55,8 +57,8 @@ def refuse_zero(stage: int, method, world: int) -> None:
     if not method.zero:
         raise UserError(
             f"train.deepspeed: method {method.name!r} edits its trained weights in place after "
-            "each step, which ZeRO-2's sharded copy of them would undo; train it data-parallel "
-            "(train.deepspeed: 0)"
+            f"each step, which ZeRO-{stage}'s sharded copy of them would undo; train it "
+            "data-parallel (train.deepspeed: 0)"
         )
 
 
@@ -64,7 +66,14 @@ class ZeroOptimizer:
     """One domain's DeepSpeed engine around crma's model and AdamW, with the optimizer's
     interface the trainer uses (param_groups, state_dict, load_state_dict)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.AdamW, grad_accum: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.AdamW,
+        grad_accum: int,
+        stage: int = 2,
+        whole: set[nn.Parameter] = frozenset(),
+    ):
         try:
             import deepspeed
         except ImportError as exc:
@@ -73,19 +82,36 @@ class ZeroOptimizer:
             ) from exc
         # Its shared-memory all-reduce serves inference only and is compiled (C++) on first use.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        self.inner = optimizer
+        self.stage, self.model, self.inner = stage, model, optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.counts = [len(group["params"]) for group in optimizer.param_groups]
+        zero: dict[str, Any] = {"stage": stage}
+        if stage == 3:  # `whole` (and base tensors no larger) persist: never partitioned
+            zero["stage3_param_persistence_threshold"] = max(p.numel() for p in whole)
+        self.own_attributes = {p: set(vars(p)) for p in model.parameters()}  # before DeepSpeed's
         config = {
             "train_micro_batch_size_per_gpu": 1,  # crma batches itself
             "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": 0.0,  # set per step from ZClip
-            "zero_optimization": {"stage": 2},
+            "zero_optimization": zero,
             "zero_allow_untested_optimizer": True,  # torch's AdamW, no compiled optimizer
         }
         self.engine, self.zero, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False
         )
+        self.base_share, self.hook = None, None
+        if stage == 3:
+            self.base_share = _held_share(model, whole)
+            persistent = self.zero.persistent_parameters
+
+            def gather(*_) -> None:
+                persistent[0].all_gather(persistent)
+
+            gather()  # whole from the start (DeepSpeed gathers them again after each step)
+            # While DeepSpeed records a step's first trace it frees them after their module's
+            # forward, but a method's extra loss reads them after the model's (a collective:
+            # every process runs the same forwards).
+            self.hook = model.register_forward_hook(gather)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -133,23 +159,35 @@ class ZeroOptimizer:
 
         for param in self.params:
             safe_set_full_fp32_param(param, param.detach().float())
+        if self.stage == 3:  # and DeepSpeed's own shards, which its forward and backward gather
+            self.params[0].partition(self.params, has_been_updated=True)
+            self.params[0].all_gather(self.params)
         state = state_dict["state"]
         if not state:
             return
         step = next(iter(state.values()))["step"]
-        for group in self.inner.param_groups:  # AdamW's state, made before its first step
-            for flat in group["params"]:
-                zeros = {k: torch.zeros_like(flat) for k in ADAM_STATES}
-                self.inner.state[flat] = {"step": step.clone(), **zeros}
+        for flat in self._shards():  # AdamW's state, made before its first step
+            zeros = {k: torch.zeros_like(flat) for k in ADAM_STATES}
+            self.inner.state[flat] = {"step": step.clone(), **zeros}
         self._link_states()
         for index, param in enumerate(self.params):
             for key in ADAM_STATES:
                 value = state.get(index, {}).get(key, torch.zeros_like(param))
                 safe_set_full_optimizer_state(param, value.to(param.device), key)
 
+    def _shards(self) -> list[torch.Tensor]:
+        """This process's float32 shards of the trained weights, which AdamW steps. (ZeRO-3
+        puts them in AdamW's param groups only while it steps them.)"""
+        if self.stage == 3:
+            return self.zero.fp32_partitioned_groups_flat
+        return [flat for group in self.inner.param_groups for flat in group["params"]]
+
     def _link_states(self) -> None:
-        """Point each parameter at its shard of AdamW's state. (DeepSpeed links them once,
-        after the first group's first step, when the other groups have no state yet.)"""
+        """Point each parameter at its shard of AdamW's state. (ZeRO-2 links them once, after
+        the first group's first step, when the other groups have no state yet; ZeRO-3 finds
+        them itself.)"""
+        if self.stage != 2:
+            return
         from deepspeed.utils import lazy_init_hp_params_optimizer_state
 
         shards = self.zero.single_partition_of_fp32_groups
@@ -157,5 +195,31 @@ class ZeroOptimizer:
             lazy_init_hp_params_optimizer_state(params, shard, self.inner.state)
 
     def close(self) -> None:
-        """Remove DeepSpeed's gradient hooks: the next domain makes its own engine."""
+        """Remove DeepSpeed's hooks (the next domain makes its own engine) and give every
+        parameter back as it was, whole (ZeRO-3 gathers it: a collective) and without
+        DeepSpeed's attributes; the objects stay the same, which methods hold on to."""
+        whole = _gathered(self.model) if self.stage == 3 else {}
         self.engine.destroy()
+        if self.hook is not None:
+            self.hook.remove()
+        for param, own in self.own_attributes.items():
+            if param in whole:
+                param.data = whole[param]
+            for key in set(vars(param)) - own:
+                delattr(param, key)
+
+
+def _held_share(model: nn.Module, whole: set[nn.Parameter]) -> float:
+    """The part of the base (all but `whole`) this process holds while steps run (ZeRO-3)."""
+    base = [p for p in model.parameters() if p not in whole]
+    held = sum(p.ds_numel if p.ds_persist else p.ds_tensor.numel() for p in base)
+    return held / sum(p.ds_numel for p in base)
+
+
+def _gathered(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """Each of `model`'s parameters' whole data, its partitions gathered."""
+    import deepspeed
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        return {p: p.data.clone() for p in params}
