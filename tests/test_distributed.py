@@ -246,10 +246,17 @@ def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path, k
 @pytest.mark.parametrize(
     "levers",
     [
-        [],
-        ["--fsdp", "true", "--gradient-checkpointing", "true", "--grad-accum", "2"],
+        pytest.param([], id="ddp"),
+        pytest.param(
+            ["--fsdp", "true", "--gradient-checkpointing", "true", "--grad-accum", "2"],
+            id="fsdp-checkpointing-accumulation",
+        ),
+        pytest.param(
+            ["--deepspeed", "3", "--gradient-checkpointing", "true"],
+            id="zero3-checkpointing",
+            marks=NEEDS_DEEPSPEED,
+        ),
     ],
-    ids=["ddp", "fsdp-checkpointing-accumulation"],
 )
 @pytest.mark.integration
 def test_crma_train_on_two_processes_matches_one(tmp_path, levers):
