@@ -63,7 +63,7 @@ class Method:
     per_domain_adapter: ClassVar[bool] = True  # False: one adapter learns every domain
     data_parallel: ClassVar[bool] = True  # same result on several processes (crma.distributed)
     fsdp: ClassVar[bool] = True  # trains with the base weights sharded (crma.fsdp)
-    zero: ClassVar[bool] = True  # trains under DeepSpeed ZeRO-2 (crma.zero)
+    zero: ClassVar[bool] = True  # trains under DeepSpeed ZeRO-2 and ZeRO-3 (crma.zero)
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()

@@ -96,7 +96,7 @@ class Osf(Method):
 
     name = "osf"
     fsdp = False  # merges each domain into the base weights, which FSDP shards
-    # projects its trained factors in place after each step; ZeRO-2's sharded fp32 copy of
+    # projects its trained factors in place after each step; ZeRO's sharded fp32 copy of
     # them, from which DeepSpeed rewrites them at the next step, would not be projected
     zero = False
 
