@@ -63,8 +63,9 @@ def refuse_zero(stage: int, method, world: int) -> None:
 
 
 class ZeroOptimizer:
-    """One domain's DeepSpeed engine around crma's model and AdamW, with the optimizer's
-    interface the trainer uses (param_groups, state_dict, load_state_dict)."""
+    """One domain's DeepSpeed engine (ZeRO `stage` 2 or 3) around crma's model and AdamW, with
+    the optimizer's interface the trainer uses (param_groups, state_dict, load_state_dict).
+    `whole`: the parameters ZeRO-3 keeps whole on every process (adapters and backbone)."""
 
     def __init__(
         self,
@@ -99,19 +100,22 @@ class ZeroOptimizer:
         self.engine, self.zero, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False
         )
-        self.base_share, self.hook = None, None
-        if stage == 3:
-            self.base_share = _held_share(model, whole)
-            persistent = self.zero.persistent_parameters
+        # the part of the base this process holds while steps run (ZeRO-3)
+        self.base_share = _held_share(model, whole) if stage == 3 else None
+        self.hook = self._keep_whole() if stage == 3 else None
 
-            def gather(*_) -> None:
-                persistent[0].all_gather(persistent)
+    def _keep_whole(self):
+        """Gather the persistent parameters (adapters, backbone) now and after every forward;
+        return the hook. DeepSpeed gathers them after each step, but while it records a step's
+        first trace it frees them after their module's forward, and a method's extra loss
+        reads them after the model's. (A collective: every process runs the same forwards.)"""
+        persistent = self.zero.persistent_parameters
 
-            gather()  # whole from the start (DeepSpeed gathers them again after each step)
-            # While DeepSpeed records a step's first trace it frees them after their module's
-            # forward, but a method's extra loss reads them after the model's (a collective:
-            # every process runs the same forwards).
-            self.hook = model.register_forward_hook(gather)
+        def gather(*_) -> None:
+            persistent[0].all_gather(persistent)
+
+        gather()
+        return self.model.register_forward_hook(gather)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
