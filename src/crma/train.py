@@ -88,6 +88,13 @@ class TrainConfig(Settings):
             )
         if self.deepspeed and self.fsdp:
             raise SettingError("deepspeed", self.deepspeed, "0 when train.fsdp is true")
+        if self.deepspeed == 3 and self.gradient_checkpointing:  # recomputation would find
+            # the base weights ZeRO-3 freed after the forward (torch's checkpoint check fails)
+            raise SettingError(
+                "gradient_checkpointing",
+                self.gradient_checkpointing,
+                "false with train.deepspeed: 3 (to shard the base and recompute, use train.fsdp)",
+            )
 
 
 # Settings that change memory use, not results: what a checkpoint or a finished domain is
