@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="QA accuracy of a stack: base, oracle domain, routed, backbone off",
         description="Score multiple-choice items of every domain by log-likelihood, with Wilson "
-        "95%% intervals, under the base model, the stack with the oracle domain, the stack "
+        "95% intervals, under the base model, the stack with the oracle domain, the stack "
         "routed, and the stack with its CRMA backbone switched off. Domains of the embedded "
         "corpus use its continuation probes and MMLU subsets; give others with --probes. "
         "With --base-only, the base model alone (no stack needed) on the embedded corpus's "

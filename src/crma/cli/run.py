@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Run the trials a grid file declares (configs/tuning/*.yaml), each a protocol run on "
             "the validation split, and choose each method's setting by one rule: the lowest "
-            "final validation loss among trials that forget at most 0.5 %%, else the least "
+            "final validation loss among trials that forget at most 0.5 %, else the least "
             "drift. Axes whose choice sits at an edge are extended one step at a time within "
             "their limits. Finished trials are read back, so rerunning resumes."
         ),
