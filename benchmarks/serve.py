@@ -330,6 +330,7 @@ def main() -> None:
         "stack_steps": [
             d["steps"] for d in json.loads((stack / "manifest.json").read_text())["domains"]
         ],
+        "load": [os.getloadavg()[0]],  # 1-minute load average before (and after) the run
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -376,9 +377,18 @@ def main() -> None:
             peer_levels = [int(x) for x in args.peer_levels.split(",")]
             report["peer"] = run_levels(url, pairs, peer_levels, args, folder)
             report["peer_cmd"] = " ".join(peer[1:]).replace(folder, "<embedded HF folder>")
+    report["load"] = [report["load"][0], os.getloadavg()[0]]
     save()
     args.out.write_text(render(report))
     print(f"wrote {args.out}")
+
+
+def machine_load(report: dict) -> str:
+    """The load the run met (older reports, without it, ran beside other jobs)."""
+    if "load" not in report:
+        return "shared with other jobs"
+    before, after = report["load"]
+    return f"(1-minute load average {before:.1f} before the run, {after:.1f} after)"
 
 
 def render(report: dict) -> str:
@@ -387,7 +397,7 @@ def render(report: dict) -> str:
         "# Serving benchmark",
         "",
         f"`{report['command']}` on {platform.platform()}, "
-        f"{os.cpu_count()} CPUs shared with other jobs, one OpenMP thread per server, "
+        f"{os.cpu_count()} CPUs {machine_load(report)}, one OpenMP thread per server, "
         "embedded model (SmolLM2-135M-Instruct, float32), stack of "
         f"{s['domains']} ({report['stack_steps']} training steps each), greedy, max_tokens "
         f"{s['max_tokens']}, prompts: holdout passages cut to {s['prompt_chars']} characters, "
