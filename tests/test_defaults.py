@@ -7,6 +7,7 @@ import pytest
 
 from crma.backbone import CRMAConfig
 from crma.protocol.config import load_config, method_settings
+from crma.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS = ("lr_projections", "lr_mix", "lr_gate")
@@ -22,6 +23,13 @@ def chosen(label: str) -> dict[str, float]:
 def test_crma_config_defaults_are_the_validated_rates():
     config = CRMAConfig()
     assert {key: getattr(config, key) for key in LRS} == chosen("crma")
+
+
+def test_train_default_lr_is_crmas_validated_lora_rate():
+    """`crma train` and the Python API train crma's LoRA at the rate both protocols chose."""
+    for grid in ("paper-lr", "long-crma"):
+        selected = json.loads((ROOT / f"results/tuning/{grid}.json").read_text())["selected"]
+        assert selected["crma"] == f"lr={TrainConfig().lr}", grid
 
 
 @pytest.mark.parametrize("preset", ["paper", "long", "baselines", "demo"])
