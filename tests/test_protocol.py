@@ -213,7 +213,7 @@ def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
         "run", str(TINY_CONFIG), "--out", str(other), "--set", "methods=[naive]",
         "--set", "train.max_steps=6", "--reuse", str(tiny_run),
     )  # fmt: skip
-    assert "reused" not in proc.stdout
+    assert "] reused from" not in proc.stdout  # the message, not a path
     assert (other / metrics).read_text().count("\n") == 3 * 6
 
 

@@ -270,6 +270,9 @@ def test_crma_tune_runs_the_trials_and_writes_the_choice(tmp_path):
     for t in saved["trials"]:
         report = json.loads((Path(t["run_dir"]) / "report.json").read_text())
         assert t["scores"] == tune.score(report)
-    again = run_crma(*args)
-    assert "reused" not in again.stdout and "1/" not in again.stdout  # nothing trained again
+    runs = tmp_path / "runs"
+    written = {f: f.stat().st_mtime_ns for f in runs.rglob("*") if f.is_file()}
+    run_crma(*args)
+    # nothing trained or copied again: the trial directories are exactly as the first call left them
+    assert {f: f.stat().st_mtime_ns for f in runs.rglob("*") if f.is_file()} == written
     assert json.loads((tmp_path / "r" / "lr.json").read_text()) == saved
