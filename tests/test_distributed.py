@@ -282,7 +282,8 @@ def test_crma_train_on_two_processes_matches_one(tmp_path, levers):
 
 def test_accelerates_deepspeed_type_trains_with_its_zero_stage():
     """An accelerate launch with configs/accelerate/deepspeed-zero{2,3}.yaml (GPUs) trains with
-    that ZeRO stage without train.deepspeed; OSF and stages that do not exist refuse."""
+    that ZeRO stage without train.deepspeed; OSF, stages that do not exist, and ZeRO-3 with
+    gradient checkpointing refuse."""
     from accelerate.utils import DistributedType
 
     from crma import UserError
@@ -301,6 +302,9 @@ def test_accelerates_deepspeed_type_trains_with_its_zero_stage():
         assert zero_stage(0, launched(stage)) == stage
         with pytest.raises(UserError, match=f"method 'osf' edits .* ZeRO-{stage}'s sharded copy"):
             refuse_unsupported(make_method("osf"), launched(stage))
+    with pytest.raises(UserError, match="train.gradient_checkpointing: ZeRO-3 frees the base"):
+        refuse_unsupported(crma, launched(3), checkpointing=True)  # the launch decides the stage
+    refuse_unsupported(crma, launched(2), checkpointing=True)  # ZeRO-2 keeps the base whole
     with pytest.raises(UserError, match="train.deepspeed: ZeRO-1 is not supported by crma"):
         refuse_zero(1, crma, 2)
     ddp = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU)

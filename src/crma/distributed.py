@@ -50,10 +50,13 @@ def _die_with_launcher() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def refuse_unsupported(method, accelerator, fsdp: bool = False, deepspeed: int = 0) -> None:
+def refuse_unsupported(
+    method, accelerator, fsdp: bool = False, deepspeed: int = 0, checkpointing: bool = False
+) -> None:
     """Methods whose result would depend on the number of processes refuse more than one;
     FSDP (`fsdp`: train.fsdp) needs several processes and base weights that stay fixed;
-    DeepSpeed (`deepspeed`: train.deepspeed) is refused as `crma.zero.refuse_zero` says."""
+    DeepSpeed (`deepspeed`: train.deepspeed, or the stage of an accelerate DeepSpeed launch)
+    is refused as `crma.zero.refuse_zero` says (`checkpointing`: train.gradient_checkpointing)."""
     from accelerate.utils import DistributedType
 
     from crma.zero import refuse_zero, zero_stage
@@ -76,7 +79,7 @@ def refuse_unsupported(method, accelerator, fsdp: bool = False, deepspeed: int =
             f"distributed type {kind.value}: crma trains data-parallel (DDP), with FSDP2 or "
             "DeepSpeed ZeRO-2 or ZeRO-3 only; use a config in configs/accelerate/, or torchrun"
         )
-    refuse_zero(zero_stage(deepspeed, accelerator), method, world)
+    refuse_zero(zero_stage(deepspeed, accelerator), method, world, checkpointing)
     if not uses_fsdp(fsdp, accelerator):
         return
     if not method.fsdp:

@@ -94,13 +94,6 @@ class TrainConfig(Settings):
             )
         if self.deepspeed and self.fsdp:
             raise SettingError("deepspeed", self.deepspeed, "0 when train.fsdp is true")
-        if self.deepspeed == 3 and self.gradient_checkpointing:  # recomputation would find
-            # the base weights ZeRO-3 freed after the forward (torch's checkpoint check fails)
-            raise SettingError(
-                "gradient_checkpointing",
-                self.gradient_checkpointing,
-                "false with train.deepspeed: 3 (to shard the base and recompute, use train.fsdp)",
-            )
 
 
 # Settings that change memory use, not results: what a checkpoint or a finished domain is
@@ -165,7 +158,7 @@ class Trainer:
         """Train `task` to the end, resuming from `checkpoint_dir` if it holds this task with
         this `resume_key`, made on stack `generation`."""
         cfg, acc, engine = self.config, self.accelerator, self.engine
-        refuse_unsupported(self.method, acc, self.fsdp, self.zero_stage)
+        refuse_unsupported(self.method, acc, self.fsdp, self.zero_stage, cfg.gradient_checkpointing)
         if cfg.batch_size < acc.num_processes * cfg.grad_accum:
             raise UserError(
                 f"train.batch_size: {cfg.batch_size} examples cannot fill {cfg.grad_accum} "

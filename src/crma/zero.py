@@ -40,14 +40,21 @@ def zero_stage(setting: int, accelerator) -> int:
     return setting
 
 
-def refuse_zero(stage: int, method, world: int) -> None:
-    """One-line refusals for what ZeRO cannot train the same way."""
+def refuse_zero(stage: int, method, world: int, checkpointing: bool = False) -> None:
+    """One-line refusals for what ZeRO cannot train the same way (`checkpointing`:
+    train.gradient_checkpointing)."""
     if stage == 0:
         return
     if stage not in (2, 3):
         raise UserError(
             f"train.deepspeed: ZeRO-{stage} is not supported by crma; use 2 (sharded AdamW "
             "state) or 3 (also the base), or 0"
+        )
+    if stage == 3 and checkpointing:  # recomputation in backward would find the base weights
+        # ZeRO-3 freed after the forward (torch's checkpoint metadata check fails)
+        raise UserError(
+            "train.gradient_checkpointing: ZeRO-3 frees the base weights that recomputation "
+            "needs; set it false, or shard the base with train.fsdp and recompute"
         )
     if world < 2:
         raise UserError(

@@ -48,7 +48,10 @@ class ProtocolRun:
         acc = make_accelerator(mixed_precision(self.config.train.precision))
         for spec in self.config.methods:
             train = method_settings(self.config, spec)[1]
-            refuse_unsupported(METHODS[spec.name], acc, train.fsdp, train.deepspeed)
+            method = METHODS[spec.name]
+            refuse_unsupported(
+                method, acc, train.fsdp, train.deepspeed, train.gradient_checkpointing
+            )
         self._refuse_other_config()
         with WriterLock(self.out) if acc.is_main_process else nullcontext():
             return self._run(acc)
