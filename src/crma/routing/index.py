@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from crma.errors import UserError, first_line
-from crma.routing.embed import embed
+from crma.routing.embed import FrozenBase, embed
 from crma.settings import setting
 from crma.stack import DAMAGED, ROUTER_FILE
 
@@ -81,10 +81,12 @@ class CentroidRouter:
         self.labels = torch.cat([self.labels, torch.full((len(e),), len(self.domains) - 1)])
         self._head = None
 
-    def embed(self, engine: Engine, ids_list: list[list[int]]) -> torch.Tensor:
-        """Texts embedded as this router's entries are, (N, d)."""
+    def embed(
+        self, engine: Engine, ids_list: list[list[int]], base: FrozenBase | None = None
+    ) -> torch.Tensor:
+        """Texts embedded as this router's entries are, (N, d); `base` as in `embed`."""
         s = self.settings
-        return embed(engine, ids_list, s.layer, s.max_length, skip_first=s.skip_first)
+        return embed(engine, ids_list, s.layer, s.max_length, skip_first=s.skip_first, base=base)
 
     def add_examples(self, engine: Engine, domain: str, examples: list[dict]) -> None:
         """Set `domain`'s entry from the embeddings of its first `max_examples` examples and of

@@ -12,6 +12,7 @@ from crma.batching import pad, pad_id
 from crma.errors import UserError
 from crma.eval.loss import sequence_nll
 from crma.routing.arrow import arrow_scores, arrow_vectors
+from crma.routing.embed import FrozenBase
 from crma.routing.index import CentroidRouter, CentroidSettings
 from crma.settings import Settings, setting
 
@@ -77,6 +78,9 @@ class Router:
     def __init__(self, cm: ContinualModel, settings: RouteSettings | None = None):
         self.cm, self.settings = cm, settings or RouteSettings()
         self.domains = list(cm.stack.domains)
+        # How the centroid router runs the frozen base (None: through the engine, which
+        # toggles the adapters; a server sets one that leaves them alone).
+        self.frozen_base: FrozenBase | None = None
         self._centroid: CentroidRouter | None = None
         self._arrow: dict[str, dict[str, torch.Tensor]] | None = None
 
@@ -124,7 +128,7 @@ class Router:
         c = self.centroid
         if len(c.domains) == 1:
             return torch.zeros(len(ids_list), 1, dtype=torch.float64)
-        scores = c.scores(c.embed(self.cm.engine, ids_list))
+        scores = c.scores(c.embed(self.cm.engine, ids_list, self.frozen_base))
         return scores[:, [c.domains.index(d) for d in self.domains]]
 
     def _arrow_scores(self, ids_list: list[list[int]]) -> torch.Tensor:
