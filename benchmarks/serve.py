@@ -304,6 +304,13 @@ def main() -> None:
     parser.add_argument("--job-rows", type=int, default=32)
     parser.add_argument("--route-checks", type=int, default=20)
     parser.add_argument("--train-steps", type=int, default=4, help="steps per built domain")
+    parser.add_argument(
+        "--router",
+        default="centroid",
+        choices=["centroid", "fast"],
+        help="the router `auto` uses (crma serve --router): centroid (the main one) or fast "
+        "(the stack's serving router)",
+    )
     parser.add_argument("--skip", default="", help="comma list of: peer, job, burst, overhead")
     parser.add_argument("--render", type=Path, help="only rewrite --out from this report JSON")
     args = parser.parse_args()
@@ -339,7 +346,7 @@ def main() -> None:
 
     port = free_port()
     serve = [sys.executable, "-m", "crma", "serve", str(live), "--port", str(port)]
-    serve += ["--api-key", KEY, "--train-max-length", "64"]
+    serve += ["--api-key", KEY, "--train-max-length", "64", "--router", args.router]
     print("crma serve", flush=True)
     with process(serve, port, work / "crma.log", "/health") as url:
         asyncio.run(load(url, [("auto", pairs[0][1])], 1, 2))  # warm-up
@@ -402,7 +409,8 @@ def render(report: dict) -> str:
         f"{s['domains']} ({report['stack_steps']} training steps each), greedy, max_tokens "
         f"{s['max_tokens']}, prompts: holdout passages cut to {s['prompt_chars']} characters, "
         f"domains interleaved, chat template, streamed. Each level: max({s['min_requests']}, "
-        f"{s['rounds']} × clients) requests.",
+        f"{s['rounds']} × clients) requests. `auto` routed by crma serve --router "
+        f"{s.get('router', 'centroid')}.",
         "",
         "| server | model | clients | requests | errors | tokens/s | TTFT p50 | TTFT p95 | total p50 | total p95 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
