@@ -34,10 +34,11 @@ class RouteSettings(Settings):
 
     router: Literal["centroid", "fast", "arrow", "loss"] = setting(
         "centroid",
-        "centroid (the stored router: hidden state 8 of the embedded model), fast (the stack's "
-        "stored serving router: hidden state 1, about 8x cheaper to run, fewer off-style "
-        "prompts routed right; results/tuning/router-serving.md), arrow (from adapter "
-        "weights), loss (slow bound)",
+        "centroid (the stack's router: hidden state 8 of 30 on the embedded model), fast (the "
+        "stack's serving router: hidden state 1, about 8x cheaper to run; validation top-1 of "
+        "passages 99.3 against 99.5 in the worst domain, of MMLU-style questions 50.9 against "
+        "60.0 on average: results/tuning/router-serving.md), arrow (from adapter weights), "
+        "loss (slow bound)",
     )
     threshold: float = setting(
         0.0, "below this confidence, answer without adapter (base + CRMA backbone)", ge=0, le=1
