@@ -473,8 +473,9 @@ def _ratios(report: dict, crma: dict) -> list[str]:
     if "overhead" in report:
         o = report["overhead"]
         out.append(
-            f"- Routing: 16 clients, median of p50 total latency, auto {o['auto_p50']} s vs "
-            f"named domain {o['named_p50']} s: {100 * (o['auto_p50'] / o['named_p50'] - 1):+.1f}% "
+            f"- Routing: 16 clients, median of p50 total latency, auto {o['auto_p50']:.3f} s vs "
+            f"named domain {o['named_p50']:.3f} s: "
+            f"{100 * (o['auto_p50'] / o['named_p50'] - 1):+.1f}% "
             "(target ≤ +5%)."
         )
         if "paired_ratio" in o:
@@ -482,7 +483,7 @@ def _ratios(report: dict, crma: dict) -> list[str]:
                 f"- Routing, paired: median over the {len(o['runs']['auto'])} repeats of auto's "
                 f"p50 total latency over the named domain's just after: "
                 f"{100 * (o['paired_ratio'] - 1):+.1f}%. Server CPU time per 16 requests, "
-                f"median: auto {o['auto_cpu_s']} s vs named domain {o['named_cpu_s']} s: "
+                f"median: auto {o['auto_cpu_s']:.2f} s vs named domain {o['named_cpu_s']:.2f} s: "
                 f"{100 * (o['auto_cpu_s'] / o['named_cpu_s'] - 1):+.1f}%."
             )
     if "burst" in report:
