@@ -87,6 +87,12 @@ def break_manifest(stack: Path) -> None:
     (stack / "manifest.json").write_text('{"format": 2, "domains": [')
 
 
+def future_stream_log(stack: Path) -> None:
+    """A stream log whose start event holds a setting this crma does not know."""
+    start = {"event": "start", "input": "f.jsonl", "train": {"from_a_newer_crma": 1}}
+    (stack / "stream.jsonl").write_text(json.dumps(start) + "\n")
+
+
 CASES = [
     # crma train: the issue's rows, then every other kind of setting and argument
     (TRAIN + ["--max-steps", "-3"], "--max-steps: expected an integer >= 1, got -3"),
@@ -224,6 +230,7 @@ CASES = [
     (["stream", "{ws}/new", "--input", "{ws}/nofields.jsonl"], "nofields.jsonl:1"),
     (["stream", "{ws}/foreign", "--input", "{ws}/f.jsonl"], "exists and is not a crma stack"),
     (STREAM, "another crma process is writing here (pid", busy),
+    (["stream", "{ws}/D", "--input", "{ws}/f.jsonl", "--base", str(TINY_BASE)], "stream.jsonl:1: start event: train: unknown key 'from_a_newer_crma'", damaged(future_stream_log)),
     # damaged stacks: opened by generate (sizes and, on small stacks, hashes) or by crma check
     (["generate", "{ws}/D", "hi"], "adapter_model.safetensors: 100 bytes, the manifest recorded", damaged(truncate)),
     (["generate", "{ws}/D", "hi"], "sha256 differs from the manifest's", damaged(flip_router_byte)),

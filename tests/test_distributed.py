@@ -78,7 +78,8 @@ def launch(cmd: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         cmd, cwd=ROOT, env=crma_env(), capture_output=True, text=True, timeout=900
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "crma: error:" in line]
+    assert proc.returncode == 0, "\n".join([*errors, proc.stderr[-3000:]])  # each rank's error
     return proc
 
 

@@ -180,6 +180,21 @@ def test_an_unfinished_stream_of_another_input_is_refused(reference, tmp_path, c
     )
 
 
+def test_an_unfinished_stream_logged_before_a_setting_existed_resumes(reference, tmp_path):
+    """A start event written by an older crma lacks the settings added since: they read as
+    their defaults, so the rerun resumes it (not refused as another stream's)."""
+    import shutil
+
+    stack = tmp_path / "S"
+    shutil.copytree(reference[0], stack)
+    events = [json.loads(line) for line in (stack / "stream.jsonl").read_text().splitlines()]
+    del events[0]["train"]["deepspeed"], events[0]["detector"]["confirm"]
+    older = [json.dumps(e) for e in events[:-1]]  # no "done": killed
+    (stack / "stream.jsonl").write_text("\n".join(older) + "\n")
+    crma(*stream_args(stack, reference[1]))
+    assert logged(stack)[1:] == logged(reference[0])[1:]
+
+
 KILLER = """
 import os, signal, sys
 import importlib

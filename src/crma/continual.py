@@ -196,15 +196,15 @@ class ContinualModel:
         A checkpoint of an uncommitted domain stays, to be resumed."""
         if accelerator is not None:  # every process opened the stack before the main one locks it
             accelerator.wait_for_everyone()
-        if not Stack.exists(self.stack.path) or (
-            accelerator is not None and not accelerator.is_main_process
-        ):
-            return
-        with self.writing():
-            self.stack.collect_garbage()
-            state = checkpoint_state(self.stack.checkpoint_dir)
-            if state is None or state.get("generation") != self.stack.generation:
-                self.stack.clear_checkpoint()
+        main = accelerator is None or accelerator.is_main_process
+        if main and Stack.exists(self.stack.path):
+            with self.writing():
+                self.stack.collect_garbage()
+                state = checkpoint_state(self.stack.checkpoint_dir)
+                if state is None or state.get("generation") != self.stack.generation:
+                    self.stack.clear_checkpoint()
+        if accelerator is not None:  # and none reads the checkpoint while it may be cleared
+            accelerator.wait_for_everyone()
 
     def writing(self, accelerator=None):
         """The stack's writer lock (on the main process), refusing a stack changed on disk

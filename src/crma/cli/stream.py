@@ -90,10 +90,10 @@ def run(args: argparse.Namespace) -> None:
         args.stack, lambda: load_base(args.base), base_model_id(args.base), spec
     )
     acc = Accelerator(mixed_precision=mixed_precision(train_cfg.precision))
-    cm.tidy(acc)
     learner = StreamLearner(
         cm, args.input, settings, detector, train_cfg, acc, args.seed, names, args.refresh
     )
+    cm.tidy(acc)
     done = learner.run(records)
     segments = ", ".join(f"{s['domain']}@{s['start']}" for s in done["segments"])
     print(f"{args.input}: {done['documents']} documents; segments {segments}", file=sys.stderr)

@@ -29,7 +29,7 @@ from crma.data.formats import record_text
 from crma.errors import UserError
 from crma.lock import WriterLock
 from crma.model import file_sha256
-from crma.settings import Settings, setting
+from crma.settings import Settings, from_dict, setting
 from crma.stack import STREAM_LOG
 from crma.stream.detector import Decision, Detector, DetectorSettings, Oracle
 from crma.stream.segment import chunk_embeddings, known_domains
@@ -62,12 +62,15 @@ class StreamLog:
         events = []
         for lineno, line in enumerate(whole.splitlines(), 1):
             try:
-                events.append(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(
                     f"{self.path}:{lineno}: not a JSON event ({exc.msg}); the log was edited, "
                     "move it away to start the stream again"
                 ) from exc
+            if event.get("event") == "start":
+                event = _with_defaults(event, f"{self.path}:{lineno}: start event")
+            events.append(event)
         self.size = len(whole)
         return events
 
@@ -92,6 +95,17 @@ class StreamLog:
                 fh.flush()
                 os.fsync(fh.fileno())
                 self.size = fh.tell()
+
+
+def _with_defaults(start: dict[str, Any], where: str) -> dict[str, Any]:
+    """A start event with the settings crma gained since it was logged read as their
+    defaults, so an upgrade alone does not stop a stream from resuming."""
+    kinds = {"settings": StreamSettings, "detector": DetectorSettings, "train": TrainConfig}
+    return start | {
+        key: dataclasses.asdict(from_dict(cls, start[key], f"{where}: {key}"))
+        for key, cls in kinds.items()
+        if isinstance(start.get(key), dict)
+    }
 
 
 class StreamLearner:
@@ -119,6 +133,7 @@ class StreamLearner:
         self.seed, self.names, self.refresh = seed, list(names or []), refresh
         self.truth = truth
         self.log = StreamLog(cm.stack.path)
+        self.log.read()  # a damaged log, or one from a newer crma, fails before any write
 
     # -- the run ------------------------------------------------------------------------------
     def run(self, records: list[dict[str, Any]]) -> dict[str, Any]:
