@@ -157,7 +157,7 @@ def process(cmd: list[str], port: int, log: Path, ready: str):
                 except httpx2.HTTPError:
                     pass
                 time.sleep(1)
-            yield f"http://127.0.0.1:{port}"
+            yield f"http://127.0.0.1:{port}", proc.pid
         finally:
             proc.terminate()
             try:
@@ -197,16 +197,37 @@ def run_levels(url, pairs, levels, args, model=None, rounds=None) -> dict:
     return out
 
 
-def routing_overhead(url: str, pairs, clients: int, max_tokens: int, repeats: int) -> dict:
-    """auto vs each prompt's own domain named, alternated so machine noise hits both alike."""
+def routing_overhead(url: str, pid: int, pairs, clients: int, max_tokens: int, repeats: int):
+    """auto vs each prompt's own domain named, alternated so machine noise hits both alike;
+    each run also records the server's CPU seconds (work done, which others' load on a shared
+    machine changes far less than it changes latency)."""
     arms: dict[str, list[dict]] = {"auto": [], "named": []}
     n = clients
     for _ in range(repeats):
         for arm in arms:
             jobs = [("auto" if arm == "auto" else d, p) for d, p in (pairs * 4)[:n]]
-            arms[arm].append(summarize(*asyncio.run(load(url, jobs, clients, max_tokens))))
+            before = cpu_seconds(pid)
+            run = summarize(*asyncio.run(load(url, jobs, clients, max_tokens)))
+            arms[arm].append(run | {"server_cpu_s": round(cpu_seconds(pid) - before, 2)})
     med = {a: statistics.median(s["total_p50"] for s in runs) for a, runs in arms.items()}
-    return {"runs": arms, "auto_p50": med["auto"], "named_p50": med["named"]}
+    cpu = {a: statistics.median(s["server_cpu_s"] for s in runs) for a, runs in arms.items()}
+    paired = statistics.median(
+        a["total_p50"] / b["total_p50"] for a, b in zip(arms["auto"], arms["named"])
+    )
+    return {
+        "runs": arms,
+        "auto_p50": med["auto"],
+        "named_p50": med["named"],
+        "paired_ratio": round(paired, 4),
+        "auto_cpu_s": cpu["auto"],
+        "named_cpu_s": cpu["named"],
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def burst(url: str, pairs, n: int, max_tokens: int) -> dict:
@@ -304,6 +325,13 @@ def main() -> None:
     parser.add_argument("--job-rows", type=int, default=32)
     parser.add_argument("--route-checks", type=int, default=20)
     parser.add_argument("--train-steps", type=int, default=4, help="steps per built domain")
+    parser.add_argument(
+        "--router",
+        default="centroid",
+        choices=["centroid", "fast"],
+        help="the router `auto` uses (crma serve --router): centroid (the main one) or fast "
+        "(the stack's serving router)",
+    )
     parser.add_argument("--skip", default="", help="comma list of: peer, job, burst, overhead")
     parser.add_argument("--render", type=Path, help="only rewrite --out from this report JSON")
     args = parser.parse_args()
@@ -339,15 +367,15 @@ def main() -> None:
 
     port = free_port()
     serve = [sys.executable, "-m", "crma", "serve", str(live), "--port", str(port)]
-    serve += ["--api-key", KEY, "--train-max-length", "64"]
+    serve += ["--api-key", KEY, "--train-max-length", "64", "--router", args.router]
     print("crma serve", flush=True)
-    with process(serve, port, work / "crma.log", "/health") as url:
+    with process(serve, port, work / "crma.log", "/health") as (url, pid):
         asyncio.run(load(url, [("auto", pairs[0][1])], 1, 2))  # warm-up
         report["crma"] = run_levels(url, pairs, levels, args)
         save()
         if "overhead" not in skip:
             report["overhead"] = routing_overhead(
-                url, pairs, 16, args.max_tokens, args.overhead_repeats
+                url, pid, pairs, 16, args.max_tokens, args.overhead_repeats
             )
             print(
                 f"  routing: {report['overhead']['auto_p50']} vs {report['overhead']['named_p50']}"
@@ -372,7 +400,7 @@ def main() -> None:
         peer += ["--continuous-batching", "--port", str(port), "--host", "127.0.0.1"]
         peer += ["--device", "cpu", "--dtype", "float32"]
         print("transformers serve", flush=True)
-        with process(peer, port, work / "peer.log", "/v1/models") as url:
+        with process(peer, port, work / "peer.log", "/v1/models") as (url, _pid):
             asyncio.run(load(url, [(folder, pairs[0][1])], 1, 2))
             peer_levels = [int(x) for x in args.peer_levels.split(",")]
             report["peer"] = run_levels(url, pairs, peer_levels, args, folder)
@@ -402,7 +430,8 @@ def render(report: dict) -> str:
         f"{s['domains']} ({report['stack_steps']} training steps each), greedy, max_tokens "
         f"{s['max_tokens']}, prompts: holdout passages cut to {s['prompt_chars']} characters, "
         f"domains interleaved, chat template, streamed. Each level: max({s['min_requests']}, "
-        f"{s['rounds']} × clients) requests.",
+        f"{s['rounds']} × clients) requests. `auto` routed by crma serve --router "
+        f"{s.get('router', 'centroid')}.",
         "",
         "| server | model | clients | requests | errors | tokens/s | TTFT p50 | TTFT p95 | total p50 | total p95 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -444,10 +473,19 @@ def _ratios(report: dict, crma: dict) -> list[str]:
     if "overhead" in report:
         o = report["overhead"]
         out.append(
-            f"- Routing: 16 clients, median of p50 total latency, auto {o['auto_p50']} s vs "
-            f"named domain {o['named_p50']} s: {100 * (o['auto_p50'] / o['named_p50'] - 1):+.1f}% "
+            f"- Routing: 16 clients, median of p50 total latency, auto {o['auto_p50']:.3f} s vs "
+            f"named domain {o['named_p50']:.3f} s: "
+            f"{100 * (o['auto_p50'] / o['named_p50'] - 1):+.1f}% "
             "(target ≤ +5%)."
         )
+        if "paired_ratio" in o:
+            out.append(
+                f"- Routing, paired: median over the {len(o['runs']['auto'])} repeats of auto's "
+                f"p50 total latency over the named domain's just after: "
+                f"{100 * (o['paired_ratio'] - 1):+.1f}%. Server CPU time per 16 requests, "
+                f"median: auto {o['auto_cpu_s']:.2f} s vs named domain {o['named_cpu_s']:.2f} s: "
+                f"{100 * (o['auto_cpu_s'] / o['named_cpu_s'] - 1):+.1f}%."
+            )
     if "burst" in report:
         b = report["burst"]
         out.append(

@@ -1,5 +1,7 @@
 """Where a `crma serve` token's time goes: the server's prefill, decode step and routing on a
 stack, beside a plain Hugging Face forward (the same base, DynamicCache, no PEFT, no CRMA).
+Routing: the main centroid router as the server runs it, as the engine runs it (toggling the
+PEFT adapters off and on, as the server did before), and the stack's serving router (`fast`).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_profile.py --stack STACK
 
@@ -45,6 +47,7 @@ def main() -> None:
 
     from crma.generate import BASE, load_stack
     from crma.model import load_base
+    from crma.routing.router import Router, RouteSettings
     from crma.serve.config import ServeSettings
     from crma.serve.prefill import groups, prefill
     from crma.serve.snapshot import Snapshot
@@ -59,6 +62,11 @@ def main() -> None:
     config = snap.engine.base.config
     B, T = args.batch, args.context
     domains = [snap.adapters(d) for d, _ in pairs]
+    cm = snap.model.cm
+    routers = {"server": snap.model.router, "engine (PEFT toggling)": Router(cm)}
+    if snap.model.router.centroid.serving is not None:
+        routers["server, --router fast"] = Router(cm, RouteSettings(router="fast"))
+        routers["server, --router fast"].frozen_base = snap.model.router.frozen_base
 
     def cache_of(batch: int, fill: int) -> DynamicCache:
         cache = DynamicCache(config=config)
@@ -144,11 +152,17 @@ def main() -> None:
             f"prefill {B} prompts one by one: server": timed(server_prefill(B), 1),
             f"prefill {B} prompts together: server": timed(server_batched_prefill(B), 1),
             f"prefill {B} prompts one by one: plain HF": timed(plain_prefill(B), 1),
-            "route 1 prompt": timed(lambda: snap.route(texts[:1]), args.repeats),
-            f"route {B} prompts": timed(lambda: snap.route(texts[:B]), 1),
         }
+        for name, router in routers.items():
+            router.route_texts(texts[:1])  # fits the head
+            results[f"route 1 prompt: {name}"] = timed(
+                lambda r=router: r.route_texts(texts[:1]), args.repeats
+            )
+            results[f"route {B} prompts: {name}"] = timed(
+                lambda r=router: r.route_texts(texts[:B]), args.repeats
+            )
         for label, ms in results.items():
-            print(f"{label:>45}: {ms:9.1f} ms", flush=True)
+            print(f"{label:>50}: {ms:9.1f} ms", flush=True)
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

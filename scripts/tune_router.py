@@ -26,6 +26,11 @@ its own domain, to none and elsewhere; recommended threshold: the one with the h
 (own − elsewhere) on `questions` (a wrong adapter counted as harmful as the right one is
 useful), among those keeping `passages` at 99 % or more (a fallback counts as a miss).
 Writes results/tuning/router.md and .json.
+
+Serving router (`--serving`, from the trials in OUT.json, no forward pass): `crma serve` routes
+every request before its prefill, and the routing forward runs the base up to the router's
+layer. Rule: the shallowest layer with a setting reaching the passage target of (1), then
+(2)-(4) among that layer's settings. Writes OUT-serving.md and .json, beside the main choice.
 """
 
 from __future__ import annotations
@@ -68,7 +73,15 @@ def main() -> None:
     )
     parser.add_argument("--cache", default="runs/tuning/router-cache", help="embedding cache")
     parser.add_argument("--out", default="results/tuning/router", help="output path stem")
+    parser.add_argument(
+        "--serving",
+        action="store_true",
+        help="choose the serving router from the trials already in OUT.json (rule above)",
+    )
     args = parser.parse_args()
+    if args.serving:
+        choose_serving(Path(args.out))
+        return
 
     from crma.data import DOMAINS, corpus_file, load_records, tokenize_records
     from crma.data.corpus import corpus_tag
@@ -243,15 +256,16 @@ def fallback_table(router, cache: dict, domains: list[str], settings) -> dict:
     return table
 
 
+def worst(t: dict, name: str) -> float:
+    return min(t["top1"][name].values())
+
+
+def mean(t: dict, name: str) -> float:
+    return sum(t["top1"][name].values()) / len(t["top1"][name])
+
+
 def select(trials: list[dict]) -> dict:
     """The trial the rule in the module docstring picks."""
-
-    def worst(t: dict, name: str) -> float:
-        return min(t["top1"][name].values())
-
-    def mean(t: dict, name: str) -> float:
-        return sum(t["top1"][name].values()) / len(t["top1"][name])
-
     passages = min(PASSAGES, max(worst(t, "passages") for t in trials))
     left = [t for t in trials if worst(t, "passages") >= passages]
     best = max(mean(t, "questions") for t in left)
@@ -266,6 +280,55 @@ def select(trials: list[dict]) -> dict:
             t["settings"]["l2"],
         ),
     )
+
+
+def select_serving(trials: list[dict]) -> dict:
+    """The serving router the module docstring's rule picks: `select` at the shallowest layer
+    that reaches the passage target."""
+    passages = min(PASSAGES, max(worst(t, "passages") for t in trials))
+    layer = min(t["settings"]["layer"] for t in trials if worst(t, "passages") >= passages)
+    return select([t for t in trials if t["settings"]["layer"] == layer])
+
+
+def choose_serving(out: Path) -> None:
+    """Apply the serving rule to the trials in OUT.json; write OUT-serving.md and .json."""
+    import json
+
+    from crma.fileio import write_json, write_text
+
+    tuned = json.loads(out.with_suffix(".json").read_text())
+    serving = select_serving(tuned["trials"])
+    main, stem = tuned["selected"], out.with_name(out.name + "-serving")
+    write_json(
+        stem.with_suffix(".json"), {"from": str(out.with_suffix(".json")), "selected": serving}
+    )
+    lines = [
+        "# Serving router: the centroid router `crma serve --router fast` uses",
+        "",
+        f"`scripts/tune_router.py --serving` on the validation trials of {out.name}.md (rule in "
+        "the script's docstring). Top-1 (%) on the validation sets, worst and mean over the "
+        "domains, beside the main router (the one every routing number of the protocol uses).",
+        "",
+        "| router | layer | skip first | prefixes | l2 | stored | "
+        + " | ".join(f"{n} worst | {n} mean" for n in SETS)
+        + " |",
+        "|---" * (6 + 2 * len(SETS)) + "|",
+    ]
+    for label, t in (("main (`centroid`)", main), ("serving (`fast`)", serving)):
+        s = t["settings"]
+        cells = " | ".join(f"{100 * worst(t, n):.1f} | {100 * mean(t, n):.1f}" for n in SETS)
+        lines.append(
+            f"| {label} | {s['layer']} | {'yes' if s['skip_first'] else 'no'} | "
+            f"{','.join(map(str, s['prefixes'])) or '–'} | {s['l2']:g} | {t['stored']} | {cells} |"
+        )
+    domains = list(serving["top1"]["passages"])
+    lines += ["", "Serving router, per domain (top-1 %):", ""]
+    lines += ["| set | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    for name in SETS:
+        values = " | ".join(f"{100 * serving['top1'][name][d]:.1f}" for d in domains)
+        lines.append(f"| {name} | {values} |")
+    write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    print(f"serving router: {serving['settings']} -> {stem.with_suffix('.md')}")
 
 
 def recommend_threshold(table: dict) -> float:

@@ -78,6 +78,11 @@ def manifest_edit(change: Callable[[dict], None]) -> Callable[[Path], None]:
     return edit
 
 
+def no_serving_router(stack: Path) -> None:
+    """The router as crma wrote it before serving routers existed."""
+    manifest_edit(lambda m: m["router"].pop("serving"))(stack)
+
+
 def break_manifest(stack: Path) -> None:
     (stack / "manifest.json").write_text('{"format": 2, "domains": [')
 
@@ -186,6 +191,8 @@ CASES = [
     (GEN + ["--min-new-tokens", "9", "--max-new-tokens", "4"], "--min-new-tokens: expected at most max_new_tokens (4), got 9"),
     (GEN + ["--threshold", "2"], "--threshold: expected a finite number in [0, 1], got 2.0"),
     (GEN + ["--router", "oracle"], "argument --router: invalid choice: 'oracle'"),
+    (["generate", "{ws}/D", "hi", "--router", "fast"], "--router fast needs the stack's serving router", damaged(no_serving_router)),
+    (["serve", "{ws}/D", "--router", "fast"], "--router fast needs the stack's serving router", damaged(no_serving_router)),
     (["generate", "{ws}/nothing", "hi"], "nothing: not a crma stack (no manifest.json)"),
     (["eval", "{ws}/S", "--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
     (["eval", "{ws}/S", "--probes", "nope={ws}/f.jsonl"], "the stack has no domain 'nope'"),

@@ -11,7 +11,7 @@ import torch
 from helpers import committed
 from stacks import build_stack, commit_router, texts
 
-from crma.routing.index import CentroidRouter
+from crma.routing.index import SERVING, CentroidRouter
 from crma.routing.metrics import plot_confusion, routing_metrics
 from crma.routing.router import Router, RouteSettings
 
@@ -272,3 +272,27 @@ def test_router_saved_before_prefixes_and_skip_first_opens_as_it_was(tmp_path):
     }
     assert refresh_router(cm, examples)
     assert CentroidRouter.load(cm.stack).settings == CentroidSettings()
+
+
+def test_fast_router_is_stored_beside_the_main_one_with_the_serving_settings(stack):
+    from crma.data import tokenize_records
+
+    path, cm = stack
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["router"]["serving"] == dataclasses.asdict(SERVING)
+    stored = CentroidRouter.load(cm.stack).serving
+    assert stored is not None and stored.domains == DOMAINS
+    by_hand = CentroidRouter(SERVING)  # from what build_stack trained on
+    for d in DOMAINS:
+        records = [{"text": t} for t in texts(d, 40, seed=0)]
+        by_hand.add_examples(cm.engine, d, tokenize_records(records, cm.engine.tokenizer, 32))
+    assert torch.allclose(stored.embeddings, by_hand.embeddings, rtol=0, atol=1e-6)
+    assert torch.equal(stored.labels, by_hand.labels)
+    ids = holdout_ids(cm)
+    every = [x for d in DOMAINS for x in ids[d]]
+    fast = Router(cm, RouteSettings(router="fast"))
+    want = by_hand.scores(by_hand.embed(cm.engine, every))
+    assert torch.allclose(fast.scores(every), want, rtol=0, atol=1e-6)
+    # another router than the main one (its L2 penalty, on the tiny model the same layer)
+    assert not torch.allclose(fast.scores(every), Router(cm).scores(every), rtol=0, atol=1e-3)
+    assert routing_metrics(fast, ids)["top1"] == {d: 1.0 for d in DOMAINS}

@@ -3,7 +3,9 @@ template's cached head, and compute what each would alone."""
 
 from __future__ import annotations
 
+import math
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -147,3 +149,46 @@ def test_row_adapters_hooks_compute_what_pefts_adapter_names_does(snap):
         plain = engine.model(input_ids=ids, logits_to_keep=1).logits[:, -1]  # active adapter
     assert torch.equal(ours, peft)
     assert not torch.allclose(ours[1], plain[1], atol=1e-4)  # row 1 has no adapter
+
+
+def test_routing_embeds_through_the_row_hooks_what_the_engine_embeds(snap, monkeypatch):
+    router = snap.model.router
+    centroid = router.centroid
+    tok = snap.model.tokenizer
+    prompts = texts("medic", 3, 7) + texts("code", 2, 8) + ["bond"]  # "bond": much padding
+    ids = [tok(t)["input_ids"] for t in prompts]
+    backbone = snap.engine.backbone
+    with torch.no_grad():  # a 20× stronger backbone, so that leaving it on would show
+        backbone.log_alpha.add_(math.log(20))
+    try:
+        engine_way = centroid.embed(snap.engine, ids)  # Engine.inference: PEFT toggles adapters
+
+        def refuse(*_args, **_kwargs):
+            raise AssertionError("the server's routing toggled PEFT's adapters")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(snap.engine, "inference", refuse)
+            patched.setattr(snap.engine, "using", refuse)
+            patched.setattr(snap.engine.peft, "disable_adapter", refuse)
+            serve_way = centroid.embed(snap.engine, ids, router.frozen_base)
+        assert router.frozen_base is not None
+        assert torch.allclose(serve_way, engine_way, rtol=0, atol=1e-5)
+        # the adapter and the backbone change this layer's state: leaving either on would show
+        for adapters, on in ((snap.adapters("medic"), False), (None, True)):
+            other = centroid.embed(snap.engine, ids, _through_engine(snap, adapters, on))
+            assert not torch.allclose(other, engine_way, rtol=0, atol=1e-4)
+        assert backbone.enabled  # switched back on for decoding
+    finally:
+        with torch.no_grad():
+            backbone.log_alpha.sub_(math.log(20))
+
+
+def _through_engine(snap: Snapshot, adapters, backbone: bool):
+    """A FrozenBase that runs the engine with `adapters` and the backbone `on`."""
+
+    @contextmanager
+    def base():
+        with snap.engine.inference(adapters, backbone) as model:
+            yield model
+
+    return base

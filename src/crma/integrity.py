@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from crma.errors import UserError
 from crma.methods import METHODS
+from crma.routing.index import SERVING_PREFIX
 from crma.stack import DAMAGED, MANIFEST, Stack
 
 
@@ -55,20 +56,39 @@ def _check_router(stack: Stack) -> str:
     shapes = _shapes(file)
     with safe_open(str(file), framework="pt") as fh:
         domains = json.loads(fh.metadata()["domains"])
-        labels = fh.get_tensor("labels") if "labels" in shapes else None
-    k, d = shapes["sum"] if len(shapes.get("sum", ())) == 2 else (None, None)
-    consistent = (
-        shapes.get("count") == (len(domains),)
-        and k == len(domains)
-        and shapes.get("sumsq") == (k, d)
-        and (labels is None or (shapes["embeddings"] == (len(labels), d) and labels.max() < k))
-    )
-    if not consistent:
-        raise UserError(f"{file}: router tensors do not fit together; {DAMAGED}")
+    serving = "serving" in (stack.manifest.get("router") or {})
+    prefixes = ("", SERVING_PREFIX) if serving else ("",)
+    widths = [_router_width(file, shapes, p, len(domains)) for p in prefixes]
+    for prefix, width in zip(prefixes, widths):
+        if width is None:
+            raise UserError(f"{file}: {prefix}router tensors do not fit together; {DAMAGED}")
     missing = [name for name in stack.domains if name not in domains]
     if missing:
         raise UserError(f"{file}: router lacks domain {missing[0]!r}; {DAMAGED}")
-    return f"router     {file.name}: {len(domains)} domains, {d}-dim embeddings"
+    return f"router     {file.name}: {len(domains)} domains, {widths[0]}-dim embeddings" + (
+        f", serving router {widths[1]}-dim" if serving else ""
+    )
+
+
+def _router_width(file: Path, shapes: dict, prefix: str, k: int) -> int | None:
+    """The embedding width of the router stored under `prefix` for k domains; None if its
+    tensors do not fit together."""
+    total = shapes.get(prefix + "sum", ())
+    d = total[1] if len(total) == 2 else None
+    labels = None
+    if prefix + "labels" in shapes:
+        with safe_open(str(file), framework="pt") as fh:
+            labels = fh.get_tensor(prefix + "labels")
+    fits = (
+        shapes.get(prefix + "count") == (k,)
+        and total == (k, d)
+        and shapes.get(prefix + "sumsq") == (k, d)
+        and (
+            labels is None
+            or (shapes[prefix + "embeddings"] == (len(labels), d) and labels.max() < k)
+        )
+    )
+    return d if fits else None
 
 
 def _check_backbone(stack: Stack, base: str | None) -> str:

@@ -44,13 +44,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from crma.routing.index import CentroidRouter
+    from crma.routing.router import serving_router
     from crma.serve.app import create_app
     from crma.serve.config import ServeSettings
     from crma.serve.server import Server
     from crma.stack import Stack
     from crma.train import TrainConfig
 
-    Stack.open(args.stack)  # not a stack: one line and exit 2, before anything listens
+    stack = Stack.open(args.stack)  # not a stack: one line and exit 2, before anything listens
+    route = from_args(RouteSettings, args)
+    if route.router == "fast":  # so is a stack without a serving router
+        serving_router(stack.path, CentroidRouter.load(stack))
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger(__name__).warning("listening on %s without an API key", args.host)
     server = Server(
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
         from_args(ServeSettings, args),
         args.api_key,
         args.base,
-        from_args(RouteSettings, args),
+        route,
         from_args(TrainConfig, args, prefix="train_"),
     )
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")

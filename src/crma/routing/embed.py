@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import suppress
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +19,22 @@ class _Stop(Exception):
     """Raised by a forward hook once the wanted layer has run: the rest is not needed."""
 
 
+# Runs the frozen base alone (no adapter, no CRMA backbone): a context manager, entered once
+# per `embed` call, yielding what to call with input_ids and attention_mask.
+FrozenBase = Callable[[], AbstractContextManager[Callable[..., Any]]]
+
+
+def frozen_base(engine: Engine) -> FrozenBase:
+    """The base alone through the engine: adapters and backbone switched off, then back on."""
+
+    @contextmanager
+    def base() -> Iterator[Callable[..., Any]]:
+        with engine.inference(None, backbone=False) as model:
+            yield model
+
+    return base
+
+
 @torch.no_grad()
 def embed(
     engine: Engine,
@@ -26,11 +43,13 @@ def embed(
     max_length: int = 128,
     batch_size: int = 16,
     skip_first: bool = False,
+    base: FrozenBase | None = None,
 ) -> torch.Tensor:
     """Mean-pooled hidden state `layer` of the frozen base per text, (N, d) float64; with
     `skip_first`, pooled from the second token on (a one-token text keeps its token).
 
-    Layers after `layer` are skipped (a hook stops the forward pass there).
+    Layers after `layer` are skipped (a hook stops the forward pass there). `base` runs the
+    frozen base (default: `frozen_base(engine)`).
     """
     layers = decoder_layers(engine.model)
     n = len(layers)
@@ -46,7 +65,7 @@ def embed(
     handle = target.register_forward_hook(grab)
     out = []
     try:
-        with engine.inference(None, backbone=False) as model:  # the base alone
+        with (base or frozen_base(engine))() as model:
             for start in range(0, len(ids_list), batch_size):
                 chunk = [
                     ids[:max_length] or [pad_id(engine.tokenizer)]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from crma.errors import UserError, first_line
-from crma.routing.embed import embed
+from crma.routing.embed import FrozenBase, embed
 from crma.settings import setting
 from crma.stack import DAMAGED, ROUTER_FILE
 
@@ -48,14 +48,25 @@ class CentroidSettings:
 
 # What routers saved before a setting existed did: they load (and add domains) that way.
 LEGACY_SETTINGS = {"prefixes": [], "skip_first": False}
+# The serving router (`--router fast`), stored beside the main one over the same texts: the
+# shallowest hidden state that keeps validation passages at the main rule's target, so routing
+# a request costs a 30th of a prefill on the embedded model instead of 8 30ths
+# (scripts/tune_router.py --serving; results/tuning/router-serving.md).
+SERVING = CentroidSettings(layer=1, skip_first=True, l2=1e-4)
+SERVING_PREFIX = "serving."  # its tensors' names in the router file
+TENSORS = ("count", "sum", "sumsq", "embeddings", "labels")
 
 
 class CentroidRouter:
     """Per domain: its training texts' embeddings (stored) and their count, sum and sum of squares
     (the prototypes and the pooled standardisation)."""
 
-    def __init__(self, settings: CentroidSettings | None = None):
+    def __init__(
+        self, settings: CentroidSettings | None = None, serving: CentroidSettings | None = None
+    ):
         self.settings = settings or CentroidSettings()
+        # A second router over the same texts with `serving` settings, saved with this one.
+        self.serving = CentroidRouter(serving) if serving else None
         self.domains: list[str] = []
         self.count = torch.zeros(0, dtype=torch.float64)  # (K,)
         self.sum = torch.zeros(0, 0, dtype=torch.float64)  # (K, d)
@@ -81,10 +92,12 @@ class CentroidRouter:
         self.labels = torch.cat([self.labels, torch.full((len(e),), len(self.domains) - 1)])
         self._head = None
 
-    def embed(self, engine: Engine, ids_list: list[list[int]]) -> torch.Tensor:
-        """Texts embedded as this router's entries are, (N, d)."""
+    def embed(
+        self, engine: Engine, ids_list: list[list[int]], base: FrozenBase | None = None
+    ) -> torch.Tensor:
+        """Texts embedded as this router's entries are, (N, d); `base` as in `embed`."""
         s = self.settings
-        return embed(engine, ids_list, s.layer, s.max_length, skip_first=s.skip_first)
+        return embed(engine, ids_list, s.layer, s.max_length, skip_first=s.skip_first, base=base)
 
     def add_examples(self, engine: Engine, domain: str, examples: list[dict]) -> None:
         """Set `domain`'s entry from the embeddings of its first `max_examples` examples and of
@@ -93,6 +106,8 @@ class CentroidRouter:
         ids = [e["input_ids"][: s.max_length] for e in examples[: s.max_examples]]
         ids += [x[:n] for n in s.prefixes for x in ids if len(x) > n]
         self.add(domain, self.embed(engine, ids))
+        if self.serving is not None:
+            self.serving.add_examples(engine, domain, examples)
 
     def keep(self, domains: list[str]) -> None:
         """Drop domains not in `domains` (one being replaced, or written by a commit that never
@@ -106,6 +121,8 @@ class CentroidRouter:
             new = remap[self.labels]
             self.embeddings, self.labels = self.embeddings[new >= 0], new[new >= 0]
         self._head = None
+        if self.serving is not None:
+            self.serving.keep(domains)
 
     @property
     def head(self) -> str:
@@ -145,42 +162,43 @@ class CentroidRouter:
         """Write the router into `commit` and describe it in its manifest."""
         from safetensors.torch import save_file
 
-        tensors = {
-            "count": self.count,
-            "sum": self.sum,
-            "sumsq": self.sumsq,
-            "embeddings": self.embeddings,
-            "labels": self.labels,
-        }
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        tensors = {k: getattr(self, k).contiguous() for k in TENSORS}
+        entry = {"kind": "centroid", "domains": list(self.domains)}
+        if self.serving is not None:
+            assert self.serving.domains == self.domains, "the serving router lags the main one"
+            tensors |= {SERVING_PREFIX + k: getattr(self.serving, k).contiguous() for k in TENSORS}
+            entry["serving"] = dataclasses.asdict(self.serving.settings)
         meta = {"domains": json.dumps(self.domains)}
         rel = commit.write(ROUTER_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        commit.manifest["router"] = {
-            "kind": "centroid",
-            "file": rel,
-            "domains": list(self.domains),
-            **dataclasses.asdict(self.settings),
-        }
+        commit.manifest["router"] = {**entry, "file": rel, **dataclasses.asdict(self.settings)}
 
     @classmethod
     def load(cls, stack: Stack) -> CentroidRouter:
-        """The stack's router, limited to the domains its manifest lists; empty if none yet."""
+        """The stack's router, limited to the domains its manifest lists; empty if none yet
+        (with a serving router then; one written before serving routers existed has none)."""
         from safetensors import safe_open
 
         entry = stack.manifest.get("router") or {}
         fields = [f.name for f in dataclasses.fields(CentroidSettings)]
         given = {k: entry[k] for k in fields if k in entry}
-        router = cls(CentroidSettings(**{**LEGACY_SETTINGS, **given} if entry else given))
+        serving = CentroidSettings(**entry["serving"]) if "serving" in entry else None
+        router = cls(
+            CentroidSettings(**{**LEGACY_SETTINGS, **given} if entry else given),
+            serving if entry else SERVING,
+        )
         path = stack.component("router")
         if path is None:
             return router
         try:
             with safe_open(str(path), framework="pt") as fh:
-                router.domains = json.loads(fh.metadata()["domains"])
                 names = set(fh.keys())
-                for name in ("count", "sum", "sumsq", "embeddings", "labels"):
-                    if name in names:
-                        setattr(router, name, fh.get_tensor(name))
+                for part, prefix in ((router, ""), (router.serving, SERVING_PREFIX)):
+                    if part is None:
+                        continue
+                    part.domains = json.loads(fh.metadata()["domains"])
+                    for name in TENSORS:
+                        if prefix + name in names:
+                            setattr(part, name, fh.get_tensor(prefix + name))
             router.keep(stack.domains)
         except Exception as exc:  # safetensors raises several kinds on damaged files
             raise UserError(

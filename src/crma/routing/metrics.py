@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crma.fileio import atomic_path
+from crma.routing.router import STORED
 
 if TYPE_CHECKING:
     from crma.routing.router import Router
@@ -32,7 +33,7 @@ def routing_metrics(router: Router, holdouts: dict[str, list[list[int]]]) -> dic
     kind = router.settings.router
     return {
         "router": kind,
-        **({"head": router.centroid.head} if kind == "centroid" else {}),
+        **({"head": router.stored.head} if kind in STORED else {}),
         "threshold": router.settings.threshold,
         "domains": list(holdouts),
         "labels": labels,

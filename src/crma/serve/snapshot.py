@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,8 @@ class Snapshot:
         if self.engine.peft is not None and self.mixable:  # once: rows pick their own adapter
             self.engine.activate(self.engine.adapters[0])
         self.rows = RowAdapters.attach(self.engine.base) if self.mixable else None
+        if self.rows is not None:  # routing then leaves PEFT's adapter state alone too
+            model.router.frozen_base = self._frozen_base
         self.head = TemplateHead(self)
         self.eos = _eos_ids(self.engine)
         # Embedding tables are often padded beyond the tokenizer: those ids decode to nothing.
@@ -88,6 +91,21 @@ class Snapshot:
             context = engine.using(adapters[0])
         with context:
             return engine.model(**kwargs).logits[:, -1].float()
+
+    @contextmanager
+    def _frozen_base(self) -> Iterator[Callable[..., Any]]:
+        """The base alone for the router: every row through '__base__' by the row hooks (no
+        PEFT adapter toggling, which walks every module), the backbone off. The model is in
+        eval mode already (load_stack)."""
+        rows, base = self.rows, self.engine.base
+        assert rows is not None
+
+        def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+            with rows.using([BASE] * len(input_ids)):
+                return base(input_ids=input_ids, attention_mask=attention_mask)
+
+        with self.engine.backbone_on(False):
+            yield forward
 
     def route(self, texts: list[str]) -> list[Routed]:
         """Where `auto` sends each text (as StackModel.resolve), with every domain's score."""
