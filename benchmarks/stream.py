@@ -211,17 +211,19 @@ def calibrate(val: dict[str, list[dict]], args) -> dict:
     streams is at most --fa-margin x --target-fa per 10k documents (a margin below the target),
     the one with the best F1 on the switching validation streams (ties: the larger); then the
     known/new threshold with the best new-vs-known accuracy (ties: more streams with exactly
-    the right number of adapters, then the larger). Baselines: the value with the best F1 on
-    the validation switching streams (so none is handicapped by a value chosen for crma).
+    the right number of adapters, then the larger); then the known band with the most streams
+    with exactly the right number of adapters among those whose mean delay stays within
+    --max-delay (ties: the smaller). Baselines: the value with the best F1 on the validation
+    switching streams (so none is handicapped by a value chosen for crma).
     """
     from crma.stream.detector import DetectorSettings
 
     switching, stationary = val["switching"], val["stationary"]
-    log: dict[str, list] = {"confirm": [], "known_threshold": []}
+    log: dict[str, list] = {"confirm": [], "known_threshold": [], "known_band": []}
     allowed = args.fa_margin * args.target_fa
     best = (False, -1.0, 0.0)
     for c in args.confirms:
-        settings = DetectorSettings(confirm=c)
+        settings = DetectorSettings(confirm=c, known_band=0.0)
         fa = scored(crma_method(settings), stationary, args.margin)["false_alarms_per_10k"]
         sw = scored(crma_method(settings), switching, args.margin)
         log["confirm"].append({"confirm": c, "fa": fa, "f1": sw["f1"], "switching": sw})
@@ -230,7 +232,7 @@ def calibrate(val: dict[str, list[dict]], args) -> dict:
     chosen = best[2]
     best = (-1.0, -1, 0.0)
     for theta in args.known_thresholds:
-        settings = DetectorSettings(confirm=chosen, known_threshold=theta)
+        settings = DetectorSettings(confirm=chosen, known_threshold=theta, known_band=0.0)
         sw = scored(crma_method(settings), switching, args.margin)
         acc = sw["new_known_accuracy"] or 0.0
         log["known_threshold"].append(
@@ -238,7 +240,16 @@ def calibrate(val: dict[str, list[dict]], args) -> dict:
         )
         print(f"  known threshold {theta}: new-vs-known {acc:.3f}, F1 {sw['f1']:.3f}")
         best = max(best, (acc, sw["adapters_exact"], theta))
-    out = {"crma": {"confirm": chosen, "known_threshold": best[2]}, "log": log}
+    theta = best[2]
+    best = (False, -1, 0.0)
+    for band in args.known_bands:
+        settings = DetectorSettings(confirm=chosen, known_threshold=theta, known_band=band)
+        sw = scored(crma_method(settings), switching, args.margin)
+        log["known_band"].append({"known_band": band, "f1": sw["f1"], "switching": sw})
+        print(f"  known band {band}: {sw['adapters_exact']} exact, delay {sw['delay_mean']:.1f}")
+        best = max(best, (sw["delay_mean"] <= args.max_delay, sw["adapters_exact"], -band))
+    out = {"crma": {"confirm": chosen, "known_threshold": theta, "known_band": -best[2]}}
+    out["log"] = log
 
     def best_f1(name, values, method):
         f1s = [scored(lambda s, v=v: method(s, v), switching, args.margin)["f1"] for v in values]
@@ -332,9 +343,13 @@ def main() -> None:
     parser.add_argument(
         "--fa-margin", type=float, default=0.5, help="calibrate to this fraction of --target-fa"
     )
-    parser.add_argument("--val-streams", type=int, default=40, help="validation streams per kind")
+    parser.add_argument("--val-streams", type=int, default=200, help="validation streams per kind")
     parser.add_argument("--confirms", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0])
     parser.add_argument("--known-thresholds", type=float, nargs="+", default=[0.5, 0.7, 1.0, 1.3])
+    parser.add_argument("--known-bands", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument(
+        "--max-delay", type=float, default=10.0, help="mean delay a known band may cost at most"
+    )
     parser.add_argument(
         "--with-training",
         type=int,

@@ -221,6 +221,7 @@ CASES = [
     (["segment", "{ws}/f.jsonl", "--identify-docs", "1"], "--identify-docs: expected an integer >= 2, got 1"),
     (["segment", "{ws}/f.jsonl", "--confirm-docs", "25"], "--confirm-docs: expected at most lookahead (20), got 25"),
     (["segment", "{ws}/f.jsonl", "--confirm", "0"], "--confirm: expected a finite number > 0, got 0.0"),
+    (["segment", "{ws}/f.jsonl", "--known-band", "-0.5"], "--known-band: expected a finite number >= 0, got -0.5"),
     (["segment", "{ws}/f.jsonl", "--stack", "{ws}/nothing"], "nothing: not a crma stack (no manifest.json)"),
     (STREAM + ["--names", "medic"], "--names: the stack already has a domain 'medic'"),
     (STREAM + ["--names", "a,A"], "--names: 'A' and 'a' differ only in case"),

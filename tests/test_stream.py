@@ -174,10 +174,7 @@ def test_an_unfinished_stream_of_another_input_is_refused(reference, tmp_path, c
     (stack / "stream.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # no "done": killed
     other = write_stream(tmp_path / "other.jsonl", [("code", 30)], seed=5)
     assert main(stream_args(stack, other)) == 2
-    assert (
-        "(another input or other settings) is unfinished; rerun that command"
-        in capsys.readouterr().err
-    )
+    assert "(another input) is unfinished; rerun that command" in capsys.readouterr().err
 
 
 def test_an_unfinished_stream_logged_before_a_setting_existed_resumes(reference, tmp_path):
@@ -192,6 +189,23 @@ def test_an_unfinished_stream_logged_before_a_setting_existed_resumes(reference,
     older = [json.dumps(e) for e in events[:-1]]  # no "done": killed
     (stack / "stream.jsonl").write_text("\n".join(older) + "\n")
     crma(*stream_args(stack, reference[1]))
+    assert logged(stack)[1:] == logged(reference[0])[1:]
+
+
+def test_a_stream_logged_before_the_known_band_resumes_only_without_it(reference, tmp_path, capsys):
+    """The known band changes decisions: a log made before it existed was made without it.
+    Resuming it with the band is refused, naming the setting; with --known-band 0 it resumes."""
+    import shutil
+
+    stack = tmp_path / "S"
+    shutil.copytree(reference[0], stack)
+    events = [json.loads(line) for line in (stack / "stream.jsonl").read_text().splitlines()]
+    del events[0]["detector"]["known_band"]
+    (stack / "stream.jsonl").write_text("\n".join(json.dumps(e) for e in events[:-1]) + "\n")
+    assert main(stream_args(stack, reference[1])) == 2
+    err = capsys.readouterr().err
+    assert "(detector.known_band: logged 0.0, now 0.5) is unfinished" in err, err
+    crma(*stream_args(stack, reference[1]), "--known-band", "0")
     assert logged(stack)[1:] == logged(reference[0])[1:]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -134,6 +136,19 @@ def test_an_ambiguous_candidate_is_cancelled_after_confirm_docs():
     _, decisions = run_mean([0.0] * 10 + [1.5] * 6)
     assert {decisions[i].decided_at for i in range(10, 16)} == {15}
     assert {decisions[i].domain for i in range(16)} == {"new-1"}
+
+
+@pytest.mark.parametrize("band", [0.0, 0.5])
+def test_a_name_in_doubt_waits_for_more_documents(band):
+    # Known k at 4. The change is confirmed at 12 (candidate mean 3.2 >= confirm 2), where k
+    # scores 0.8: known under threshold 1 without a band. With band 0.5 that is in doubt, and
+    # so are 1.1 at 13 and 1.28 at 14; at 15 the candidate holds confirm_docs = 6 documents
+    # and k scores 1.4: a new domain.
+    known = {"k": Stats.of(torch.full((4, 1), 4.0).double())}
+    det = MeanDetector(dataclasses.replace(CONFIRMING, known_band=band), known)
+    det.run(torch.tensor([0.0] * 10 + [3.2] * 3 + [2.0] * 5).double()[:, None])
+    second = det.segments_dicts()[1]
+    assert (second["domain"], second["decided_at"]) == (("k", 12) if band == 0 else ("new-2", 15))
 
 
 def test_a_change_not_confirmed_by_the_end_of_the_stream_is_cancelled():

@@ -18,13 +18,16 @@ candidate goes back to the current domain); in between, the novelty has to persi
 candidate grows, document by document, until it reaches `confirm` or `confirm_docs`
 documents (then it is cancelled too). A confirmed candidate is named: the known domain (the
 stack's, or one found earlier in the stream; not the current one) with the lowest score, if at
-most `known_threshold`, else a new domain `new-1`, `new-2`, …. A document is decided at the
-latest `lookahead` documents after it arrived; the reported delay counts every document a
-decision waited for.
+most `known_threshold`, else a new domain `new-1`, `new-2`, …. A lowest score within
+`known_band` of `known_threshold` is in doubt: the candidate grows up to `confirm_docs`
+documents before it is named (a wrong domain's score grows by about log 2 each time the
+documents double; the right one's stays near 0). A document is decided at the latest
+`lookahead` documents after it arrived; the reported delay counts every document a decision
+waited for.
 
-The default `confirm` and `known_threshold` were set on validation streams of the embedded
-corpus (the validation half of each domain's spare pool), `confirm` for half the target
-false-alarm rate: see benchmarks/stream.py and results/stream/report.md.
+The default `confirm`, `known_threshold` and `known_band` were set on validation streams of
+the embedded corpus (the validation half of each domain's spare pool), `confirm` for half the
+target false-alarm rate: see benchmarks/stream.py and results/stream/report.md.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ class DetectorSettings(Settings):
         0.3, "document score above which a document counts as changed (places the boundary)"
     )
     known_threshold: float = setting(1.0, "score under which a new segment is a known domain", gt=0)
+    known_band: float = setting(
+        0.5,
+        "a closest known score this near known_threshold waits for confirm_docs documents",
+        ge=0,
+    )
     identify_docs: int = setting(9, "documents of a new segment used to identify it", ge=2)
     confirm: float = setting(
         1.25, "candidate score against the current domain that confirms a change", gt=0
@@ -233,16 +241,19 @@ class Detector:
         """Once the candidate holds `identify_docs` documents, confirm the change (the whole
         candidate scores at least `confirm` against the current domain) and identify it, or
         cancel it (it scores under `threshold`, or still under `confirm` after `confirm_docs`
-        documents). In between the novelty has to persist: wait for more documents."""
-        n = len(self.pending)
-        if n < self.settings.identify_docs:
+        documents). In between the novelty has to persist: wait for more documents; so does a
+        name in doubt (the closest known score within `known_band` of `known_threshold`)."""
+        s, n = self.settings, len(self.pending)
+        if n < s.identify_docs:
             return []
+        xs = torch.stack([p.x for p in self.pending])
+        waiting = n < s.confirm_docs
         if self.current is not None:
-            change = self.score(torch.stack([p.x for p in self.pending]), self.current)
-            if change < self.settings.confirm:
-                if change >= self.settings.threshold and n < self.settings.confirm_docs:
-                    return []
-                return self._cancel(now)
+            change = self.score(xs, self.current)
+            if change < s.confirm:
+                return [] if change >= s.threshold and waiting else self._cancel(now)
+        if waiting and abs(self._closest_known(xs)[1] - s.known_threshold) < s.known_band:
+            return []
         return self._identify(now)
 
     def _cancel(self, now: int) -> list[Decision]:
@@ -253,7 +264,9 @@ class Detector:
     def _identify(self, now: int) -> list[Decision]:
         """Name the (confirmed) candidate segment: a known domain or a new one."""
         xs = torch.stack([p.x for p in self.pending])
-        known = self._closest_known(xs)
+        known, score = self._closest_known(xs)
+        if score > self.settings.known_threshold:
+            known = None
         self.candidate = False
         domain, new = (known, False) if known is not None else (self._new_name(), True)
         if self.segments:
@@ -267,12 +280,12 @@ class Detector:
             return [Decision(p.index, domain, p.novelty, p.change, now) for p in done]
         return self._commit(len(self.pending), now)
 
-    def _closest_known(self, xs: torch.Tensor) -> str | None:
-        """The known domain that scores the documents lowest, if under `known_threshold`. Not
+    def _closest_known(self, xs: torch.Tensor) -> tuple[str | None, float]:
+        """The known domain that scores the documents lowest, and its score (inf if none). Not
         the current one: the change test has just ruled it out."""
         scores = {d: v for d, v in self.scores(xs).items() if d != self.current}
         best = min(scores, key=scores.__getitem__, default=None)
-        return best if best is not None and scores[best] <= self.settings.known_threshold else None
+        return best, (scores[best] if best is not None else float("inf"))
 
     def _new_name(self) -> str:
         self.opened += 1

@@ -97,15 +97,40 @@ class StreamLog:
                 self.size = fh.tell()
 
 
+# Settings that changed decisions when they arrived: a log without one was made without it.
+_BEFORE = {"detector": {"known_band": 0.0}}
+
+
 def _with_defaults(start: dict[str, Any], where: str) -> dict[str, Any]:
     """A start event with the settings crma gained since it was logged read as their
-    defaults, so an upgrade alone does not stop a stream from resuming."""
+    defaults (or, for one that changes decisions, as what the log was made with), so an
+    upgrade alone does not stop a stream from resuming."""
     kinds = {"settings": StreamSettings, "detector": DetectorSettings, "train": TrainConfig}
     return start | {
-        key: dataclasses.asdict(from_dict(cls, start[key], f"{where}: {key}"))
+        key: dataclasses.asdict(
+            from_dict(cls, _BEFORE.get(key, {}) | start[key], f"{where}: {key}")
+        )
         for key, cls in kinds.items()
         if isinstance(start.get(key), dict)
     }
+
+
+def _differences(logged: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key.setting: logged X, now Y` for each setting of `now` the logged start differs in."""
+    out = []
+    for key, value in now.items():
+        old = logged.get(key)
+        if key == "input":
+            continue
+        if isinstance(value, dict) and isinstance(old, dict):
+            out += [
+                f"{key}.{k}: logged {old.get(k)!r}, now {v!r}"
+                for k, v in value.items()
+                if old.get(k) != v
+            ]
+        elif old != value:
+            out.append(f"{key}: logged {old!r}, now {value!r}")
+    return out
 
 
 class StreamLearner:
@@ -196,9 +221,14 @@ class StreamLearner:
             if same and last.get("names") == self.names:
                 return last, run
             if not run or run[-1]["event"] != "done":
+                what = (
+                    "another input"
+                    if last.get("sha256") != header["sha256"]
+                    else "; ".join(_differences(last, header)[:3]) or "other new-domain names"
+                )
                 raise UserError(
-                    f"{self.log.path}: the stream of {last['input']} (another input or other "
-                    "settings) is unfinished; rerun that command to finish it"
+                    f"{self.log.path}: the stream of {last['input']} ({what}) is unfinished; "
+                    "rerun that command to finish it"
                 )
         header |= {"known": list(self.cm.stack.domains), "names": self.names}
         self.log.append([header])
