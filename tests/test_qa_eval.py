@@ -233,7 +233,7 @@ def test_protocol_routing_section_in_report(tmp_path):
     assert "arrow" not in report["routing"]["naive"]  # one shared adapter: nothing to choose
 
     # A run that reuses these stacks with one more router adds just that router's section.
-    config["eval"]["routers"] = ["centroid", "arrow", "loss"]
+    config["eval"]["routers"] = ["centroid", "arrow", "loss", "fast"]
     (tmp_path / "more.yaml").write_text(yaml.safe_dump(config))
     again = tmp_path / "again"
     proc = run_crma("run", str(tmp_path / "more.yaml"), "--out", str(again), "--reuse", str(out))
@@ -241,6 +241,7 @@ def test_protocol_routing_section_in_report(tmp_path):
     first = json.loads((out / "crma" / "seed-0" / "routing.json").read_text())
     routing = json.loads((again / "crma" / "seed-0" / "routing.json").read_text())
     assert routing["centroid"] == first["centroid"] and routing["loss"]["top1_mean"] > 0.5
+    assert routing["fast"]["top1_mean"] > 0.5  # the serving router, stored at each commit
 
 
 @pytest.mark.integration

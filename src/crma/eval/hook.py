@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 def routers_to_compare(routers: list[str], needs_task_id: bool) -> list[str]:
     """The configured routers worth evaluating: arrow and loss compare per-domain adapters."""
-    return [k for k in routers if needs_task_id or k == "centroid"]
+    return [k for k in routers if needs_task_id or k in ("centroid", "fast")]
 
 
 def protocol_evals(

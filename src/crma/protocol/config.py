@@ -94,8 +94,8 @@ class EvalConfig(Settings):
     routing: bool = setting(
         False, "after each method/seed: router top-1 and confusion on the holdouts (routing.json)"
     )
-    routers: list[Literal["centroid", "arrow", "loss"]] = setting(
-        ["centroid"], "routers for eval.routing: centroid, arrow, loss"
+    routers: list[Literal["centroid", "fast", "arrow", "loss"]] = setting(
+        ["centroid"], "routers for eval.routing: centroid, fast (the serving router), arrow, loss"
     )
     qa: bool = setting(
         False, "after each method/seed: QA accuracy, base/oracle/routed/backbone off (qa.json)"
