@@ -15,6 +15,7 @@ from helpers import ROOT, TINY_BASE, crma_env
 from stacks import WORDS, build_stack
 
 from crma.cli import main
+from crma.stream.detector import DetectorSettings
 from crma.stream.metrics import match
 
 # Documents of 60 words: long enough that the random tiny model's mean-pooled states of two
@@ -204,7 +205,8 @@ def test_a_stream_logged_before_the_known_band_resumes_only_without_it(reference
     (stack / "stream.jsonl").write_text("\n".join(json.dumps(e) for e in events[:-1]) + "\n")
     assert main(stream_args(stack, reference[1])) == 2
     err = capsys.readouterr().err
-    assert "(detector.known_band: logged 0.0, now 0.5) is unfinished" in err, err
+    band = DetectorSettings().known_band
+    assert f"(detector.known_band: logged 0.0, now {band}) is unfinished" in err, err
     crma(*stream_args(stack, reference[1]), "--known-band", "0")
     assert logged(stack)[1:] == logged(reference[0])[1:]
 
