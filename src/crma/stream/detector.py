@@ -19,9 +19,12 @@ candidate grows, document by document, until it reaches `confirm` or `confirm_do
 documents (then it is cancelled too). A confirmed candidate is named: the known domain (the
 stack's, or one found earlier in the stream; not the current one) with the lowest score, if at
 most `known_threshold`, else a new domain `new-1`, `new-2`, …. A lowest score within
-`known_band` of `known_threshold` is in doubt: the candidate grows up to `confirm_docs`
-documents before it is named (a wrong domain's score grows by about log 2 each time the
-documents double; the right one's stays near 0). A document is decided at the latest
+`known_band` of `known_threshold`, against a domain found in this stream, is in doubt: the
+candidate grows up to `confirm_docs` documents before it is named (a wrong domain's score
+grows by about log 2 each time the documents double; the right one's stays near 0). Not
+against the stack's own domains: they are summarised from their training examples, whose small
+offset from stream documents more documents would sharpen as much as a real difference
+(tests/test_stream.py has such a case). A document is decided at the latest
 `lookahead` documents after it arrived; the reported delay counts every document a decision
 waited for.
 
@@ -54,7 +57,8 @@ class DetectorSettings(Settings):
     known_threshold: float = setting(1.0, "score under which a new segment is a known domain", gt=0)
     known_band: float = setting(
         0.5,
-        "a closest known score this near known_threshold waits for confirm_docs documents",
+        "a domain found in the stream scoring this near known_threshold waits for "
+        "confirm_docs documents before the segment is named",
         ge=0,
     )
     identify_docs: int = setting(9, "documents of a new segment used to identify it", ge=2)
@@ -242,7 +246,8 @@ class Detector:
         candidate scores at least `confirm` against the current domain) and identify it, or
         cancel it (it scores under `threshold`, or still under `confirm` after `confirm_docs`
         documents). In between the novelty has to persist: wait for more documents; so does a
-        name in doubt (the closest known score within `known_band` of `known_threshold`)."""
+        name in doubt (the closest domain found in the stream scores within `known_band` of
+        `known_threshold`)."""
         s, n = self.settings, len(self.pending)
         if n < s.identify_docs:
             return []
@@ -252,7 +257,12 @@ class Detector:
             change = self.score(xs, self.current)
             if change < s.confirm:
                 return [] if change >= s.threshold and waiting else self._cancel(now)
-        if waiting and abs(self._closest_known(xs)[1] - s.known_threshold) < s.known_band:
+        closest, score = self._closest_known(xs)
+        if (
+            waiting
+            and closest not in self.initial
+            and abs(score - s.known_threshold) < s.known_band
+        ):
             return []
         return self._identify(now)
 
