@@ -116,15 +116,16 @@ def write_report(results: dict, args) -> None:
 def calibration_table(log: dict[str, list]) -> str:
     """The crma detector's validation figures for every value tried."""
     lines = [
-        "| setting | value | stationary FA /10k | switching F1 | new-vs-known | adapters exact |",
-        "|---|---|---|---|---|---|",
+        "| setting | value | stationary FA /10k | switching F1 | delay mean | new-vs-known "
+        "| adapters exact |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in ("confirm", "known_threshold", "known_band"):
         for row in log.get(name, []):
             sw = row["switching"]
             fa = f"{row['fa']:.2f}" if "fa" in row else "–"
             lines.append(
-                f"| {name} | {row[name]} | {fa} | {sw['f1']:.3f} | "
+                f"| {name} | {row[name]} | {fa} | {sw['f1']:.3f} | {sw['delay_mean']:.1f} | "
                 f"{sw['new_known_accuracy'] or 0:.3f} | {sw['adapters_exact']} of {sw['streams']} |"
             )
     return "\n".join(lines)

@@ -56,7 +56,7 @@ class DetectorSettings(Settings):
     )
     known_threshold: float = setting(1.0, "score under which a new segment is a known domain", gt=0)
     known_band: float = setting(
-        0.5,
+        0.25,
         "a domain found in the stream scoring this near known_threshold waits for "
         "confirm_docs documents before the segment is named",
         ge=0,
