@@ -54,9 +54,9 @@ def write_report(results: dict, args) -> None:
         f"F1 among those with at most {args.fa_margin * args.target_fa:g} false alarms per 10k "
         f"documents on the validation stationary streams, {args.fa_margin:g} of the target), "
         f"known threshold {cal['crma']['known_threshold']} (the best validation new-vs-known "
-        f"accuracy), known band {cal['crma'].get('known_band', 0.0)} (the most validation "
+        f"accuracy), known band {cal['crma']['known_band']} (the most validation "
         "streams with exactly the right adapters, mean delay within "
-        f"{getattr(args, 'max_delay', 10):g}); the other settings are DetectorSettings' "
+        f"{args.max_delay:g}); the other settings are DetectorSettings' "
         "defaults. Baselines: each tuned "
         "value is the best validation F1 (every N documents: "
         f"N = {cal['every_n']}; router score: {cal['router_score']}; kernel CPD penalty "
@@ -121,7 +121,7 @@ def calibration_table(log: dict[str, list]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name in ("confirm", "known_threshold", "known_band"):
-        for row in log.get(name, []):
+        for row in log[name]:
             sw = row["switching"]
             fa = f"{row['fa']:.2f}" if "fa" in row else "–"
             lines.append(

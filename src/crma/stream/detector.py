@@ -257,24 +257,27 @@ class Detector:
             change = self.score(xs, self.current)
             if change < s.confirm:
                 return [] if change >= s.threshold and waiting else self._cancel(now)
-        closest, score = self._closest_known(xs)
+        closest = self._closest_known(xs)
         if (
             waiting
-            and closest not in self.initial
-            and abs(score - s.known_threshold) < s.known_band
+            and closest[0] not in self.initial
+            and abs(closest[1] - s.known_threshold) < s.known_band
         ):
             return []
-        return self._identify(now)
+        return self._identify(now, closest)
 
     def _cancel(self, now: int) -> list[Decision]:
         """A false alarm: the candidate goes back to the current domain."""
         self.candidate = False
         return self._commit(len(self.pending), now)
 
-    def _identify(self, now: int) -> list[Decision]:
-        """Name the (confirmed) candidate segment: a known domain or a new one."""
+    def _identify(
+        self, now: int, closest: tuple[str | None, float] | None = None
+    ) -> list[Decision]:
+        """Name the (confirmed) candidate segment: a known domain or a new one. `closest`:
+        `_closest_known` of the pending documents, if the caller has it already."""
         xs = torch.stack([p.x for p in self.pending])
-        known, score = self._closest_known(xs)
+        known, score = closest or self._closest_known(xs)
         if score > self.settings.known_threshold:
             known = None
         self.candidate = False

@@ -119,9 +119,9 @@ def _differences(logged: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key.setting: logged X, now Y` for each setting of `now` the logged start differs in."""
     out = []
     for key, value in now.items():
-        old = logged.get(key)
         if key == "input":
             continue
+        old = logged.get(key)
         if isinstance(value, dict) and isinstance(old, dict):
             out += [
                 f"{key}.{k}: logged {old.get(k)!r}, now {v!r}"
