@@ -117,6 +117,26 @@ def runs(tmp_path_factory):
     return run
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, parent, ...), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # no such process (any more)
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    pids = (int(p.name) for p in Path("/proc").glob("[0-9]*"))
+    return [c for c in pids if (fields := proc_stat(c)) and int(fields[1]) == pid]
+
+
+def alive(pid: int) -> bool:
+    """Running: a zombie has exited (and released its locks), its parent just has not reaped it."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
 def unit(run, method):
     return run / method / "seed-0"
 
@@ -232,13 +252,22 @@ def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path, k
         cmd, cwd=ROOT, env=crma_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
+    workers: list[int] = []
     while time.time() < deadline and proc.poll() is None:
         if metrics.is_file() and metrics.read_text().count('"domain": "beta"') >= 4:
+            workers = children(proc.pid)
             proc.kill()
             break
         time.sleep(0.01)
     proc.wait()
     assert proc.returncode == -9, "the launcher should have been killed while training beta"
+    assert len(workers) == 2
+    # The kernel kills the workers at once, but a loaded machine may take a while to reap one
+    # (CI once reran while a worker still held the lock): wait for them, bounded.
+    deadline = time.time() + 60
+    while time.time() < deadline and any(map(alive, workers)):
+        time.sleep(0.1)
+    assert not any(map(alive, workers)), "a worker outlived its launcher"
     assert (unit(out, "crma") / "stack" / "checkpoint").is_dir()
     launch(cmd)
     assert kill_harness().differences(unit(runs(kind)[1], "crma"), unit(out, "crma")) == []
