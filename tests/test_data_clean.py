@@ -173,10 +173,13 @@ class FixedNextToken:
     def parameters(self):
         return iter([self.weight])
 
-    def __call__(self, input_ids, attention_mask):
+    def __call__(self, input_ids, attention_mask, **kwargs):
         from types import SimpleNamespace
 
-        return SimpleNamespace(logits=self.logp.expand(*input_ids.shape, 128).clone())
+        from transformers import DynamicCache
+
+        logits = self.logp.expand(*input_ids.shape, 128).clone()
+        return SimpleNamespace(logits=logits, cache=DynamicCache())
 
 
 def test_score_choices_uses_mean_option_log_likelihood():

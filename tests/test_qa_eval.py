@@ -11,7 +11,15 @@ from helpers import TINY_BASE, run_crma
 from stacks import build_stack, texts
 
 from crma.data.qa import make_probes
-from crma.eval.qa import QASettings, evaluate_qa, predict, score_choices, tally, write_eval
+from crma.eval.qa import (
+    QASettings,
+    evaluate_qa,
+    option_scores,
+    predict,
+    score_choices,
+    tally,
+    write_eval,
+)
 from crma.eval.sections import answer_markdown, answer_report
 from crma.eval.stats import paired_difference, wilson_interval
 from crma.routing.router import Route, Router
@@ -138,6 +146,46 @@ def test_conditions_match_independent_scoring(stack):
     )
     cell = result["results"]["oracle"]["money"]["probes"]
     assert cell["total"] == 6 and cell["ci95"] == list(wilson_interval(cell["correct"], 6))
+
+
+def reference_scores(model, tok, items, max_length):
+    """Each option alone, prompt + option in one unpadded forward pass, its tokens' mean
+    log-probability: the plain definition, computed without a cache or padding."""
+    import torch
+
+    from crma.eval.qa import prompt_and_options
+
+    scores = []
+    for item in items:
+        prompt, options = prompt_and_options(item)
+        prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        option_ids = [tok(o, add_special_tokens=False)["input_ids"] for o in options]
+        prompt_ids = prompt_ids[-(max_length - max(map(len, option_ids))) :]
+        row = []
+        for ids in option_ids:
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([prompt_ids + ids])).logits[0]
+            logp = logits.log_softmax(-1)[len(prompt_ids) - 1 : -1]
+            row.append(logp.gather(-1, torch.tensor(ids)[:, None]).mean().item())
+        scores.append(row)
+    return scores
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_shared_prompt_scoring_matches_each_option_scored_alone(stack, batch_size):
+    """Prompts of different lengths in one batch (left padding), items with 4 and 3 options,
+    a prompt cut to fit max_length; with a domain's adapter and the CRMA backbone on."""
+    _, cm = stack
+    items = probe_items("money")
+    items[1] = {**items[1], "options": items[1]["options"][:3], "answer": 0}
+    items[2] = {**items[2], "prompt": " ".join([items[2]["prompt"]] * 6)}
+    tok = cm.engine.tokenizer
+    with cm.engine.using(cm.method.adapter_name("money")):
+        model = cm.engine.model
+        got = option_scores(model, tok, items, batch_size=batch_size, max_length=48)
+        want = reference_scores(model, tok, items, max_length=48)
+    assert [len(r) for r in got] == [4, 3, 4, 4, 4, 4]
+    assert max(abs(g - w) for gs, ws in zip(got, want) for g, w in zip(gs, ws)) < 1e-4
 
 
 def test_backbone_off_and_routed_use_other_weights(stack):

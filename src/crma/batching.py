@@ -6,6 +6,7 @@ import math
 from typing import Literal
 
 import torch
+from transformers import DynamicCache
 
 
 def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -45,6 +46,13 @@ def pad(
         ids[row, cols] = torch.tensor(seq, dtype=torch.long)
         mask[row, cols] = 1
     return ids, mask
+
+
+def select_rows(cache: DynamicCache, rows: list[int]) -> None:
+    """Keep (or repeat) these batch rows of a KV cache, in this order, in place."""
+    index = torch.tensor(rows)
+    for layer in cache.layers:
+        layer.batch_select_indices(index)
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

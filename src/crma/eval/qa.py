@@ -14,6 +14,7 @@ Accuracy comes with Wilson 95% intervals (`crma.eval.stats`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable
@@ -24,9 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from crma.batching import pad, pad_id
+from crma.batching import pad, pad_id, select_rows
 from crma.errors import UserError
-from crma.eval.loss import sequence_nll
 from crma.eval.stats import wilson_interval
 from crma.fileio import write_json, write_text
 from crma.routing.router import Route, Router, RouteSettings, adapter_key
@@ -51,7 +51,7 @@ class QASettings(Settings):
         "which MMLU questions: spread evenly over the domain's subjects, or the first ones in "
         "file order (its alphabetically first subject)",
     )
-    batch_size: int = setting(8, "sequences per forward pass", ge=1)
+    batch_size: int = setting(8, "items per forward pass, each with all its options", ge=1)
     max_length: int = setting(512, "tokens per prompt + option", ge=2)
 
 
@@ -121,40 +121,74 @@ def score_choices(
 ) -> list[int]:
     """Predicted option per item: the highest mean per-token log-likelihood given the prompt
     (the mean, not the sum, so long options are not penalised for their length)."""
-    sequences, n_options = [], []
+    scores = option_scores(model, tokenizer, items, batch_size, max_length)
+    return [int(np.argmax(s)) for s in scores]
+
+
+def option_scores(
+    model, tokenizer, items: list[dict[str, Any]], batch_size: int = 8, max_length: int = 512
+) -> list[list[float]]:
+    """Each item's options' mean per-token log-likelihood given its prompt. A prompt is cut
+    from the left so that it fits `max_length` with its longest option."""
+    encoded = []
     for item in items:
         prompt, options = prompt_and_options(item)
         prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if not prompt_ids:
             raise ValueError(f"item {item.get('id')}: empty prompt, nothing to condition on")
-        n_options.append(len(options))
-        for option in options:
-            option_ids = tokenizer(option, add_special_tokens=False)["input_ids"][: max_length - 1]
-            context = prompt_ids[-(max_length - len(option_ids)) :]
-            sequences.append((context + option_ids, len(context)))
-    scores = _mean_logprobs(model, sequences, batch_size, pad_id(tokenizer))
-    predictions, at = [], 0
-    for k in n_options:
-        predictions.append(int(np.argmax(scores[at : at + k])))
-        at += k
-    return predictions
+        option_ids = [
+            tokenizer(o, add_special_tokens=False)["input_ids"][: max_length - 1] for o in options
+        ]
+        encoded.append((prompt_ids[-(max_length - max(map(len, option_ids))) :], option_ids))
+    return _mean_logprobs(model, encoded, batch_size, pad_id(tokenizer))
 
 
 @torch.inference_mode()
-def _mean_logprobs(model, sequences, batch_size: int, pad_value: int) -> list[float]:
-    """Mean log-probability of each sequence's tokens after its first `start` ones; sequences
-    are batched by length so little is spent on padding."""
+def _mean_logprobs(model, encoded, batch_size: int, pad_value: int) -> list[list[float]]:
+    """Mean log-probability of each option's tokens after its item's prompt.
+
+    A batch of items (by prompt length) runs its prompts once, left-padded with positions
+    counting each row's own tokens; then their options, by length in groups of `batch_size`,
+    run on copies of the prompts' KV cache. An item's options share its prompt's keys and
+    values: the prompt is computed once, not once per option, and options pad only to
+    options of similar length.
+    """
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
-    scores = [0.0] * len(sequences)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    scores = [[0.0] * len(options) for _, options in encoded]
     for b in range(0, len(order), batch_size):
-        batch = [sequences[i] for i in order[b : b + batch_size]]
-        ids, mask = pad([seq for seq, _ in batch], pad_value)
-        ids = ids.to(device)
-        logits = model(input_ids=ids, attention_mask=mask.to(device)).logits
-        nll = sequence_nll(logits, ids, "none").cpu()  # (B, T-1)
-        for row, (seq, start) in enumerate(batch):
-            scores[order[b + row]] = -nll[row, start - 1 : len(seq) - 1].mean().item()
+        batch = order[b : b + batch_size]
+        ids, mask = pad([encoded[i][0] for i in batch], pad_value, side="left")  # (B, P)
+        prompt = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        last = prompt.logits[:, -1:].float().cpu()  # (B, 1, V): predicts each first token
+        rows = [(row, k) for row, i in enumerate(batch) for k in range(len(encoded[i][1]))]
+        rows.sort(key=lambda rk: len(encoded[batch[rk[0]]][1][rk[1]]))
+        for c in range(0, len(rows), batch_size):
+            group = rows[c : c + batch_size]
+            owner = [row for row, _ in group]
+            options = [encoded[batch[row]][1][k] for row, k in group]
+            cache = copy.deepcopy(prompt.cache)
+            select_rows(cache, owner)
+            opt_ids, opt_mask = pad(options, pad_value)  # (R, O)
+            logits = model(
+                input_ids=opt_ids.to(device),
+                attention_mask=torch.cat([mask[owner], opt_mask], dim=1).to(device),
+                position_ids=(mask.sum(-1)[owner, None] + torch.arange(opt_ids.shape[1])).to(
+                    device
+                ),
+                cache=cache,
+            ).logits
+            logits = torch.cat([last[owner], logits[:, :-1].float().cpu()], dim=1)  # (R, O, V)
+            logp = logits.gather(-1, opt_ids[..., None])[..., 0] - logits.logsumexp(-1)
+            means = (logp * opt_mask).sum(-1) / opt_mask.sum(-1)
+            for (row, k), mean in zip(group, means.tolist()):
+                scores[batch[row]][k] = mean
     return scores
 
 

@@ -10,7 +10,7 @@
     prefill.py   joining requests prefilled together, the chat template's head from a cache
     mixed.py     each row through its own LoRA adapter (hooks registered once)
     sampling.py  greedy / temperature / top_p next-token choice
-    kv.py        the batch's KV cache: select rows, merge new ones by left padding
+    kv.py        the batch's KV cache: merge new rows in by left padding
     store.py     files, jobs and events in SQLite inside the stack (WAL)
     files.py     uploads: the data loader's validation, the dataset optimizer, contamination
     jobs.py      the job scheduler (one worker process at a time) and its metrics tail

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from crma.batching import select_rows
 from crma.generate import AUTO, SHARED
 from crma.serve.config import ServeSettings
 from crma.serve.errors import APIError
-from crma.serve.kv import merge, select
+from crma.serve.kv import merge
 from crma.serve.prefill import Adapters, groups, prefill
 from crma.serve.sampling import Sampling, generator, holdback, sample
 from crma.serve.snapshot import BASE_MODEL, Routed, Snapshot
@@ -264,7 +265,7 @@ class Batcher:
             ]
             index += [k] * request.n
         if index != list(range(len(members))):
-            select(cache, index)
+            select_rows(cache, index)
         self._join(snap, rows, cache, mask[index], logits[index])
 
     def _join(self, snap, rows: list[Row], cache, mask, logits) -> None:
@@ -274,7 +275,7 @@ class Batcher:
         if not keep:
             return
         if len(keep) < len(rows):
-            select(cache, keep)
+            select_rows(cache, keep)
             mask, rows = mask[keep], [rows[i] for i in keep]
         if self._cache is None:
             self._cache, self._mask = cache, mask
@@ -359,7 +360,7 @@ class Batcher:
             self._cache = self._mask = None
             return
         assert self._cache is not None and self._mask is not None
-        select(self._cache, keep)
+        select_rows(self._cache, keep)
         mask = self._mask[keep]
         lead = int((mask.sum(0) == 0).long().cumprod(0).sum())
         if lead:

@@ -1,4 +1,5 @@
-"""The batch's KV cache: rows leave by selection, new rows join by left padding."""
+"""The batch's KV cache: new rows join by left padding (rows leave by
+`crma.batching.select_rows`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,6 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-
-
-def select(cache: DynamicCache, keep: list[int]) -> None:
-    index = torch.tensor(keep)
-    for layer in cache.layers:
-        layer.batch_select_indices(index)
 
 
 def left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
