@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,14 @@ def test_crma_tune_runs_the_trials_and_writes_the_choice(tmp_path):
     # nothing trained or copied again: the trial directories are exactly as the first call left them
     assert {f: f.stat().st_mtime_ns for f in runs.rglob("*") if f.is_file()} == written
     assert json.loads((tmp_path / "r" / "lr.json").read_text()) == saved
+    # another machine: only the results folder (committed) is there; the trials are copied
+    # from its export, not trained again, and give the same scores
+    exported = sorted(p.name for p in (tmp_path / "r" / "runs" / "lr").iterdir())
+    assert exported == ["lr=0.001", "lr=0.03"]
+    assert not list((tmp_path / "r" / "runs").rglob("*.safetensors"))
+    shutil.rmtree(runs)
+    out = run_crma(*args).stdout
+    assert out.count("reused from") == 2 and "steps in" not in out
+    again = json.loads((tmp_path / "r" / "lr.json").read_text())
+    assert [t["scores"] for t in again["trials"]] == [t["scores"] for t in saved["trials"]]
+    assert again["selected"] == saved["selected"]

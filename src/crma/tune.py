@@ -12,7 +12,8 @@ A grid file names a base run config, fixed overrides, and either
 
 Every trial is one protocol run with `corpus.split=validation` (it cannot see the holdout),
 and each method's setting is chosen by one rule (see `select`). Trials, scores and choices go
-to <results>/<grid name>.md and .json; a finished trial is read back, not rerun.
+to <results>/<grid name>.md and .json; a finished trial is read back, not rerun, also from
+its export under <results>/runs/ (so a grid resumes on another machine from committed files).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from crma.errors import UserError
 from crma.fileio import write_json, write_text
 from crma.protocol.config import load_config, read_yaml
 from crma.protocol.run import ProtocolRun
+from crma.protocol.store import export_results
 
 Scores = dict[str, float]  # drift, plasticity_loss, final_loss
 
@@ -57,6 +59,8 @@ def score(report: dict) -> dict[str, Scores]:
         }
     return out
 
+
+EXPORTED = "runs"  # <results>/runs/<grid name>/...: finished trials without weights
 
 MAX_DRIFT = 0.5  # forgetting bound of the selection rule, in % (the paper's target size)
 
@@ -291,28 +295,37 @@ def axis_config(spec: dict, entry: dict) -> Any:
 
 
 # -- running and writing ------------------------------------------------------------------------
-def run_trial(config: Any, out: Path, root: Path) -> dict:
-    """A trial's report: read back if it finished earlier, else run (copying identical units)."""
+def run_trial(config: Any, out: Path, root: Path, results: Path) -> dict:
+    """A trial's report: read back if it finished earlier, else run, copying identical units
+    from earlier trials, here or exported. Then exported (without weights) to
+    <results>/runs/, the same path as under `root`: committed with the results, a finished
+    trial outlives the machine it ran on, and a later `crma tune` elsewhere copies it."""
     finished = out / "report.json"
     if finished.is_file():
-        return json.loads(finished.read_text())
-    return ProtocolRun(config, out, reuse=earlier_trials(root)).run()
+        report = json.loads(finished.read_text())
+    else:
+        exported = earlier_trials(results / EXPORTED)
+        report = ProtocolRun(config, out, reuse=earlier_trials(root) + exported).run()
+    export_results(out, results / EXPORTED / out.relative_to(root))
+    return report
 
 
-def run_fixed(spec: dict, out: Path, root: Path) -> tuple[list[dict], dict[str, str]]:
+def run_fixed(
+    spec: dict, out: Path, root: Path, results: Path
+) -> tuple[list[dict], dict[str, str]]:
     trials = []
     for point, config in trial_configs(spec):
         trial_out = out / trial_name(point)
-        report = run_trial(config, trial_out, root)
+        report = run_trial(config, trial_out, root, results)
         trials.append({"point": point, "scores": score(report), "run_dir": str(trial_out)})
         print(f"trial {trial_name(point)}: {json.dumps(trials[-1]['scores'])}", flush=True)
     return trials, select(trials)
 
 
-def protocol_runner(spec: dict, out: Path, root: Path) -> RunTrial:
+def protocol_runner(spec: dict, out: Path, root: Path, results: Path) -> RunTrial:
     def run(label: str, entry: dict, point: dict) -> Scores:
         trial_out = out / label / trial_name(point)
-        scores = score(run_trial(axis_config(spec, entry), trial_out, root))[label]
+        scores = score(run_trial(axis_config(spec, entry), trial_out, root, results))[label]
         print(f"trial {label} {trial_name(point)}: {json.dumps(scores)}", flush=True)
         return scores
 
@@ -393,8 +406,8 @@ def tune(grid: Path, out: Path, results: Path) -> dict[str, str]:
     spec = load_grid(grid)
     trials_dir = out / grid.stem
     if "axes" in spec:
-        trials, chosen, entries = tune_axes(spec, protocol_runner(spec, trials_dir, out))
+        trials, chosen, entries = tune_axes(spec, protocol_runner(spec, trials_dir, out, results))
     else:
-        (trials, chosen), entries = run_fixed(spec, trials_dir, out), {}
+        (trials, chosen), entries = run_fixed(spec, trials_dir, out, results), {}
     write_results(grid, spec, trials, chosen, entries, results)
     return chosen

@@ -93,7 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "the validation split, and choose each method's setting by one rule: the lowest "
             "final validation loss among trials that forget at most 0.5 %, else the least "
             "drift. Axes whose choice sits at an edge are extended one step at a time within "
-            "their limits. Finished trials are read back, so rerunning resumes."
+            "their limits. Finished trials are read back, so rerunning resumes, also from their "
+            "export without weights in <results>/runs/ (commit it to resume elsewhere)."
         ),
     )
     t.add_argument(
