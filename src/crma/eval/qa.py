@@ -27,6 +27,7 @@ import torch
 
 from crma.batching import pad, pad_id, select_rows
 from crma.errors import UserError
+from crma.eval.loss import sequence_nll
 from crma.eval.stats import wilson_interval
 from crma.fileio import write_json, write_text
 from crma.routing.router import Route, Router, RouteSettings, adapter_key
@@ -184,11 +185,12 @@ def _mean_logprobs(model, encoded, batch_size: int, pad_value: int) -> list[list
                 ),
                 cache=cache,
             ).logits
-            logits = torch.cat([last[owner], logits[:, :-1].float().cpu()], dim=1)  # (R, O, V)
-            logp = logits.gather(-1, opt_ids[..., None])[..., 0] - logits.logsumexp(-1)
-            means = (logp * opt_mask).sum(-1) / opt_mask.sum(-1)
-            for (row, k), mean in zip(group, means.tolist()):
-                scores[batch[row]][k] = mean
+            # the prompt's last logits predict each option's first token
+            logits = torch.cat([last[owner], logits.cpu()], dim=1)  # (R, 1 + O, V)
+            labels = torch.cat([opt_ids[:, :1], opt_ids.masked_fill(opt_mask == 0, -100)], 1)
+            nll = sequence_nll(logits, labels, "mean")  # (R,)
+            for (row, k), mean in zip(group, nll.tolist()):
+                scores[batch[row]][k] = -mean
     return scores
 
 
