@@ -132,9 +132,21 @@ def children(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
-    """Running: a zombie has exited (and released its locks), its parent just has not reaped it."""
+    """Not killed yet (a zombie was: its parent just has not reaped it)."""
     fields = proc_stat(pid)
     return fields is not None and fields[0] != "Z"
+
+
+def lock_free(directory: Path) -> bool:
+    """Nobody holds `directory`'s writer lock."""
+    from crma.errors import UserError
+    from crma.lock import check_free
+
+    try:
+        check_free(directory)
+    except UserError:
+        return False
+    return True
 
 
 def unit(run, method):
@@ -263,12 +275,15 @@ def test_launcher_killed_mid_domain_resumes_to_the_same_result(runs, tmp_path, k
     proc.wait()
     assert proc.returncode == -9, "the launcher should have been killed while training beta"
     assert len(workers) == 2
-    # The kernel kills the workers at once, but a loaded machine may take a while to reap one
-    # (CI once reran while a worker still held the lock): wait for them, bounded.
+    # The kernel kills the workers at once, but a killed process holds its files until its
+    # last thread has exited, which a loaded machine can take seconds to finish (CI once
+    # reran while a dead worker's threads still held the lock): wait for both, bounded.
+    stack = unit(out, "crma") / "stack"
     deadline = time.time() + 60
-    while time.time() < deadline and any(map(alive, workers)):
+    while time.time() < deadline and (any(map(alive, workers)) or not lock_free(stack)):
         time.sleep(0.1)
     assert not any(map(alive, workers)), "a worker outlived its launcher"
+    assert lock_free(stack) and lock_free(out), "a dead worker still holds a lock"
     assert (unit(out, "crma") / "stack" / "checkpoint").is_dir()
     launch(cmd)
     assert kill_harness().differences(unit(runs(kind)[1], "crma"), unit(out, "crma")) == []
