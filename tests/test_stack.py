@@ -4,6 +4,7 @@ readers that see one committed state, one writer at a time."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -247,8 +248,6 @@ def test_a_reader_loading_while_a_domain_is_replaced_sees_the_new_commit_whole(
 
 
 def test_one_writer_at_a_time_and_the_refusal_names_the_holder(tmp_path):
-    import os
-
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "manifest.json").write_text("{}")
     with WriterLock(tmp_path / "s"):
@@ -260,6 +259,42 @@ def test_one_writer_at_a_time_and_the_refusal_names_the_holder(tmp_path):
     (tmp_path / "s" / LOCK_FILE).write_text(json.dumps(dead))
     with WriterLock(tmp_path / "s"):  # a dead holder's line, no kernel lock: taken over
         assert json.loads((tmp_path / "s" / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_probes_never_refuse_each_other_or_a_writer_but_see_a_holder(tmp_path):
+    """The ranks of a resumed distributed run probe the stack together (CI once refused one)."""
+    import subprocess
+    import sys
+
+    from crma.lock import check_free
+
+    (tmp_path / "s").mkdir()
+    busy = pytest.raises(UserError, match="another crma process is writing here")
+    with WriterLock(tmp_path / "s"), busy:
+        check_free(tmp_path / "s")
+    probe = (
+        "import sys, time\n"
+        "from crma.lock import check_free\n"
+        "end = time.time() + 1.5\n"
+        "while time.time() < end:\n"
+        "    check_free(sys.argv[1])\n"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", probe, str(tmp_path / "s")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rounds = 0
+    while other.poll() is None and rounds < 20_000:  # bounded: the child stops by itself
+        check_free(tmp_path / "s")
+        if rounds % 50 == 0:
+            with WriterLock(tmp_path / "s"):
+                pass
+        rounds += 1
+    assert other.wait(timeout=60) == 0, other.stderr.read()[-500:]
+    assert rounds > 100, "the two processes probed side by side"
 
 
 def test_a_lock_taken_for_a_new_directory_leaves_nothing_when_nothing_was_written(tmp_path):

@@ -1,14 +1,17 @@
 """One writer per directory: an exclusive lock (the `filelock` package) that names its holder.
 
 `crma train` holds a stack's lock while it trains and commits a domain, `crma run` its run
-directory's for the whole run. A second writer is refused at once with a one-line error naming
+directory's for the whole run. A second writer is refused within a second with a one-line error naming
 the holder (pid, command, since when). The lock is the kernel's (flock): when a holder dies,
 even by SIGKILL, it is released, and the next writer takes it over; the holder's line in the
-file is only information. Readers never lock: they read committed files (see crma.stack).
+file is only information. `check_free` probes with a shared flock, so probes never refuse each
+other (the ranks of a resumed distributed run probe together); a writer waits out a probe's
+instant for `PROBE_GRACE_S`. Readers never lock: they read committed files (see crma.stack).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -23,6 +26,7 @@ import filelock
 from crma.errors import UserError
 
 LOCK_FILE = "writer.lock"
+PROBE_GRACE_S = 1.0  # a writer retries this long: a probe holds the lock for microseconds
 
 
 class WriterLock:
@@ -44,7 +48,7 @@ class WriterLock:
         self._created = _first_missing(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a lock file removed by a failed creator between open and flock
-            lock = filelock.FileLock(self.path, timeout=0, on_acquired=self._acquired)
+            lock = filelock.FileLock(self.path, timeout=PROBE_GRACE_S, on_acquired=self._acquired)
             try:
                 lock.acquire()
             except filelock.Timeout:
@@ -86,16 +90,16 @@ class WriterLock:
 def check_free(directory: str | Path) -> None:
     """Refuse now if another process writes `directory` (before loading a model for nothing)."""
     path = Path(directory) / LOCK_FILE
-    if not path.is_file():
-        return
-    lock = filelock.FileLock(path, timeout=0)
     try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise UserError(f"{directory}: {busy_message(path)}") from None
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return  # a read-only stack: nobody writes it
-    lock.release()
+        return  # no lock file, or one this account cannot open: nobody it could wait for
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: other probes pass
+    except BlockingIOError:
+        raise UserError(f"{directory}: {busy_message(path)}") from None
+    finally:
+        os.close(fd)  # releases the shared lock
 
 
 def busy_message(path: Path) -> str:
