@@ -1,12 +1,13 @@
 """One writer per directory: an exclusive lock (the `filelock` package) that names its holder.
 
 `crma train` holds a stack's lock while it trains and commits a domain, `crma run` its run
-directory's for the whole run. A second writer is refused within a second with a one-line error naming
-the holder (pid, command, since when). The lock is the kernel's (flock): when a holder dies,
-even by SIGKILL, it is released, and the next writer takes it over; the holder's line in the
-file is only information. `check_free` probes with a shared flock, so probes never refuse each
-other (the ranks of a resumed distributed run probe together); a writer waits out a probe's
-instant for `PROBE_GRACE_S`. Readers never lock: they read committed files (see crma.stack).
+directory's for the whole run. A second writer is refused within a second with a one-line
+error naming the holder (pid, command, since when). The lock is the kernel's (flock): when a
+holder dies, even by SIGKILL, it is released, and the next writer takes it over; the holder's
+line in the file is only information. `check_free` probes with a shared flock, so probes never
+refuse each other (the ranks of a resumed distributed run probe together); a writer waits out
+a probe's instant for `PROBE_GRACE_S`. Readers never lock: they read committed files (see
+crma.stack).
 """
 
 from __future__ import annotations
