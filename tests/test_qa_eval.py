@@ -20,7 +20,7 @@ from crma.eval.qa import (
     tally,
     write_eval,
 )
-from crma.eval.sections import answer_markdown, answer_report
+from crma.eval.sections import answer_markdown, answer_report, verdict
 from crma.eval.stats import paired_difference, wilson_interval
 from crma.routing.router import Route, Router
 
@@ -88,7 +88,23 @@ def test_report_pairs_each_method_with_frozen_and_naive_on_the_same_items(tmp_pa
         assert pairs[a, b]["results"]["medic"]["probes"] == expected, (a, b)
     assert pairs["crma", "frozen"]["results"]["medic"]["probes"]["difference"] == -1 / 8
     assert pairs["naive", "frozen"]["results"]["medic"]["probes"]["difference"] == 0.0
-    assert "| crma | frozen | routed − routed | -12.5 [" in "\n".join(answer_markdown(report))
+    markdown = "\n".join(answer_markdown(report))
+    assert "| crma | frozen | routed − routed | -12.5 [" in markdown
+    assert "| crma | undecided |" in markdown, "8 items cannot decide a 1-point margin"
+    assert "| crma | naive" not in markdown.split("**Target")[1], "the target is against frozen"
+
+
+@pytest.mark.parametrize(
+    ("ci95", "expected"),
+    [
+        ([-0.009, 0.03], "met"),
+        ([0.01, 0.03], "met"),
+        ([-0.05, -0.011], "missed"),
+        ([-0.05, 0.02], "undecided"),
+    ],
+)
+def test_the_qa_target_is_decided_only_when_the_interval_clears_the_margin(ci95, expected):
+    assert verdict({"ci95": ci95}) == expected
 
 
 def test_report_pairs_backbone_on_with_off_on_the_same_weights(tmp_path):

@@ -45,6 +45,14 @@ def answer_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
 
 
 QA_REFERENCES = ("frozen", "naive")  # the issue's QA targets compare against these
+MARGIN = 0.01  # the QA target: a method as deployed within 1 point of frozen routed, or better
+
+
+def verdict(difference: dict[str, Any], margin: float = MARGIN) -> str:
+    """`met` when the whole 95% interval of (method − reference) lies above −margin, `missed`
+    when it lies below, else `undecided` (too few discordant items to tell)."""
+    lo, hi = difference["ci95"]
+    return "met" if lo >= -margin else "missed" if hi < -margin else "undecided"
 
 
 def _qa_paired(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -213,6 +221,30 @@ def answer_markdown(report: dict[str, Any]) -> list[str]:
                     cells.append("–" if r is None else _paired_cell(r))
             versus = " − ".join(p["conditions"])
             out.append(f"| {p['method']} | {p['minus']} | {versus} | " + " | ".join(cells) + " |")
+        out += _target_lines(report)
+    return out
+
+
+def _target_lines(report: dict[str, Any]) -> list[str]:
+    """Which domains decide "method ≥ frozen − 1 point" (as deployed), and which way."""
+    rows = [p for p in report["qa_paired"] if p["minus"] == "frozen"]
+    if not rows:
+        return []
+    out = [
+        "",
+        f"**Target: as deployed ≥ frozen routed − {100 * MARGIN:g} point** (met: the whole "
+        "interval above the margin; missed: below it; undecided: the interval spans it)",
+        "",
+        "| method | " + " | ".join(f"{d} {k}" for d in report["domains"] for k in KINDS) + " |",
+        "|" + "---|" * (1 + len(report["domains"]) * len(KINDS)),
+    ]
+    for p in rows:
+        cells = [
+            verdict(r) if (r := p["results"].get(d, {}).get(k)) else "–"
+            for d in report["domains"]
+            for k in KINDS
+        ]
+        out.append(f"| {p['method']} | " + " | ".join(cells) + " |")
     return out
 
 
