@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from helpers import ROOT, TINY_BASE, TINY_DATA, committed
@@ -14,7 +16,7 @@ from stacks import build_stack
 
 from crma import UserError
 from crma.integrity import check_stack
-from crma.lock import LOCK_FILE, WriterLock
+from crma.lock import LOCK_FILE, WriterLock, check_free
 from crma.stack import Stack, check_domain_name
 
 BASE = {"name": "m", "sha256": "ab"}
@@ -263,11 +265,6 @@ def test_one_writer_at_a_time_and_the_refusal_names_the_holder(tmp_path):
 
 def test_probes_never_refuse_each_other_or_a_writer_but_see_a_holder(tmp_path):
     """The ranks of a resumed distributed run probe the stack together (CI once refused one)."""
-    import subprocess
-    import sys
-
-    from crma.lock import check_free
-
     (tmp_path / "s").mkdir()
     busy = pytest.raises(UserError, match="another crma process is writing here")
     with WriterLock(tmp_path / "s"), busy:
