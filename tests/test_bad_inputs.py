@@ -142,6 +142,12 @@ CASES = [
     (["train", "{ws}/new", "--base", "{ws}/no-model", "--domain", "a={ws}/f.jsonl"], "no-model: model folder not found"),
     # data files
     (TRAIN + ["--domain", "e={ws}/empty.jsonl"], "empty.jsonl"),
+    (TRAIN + ["--route-examples", "alpha"], "--route-examples 'alpha': expected NAME=FILE"),
+    (TRAIN + ["--route-examples", "alpha={ws}/missing.jsonl"], "missing.jsonl not found"),
+    (TRAIN + ["--route-examples", "beta={ws}/f.jsonl"], "no --domain beta in this command"),
+    (TRAIN + ["--route-examples", "alpha={ws}/f.jsonl", "--route-examples", "Alpha={ws}/f.jsonl"], "'Alpha' and 'alpha' differ only in case"),
+    (TRAIN + ["--route-examples", "alpha={ws}/empty.jsonl"], "empty.jsonl:1: file is empty"),
+    (TRAIN + ["--route-examples", "alpha={ws}/broken.jsonl"], "broken.jsonl:2: invalid JSON"),
     (TRAIN + ["--domain", "e={ws}/broken.jsonl"], "broken.jsonl:2: invalid JSON"),
     (TRAIN + ["--domain", "e={ws}/latin1.jsonl"], "latin1.jsonl"),
     (TRAIN + ["--domain", "e={ws}/nofields.jsonl"], "nofields.jsonl:1"),

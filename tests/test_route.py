@@ -296,3 +296,23 @@ def test_fast_router_is_stored_beside_the_main_one_with_the_serving_settings(sta
     # another router than the main one (its L2 penalty, on the tiny model the same layer)
     assert not torch.allclose(fast.scores(every), Router(cm).scores(every), rtol=0, atol=1e-3)
     assert routing_metrics(fast, ids)["top1"] == {d: 1.0 for d in DOMAINS}
+
+
+def test_route_examples_are_stored_whole_after_the_training_rows_in_both_routers(stack):
+    from crma.routing.index import CentroidSettings
+
+    _, cm = stack
+    ids = [[5, 9, 14, 3, 7, 2], [11, 4, 6], [8, 12, 10, 13]]
+    asked = [[7, 7, 3, 9, 4], [2, 6, 5]]
+    s = CentroidSettings(layer=1, max_examples=2, prefixes=[2], skip_first=False)
+    router = CentroidRouter(s, serving=dataclasses.replace(s, skip_first=True))
+    router.add_examples(
+        cm.engine, "a", [{"input_ids": x} for x in ids], [{"input_ids": x} for x in asked]
+    )
+    # 2 training texts (max_examples), their 2-token starts, then every route example whole
+    expected = [ids[0], ids[1], ids[0][:2], ids[1][:2], *asked]
+    for part, skip in ((router, 0), (router.serving, 1)):
+        assert len(part.embeddings) == len(expected) and part.count.tolist() == [len(expected)]
+        for row, x in zip(part.embeddings, expected):
+            want = _hidden(cm.engine, x, 1)[skip:].mean(0)
+            assert torch.allclose(row.double(), want, atol=1e-5)

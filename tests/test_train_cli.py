@@ -172,3 +172,26 @@ def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_
     train(stack, "beta")
     assert json.loads((stack / "manifest.json").read_text())["domains"][0]["name"] == "beta"
     assert check_stack(stack)[-1].startswith("adapter    adapters/beta")
+
+
+@pytest.mark.integration
+def test_route_examples_are_stored_for_their_domain_and_route_prompts_of_their_style(tmp_path):
+    from crma.data import load_records
+    from crma.generate import load_stack
+
+    gamma = TINY_DATA / "gamma.train.jsonl"
+    prompts = [r["text"] for r in load_records(TINY_DATA / "gamma.holdout.jsonl")]
+    for owner in ("alpha", "beta"):  # the same data but the route examples' owner
+        stack = tmp_path / owner
+        extra = ["--route-examples", f"{owner}={gamma}"]
+        train(stack, "alpha", "beta", method="frozen", extra=extra)
+        entries = json.loads((stack / "manifest.json").read_text())["domains"]
+        counts = {e["name"]: e.get("route_examples", 0) for e in entries}
+        assert counts == {"alpha": 0, "beta": 0, owner: 48}
+        routes = load_stack(stack).route(prompts)
+        assert [r.domain for r in routes] == [owner] * len(prompts)
+        again = train(stack, "alpha", "beta", method="frozen", extra=extra)
+        assert "alpha, beta: already trained" in again.stdout
+    other = ["--route-examples", f"beta={TINY_DATA / 'alpha.holdout.jsonl'}"]
+    proc = train(stack, "beta", method="frozen", check=False, extra=other)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "--replace" in proc.stderr

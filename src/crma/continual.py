@@ -150,8 +150,11 @@ class ContinualModel:
         data_info: dict[str, Any] | None = None,
         replace: bool = False,
         progress: str = "",
+        route_examples: list[dict[str, list[int]]] = (),
     ) -> dict[str, Any]:
-        """Train `domain` on top of the stack and commit it (adapter, backbone, state, manifest)."""
+        """Train `domain` on top of the stack and commit it (adapter, backbone, state, manifest).
+        `route_examples` are stored in the router beside the training examples, never trained on.
+        """
         stack, engine, method = self.stack, self.engine, self.method
         if domain in stack.domains and not replace:
             raise UserError(
@@ -184,7 +187,10 @@ class ContinualModel:
             result["train_seconds"] = round(time.perf_counter() - start, 1)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                self._commit(task, result, train_config, data_info or {}, replace, examples)
+                info = dict(data_info or {})
+                if route_examples:
+                    info["route_examples"] = len(route_examples)
+                self._commit(task, result, train_config, info, replace, examples, route_examples)
             accelerator.wait_for_everyone()
             if not accelerator.is_main_process:  # the commit the main process just made
                 self.stack = Stack.open(stack.path)
@@ -233,6 +239,7 @@ class ContinualModel:
         data_info,
         replace: bool,
         examples: list[dict[str, list[int]]] = (),
+        route_examples: list[dict[str, list[int]]] = (),
     ) -> None:
         from crma.routing.index import update_router
 
@@ -245,7 +252,7 @@ class ContinualModel:
             folder=True,
         )
         if examples:  # the domain's routing entry; earlier domains' entries stay as they are
-            update_router(commit, engine, task.domain, examples)
+            update_router(commit, engine, task.domain, examples, route_examples)
         if engine.backbone is not None:
             commit.set_component(
                 "backbone", commit.write(BACKBONE_FILE, engine.backbone.save_weights)

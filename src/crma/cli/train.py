@@ -46,6 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="domain name and training file (JSONL text/prompt-completion/messages/alpaca, or .txt); repeatable",
     )
     p.add_argument(
+        "--route-examples",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="prompts in the style users send to domain NAME (same formats as --domain), stored "
+        "in the router beside NAME's training texts and never trained on: when users ask "
+        "questions and the training data are passages, routing needs examples of both; repeatable",
+    )
+    p.add_argument(
         "--method",
         choices=list(METHODS),
         default=None,
@@ -81,19 +90,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_domains(items: list[str]) -> list[tuple[str, Path]]:
+def parse_domains(items: list[str], flag: str = "--domain") -> list[tuple[str, Path]]:
     out = []
     for item in items:
         if "=" not in item:
-            raise UserError(
-                f"--domain {item!r}: expected NAME=FILE, e.g. --domain medical=med.jsonl"
-            )
+            raise UserError(f"{flag} {item!r}: expected NAME=FILE, e.g. {flag} medical=med.jsonl")
         name, file = item.split("=", 1)
         path = Path(file)
         if not path.is_file():
-            raise UserError(f"--domain {item!r}: {path} not found")
+            raise UserError(f"{flag} {item!r}: {path} not found")
         out.append((check_domain_name(name), path))
-    check_distinct([n for n, _ in out], "--domain")
+    check_distinct([n for n, _ in out], flag)
+    return out
+
+
+def parse_route_examples(items: list[str], domains: list[str]) -> dict[str, Path]:
+    """--route-examples NAME=FILE, each NAME one of this call's --domain names."""
+    out = dict(parse_domains(items, "--route-examples"))
+    for name in out:
+        if name not in domains:
+            raise UserError(
+                f"--route-examples {name}=…: no --domain {name} in this command; "
+                "route examples are stored when their domain is trained"
+            )
     return out
 
 
@@ -121,6 +140,7 @@ def run(args: argparse.Namespace) -> None:
     from crma.data import load_records
 
     domains = parse_domains(args.domain)
+    route_files = parse_route_examples(args.route_examples, [n for n, _ in domains])
     options = parse_options(args.option)
     # Refused now, before any work, if this machine cannot load the base that way.
     quantization_config(args.load_in, args.base, f"--load-in-{args.load_in}")
@@ -133,7 +153,9 @@ def run(args: argparse.Namespace) -> None:
         crma=from_args(CRMAConfig, args, prefix="crma_"),
     )
     train_cfg = from_args(TrainConfig, args)
-    records = {name: load_records(path) for name, path in domains}  # every file before training
+    # every file read before training
+    records = {name: load_records(path) for name, path in domains}
+    route_records = {name: load_records(path) for name, path in route_files.items()}
     cm = ContinualModel.open_or_create(
         args.stack,
         lambda: load_base(args.base, load_in=args.load_in),
@@ -145,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
             f"{args.stack}: method options are fixed when a stack is created "
             f"(this one has {cm.spec.method_options or 'none'}); drop --option or use a new stack"
         )
-    infos = {name: _data_info(path) for name, path in domains}
+    infos = {name: _data_info(path, route_files.get(name)) for name, path in domains}
     done = {n for n, _ in domains if _done(cm, n, infos[n], train_cfg, args.seed)}
     todo = [n for n, _ in domains if n not in done]
     for name in todo:
@@ -170,6 +192,8 @@ def run(args: argparse.Namespace) -> None:
             args.seed,
             replace=args.replace,
             progress=f"{name} ({i + 1}/{len(todo)})",
+            route_records=route_records.get(name, []),
+            info=infos[name],
         )
         if acc.is_main_process:
             print(
@@ -181,8 +205,11 @@ def run(args: argparse.Namespace) -> None:
         )
 
 
-def _data_info(path: Path) -> dict[str, Any]:
-    return {"train_file": str(path), "train_sha256": file_sha256(path)}
+def _data_info(path: Path, route_path: Path | None = None) -> dict[str, Any]:
+    info = {"train_file": str(path), "train_sha256": file_sha256(path)}
+    if route_path is not None:
+        info |= {"route_file": str(route_path), "route_sha256": file_sha256(route_path)}
+    return info
 
 
 def _done(cm: ContinualModel, name: str, info: dict[str, Any], cfg: TrainConfig, seed: int) -> bool:
@@ -192,11 +219,12 @@ def _done(cm: ContinualModel, name: str, info: dict[str, Any], cfg: TrainConfig,
         return False
     entry = cm.stack.domain_entry(name)
     recorded = {k: v for k, v in entry.get("train_config", {}).items() if k not in MEMORY_ONLY}
-    return (entry.get("train_sha256"), recorded, entry.get("seed")) == (
-        info["train_sha256"],
-        result_settings(cfg),
-        seed,
-    )
+    return (
+        entry.get("train_sha256"),
+        entry.get("route_sha256"),
+        recorded,
+        entry.get("seed"),
+    ) == (info["train_sha256"], info.get("route_sha256"), result_settings(cfg), seed)
 
 
 def train_domain(
@@ -210,14 +238,17 @@ def train_domain(
     replace: bool = False,
     progress: str = "",
     info: dict[str, Any] | None = None,
+    route_records: list[dict[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Train domain `name` on the records of file `path` and commit it to the stack.
+    """Train domain `name` on the records of file `path` and commit it to the stack, with
+    `route_records` stored in its router entry (see `--route-examples`).
 
     What `crma train` does per domain; `crma serve`'s fine-tuning jobs call it too.
     """
     from crma.data import tokenize_records
 
-    examples = tokenize_records(records, cm.engine.tokenizer, train_cfg.max_length)
+    tokenizer, length = cm.engine.tokenizer, train_cfg.max_length
+    examples = tokenize_records(records, tokenizer, length)
     info = {**_data_info(path), "train_examples": len(examples), **(info or {})}
     return cm.add_domain(
         name,
@@ -230,4 +261,5 @@ def train_domain(
         info,
         replace=replace,
         progress=progress,
+        route_examples=tokenize_records(route_records, tokenizer, length) if route_records else [],
     )

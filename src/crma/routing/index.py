@@ -99,15 +99,20 @@ class CentroidRouter:
         s = self.settings
         return embed(engine, ids_list, s.layer, s.max_length, skip_first=s.skip_first, base=base)
 
-    def add_examples(self, engine: Engine, domain: str, examples: list[dict]) -> None:
+    def add_examples(
+        self, engine: Engine, domain: str, examples: list[dict], route_examples: list[dict] = ()
+    ) -> None:
         """Set `domain`'s entry from the embeddings of its first `max_examples` examples and of
-        their `prefixes` (a prefix as long as its text would repeat it, so it is left out)."""
+        their `prefixes` (a prefix as long as its text would repeat it, so it is left out), and
+        of every one of its `route_examples`: prompts in the style users send, stored for
+        routing only (a domain's training texts may look nothing like its users' questions)."""
         s = self.settings
         ids = [e["input_ids"][: s.max_length] for e in examples[: s.max_examples]]
         ids += [x[:n] for n in s.prefixes for x in ids if len(x) > n]
+        ids += [e["input_ids"][: s.max_length] for e in route_examples]
         self.add(domain, self.embed(engine, ids))
         if self.serving is not None:
-            self.serving.add_examples(engine, domain, examples)
+            self.serving.add_examples(engine, domain, examples, route_examples)
 
     def keep(self, domains: list[str]) -> None:
         """Drop domains not in `domains` (one being replaced, or written by a commit that never
@@ -233,8 +238,15 @@ def fit_logistic(
     return W.detach(), b.detach()
 
 
-def update_router(commit: Commit, engine: Engine, domain: str, examples: list[dict]) -> None:
-    """Add `domain`'s entry from its training examples (called when a domain is committed)."""
+def update_router(
+    commit: Commit,
+    engine: Engine,
+    domain: str,
+    examples: list[dict],
+    route_examples: list[dict] = (),
+) -> None:
+    """Add `domain`'s entry from its training and routing examples (called when a domain is
+    committed)."""
     router = CentroidRouter.load(commit.stack)
-    router.add_examples(engine, domain, examples)
+    router.add_examples(engine, domain, examples, route_examples)
     router.save(commit)
