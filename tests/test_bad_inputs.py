@@ -174,6 +174,8 @@ CASES = [
     (RUN + ["--set", "methods=[sgd]"], "methods[0]: name: expected one of naive, frozen"),
     (RUN + ["--set", "methods=[{name: crma, label: ../x}]"], "methods[0]: label: expected a name of letters"),
     (RUN + ["--set", "eval.routers=[oracle]"], "eval: routers: expected a list, each item one of centroid, fast, arrow, loss"),
+    (RUN + ["--set", "eval.route_questions=-1"], "eval: route_questions"),
+    (["run", "configs/long.yaml", "--out", "{ws}/run", "--set", "eval.qa=true", "--set", "eval.qa_mmlu=299", "--set", "eval.route_questions=10"], "eval.qa_mmlu=299 scores; use a divisor of 300"),
     (RUN + ["--set", "corpus.split=test"], "corpus: split: expected one of holdout, validation, got 'test'"),
     (RUN + ["--set", "nosuchkey=1"], "unknown key 'nosuchkey'"),
     (RUN + ["--set", "train.lr=fast"], "train: lr: expected a finite number > 0, got 'fast'"),

@@ -309,6 +309,53 @@ def test_protocol_routing_section_in_report(tmp_path):
 
 
 @pytest.mark.integration
+def test_route_questions_rebuild_the_stored_routers_and_remeasure_routing_and_qa(tmp_path):
+    """A run that asks for route questions reuses the trained stacks, stores them in their
+    routers, and measures routing and routed QA again; an export measured without them is not
+    taken for a run that asks for them."""
+    config = {
+        "base": str(TINY_BASE),
+        "methods": ["frozen"],
+        "seeds": [0],
+        "corpus": {"order": ["medical", "code"], "train_size": 8, "holdout_size": 4},
+        "train": {"lr": 0.03, "batch_size": 4, "max_steps": 2, "max_length": 32},
+        "lora": {"r": 4, "alpha": 8},
+        "eval": {"routing": True, "qa": True, "qa_probes": 3, "qa_mmlu": 6},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    first = tmp_path / "first"
+    run_crma("run", str(tmp_path / "c.yaml"), "--out", str(first))
+    unit = first / "frozen" / "seed-0"
+    assert json.loads((unit / "routing.json").read_text())["route_questions"] == 0
+    run_crma("export", str(first), str(tmp_path / "export"))
+
+    asked = ["--set", "eval.route_questions=5"]
+    again = tmp_path / "again"
+    proc = run_crma(
+        "run", str(tmp_path / "c.yaml"), "--out", str(again), "--reuse", str(first), *asked
+    )
+    assert "reused from" in proc.stdout
+    unit = again / "frozen" / "seed-0"
+    manifest = json.loads((unit / "stack" / "manifest.json").read_text())
+    assert manifest["router"]["route_examples"] == {"medical": 5, "code": 5}
+    for name in ("routing.json", "qa.json"):
+        assert json.loads((unit / name).read_text())["route_questions"] == 5
+
+    from_export = tmp_path / "from-export"
+    bad = run_crma(
+        "run",
+        str(tmp_path / "c.yaml"),
+        "--out",
+        str(from_export),
+        "--reuse",
+        str(tmp_path / "export"),
+        *asked,
+        check=False,
+    )
+    assert bad.returncode == 2 and "lacks routing.json:centroid, qa.json" in bad.stderr
+
+
+@pytest.mark.integration
 def test_base_only_scores_the_plain_base_model_on_the_corpus_items(tmp_path):
     from crma.data.corpus import DOMAINS, corpus_file
     from crma.eval.qa import corpus_items, read_items

@@ -316,3 +316,58 @@ def test_route_examples_are_stored_whole_after_the_training_rows_in_both_routers
         for row, x in zip(part.embeddings, expected):
             want = _hidden(cm.engine, x, 1)[skip:].mean(0)
             assert torch.allclose(row.double(), want, atol=1e-5)
+
+
+def test_router_is_rebuilt_when_the_route_examples_asked_for_change(tmp_path):
+    from crma.data import tokenize_records
+    from crma.routing.router import refresh_router
+
+    path = tmp_path / "stack"
+    cm = build_stack(path, DOMAINS)
+    tok = cm.engine.tokenizer
+    examples = {
+        d: tokenize_records([{"text": t} for t in texts(d, 40, seed=0)], tok, 32) for d in DOMAINS
+    }
+    asked = {"money": [{"input_ids": tok(t)["input_ids"]} for t in texts("medic", 6, seed=5)]}
+    assert not refresh_router(cm, examples)  # built from the same texts, no route examples
+    assert refresh_router(cm, examples, asked)
+    stored = CentroidRouter.load(cm.stack)
+    assert stored.route_examples == {"money": 6} and stored.serving.route_examples == {"money": 6}
+    assert json.loads((path / "manifest.json").read_text())["router"]["route_examples"] == {
+        "money": 6
+    }
+    assert not refresh_router(cm, examples, asked)
+    assert refresh_router(cm, examples, {"money": asked["money"][:3]})
+    assert refresh_router(cm, examples)  # back to none
+    assert CentroidRouter.load(cm.stack).route_examples == {}
+
+
+def test_route_questions_are_unscored_and_disjoint_from_router_validation():
+    from crma.data import DOMAINS as CORPUS
+    from crma.data import corpus_file
+    from crma.eval.qa import MMLU_SCORED, read_items, spread, unscored_questions
+
+    for domain in CORPUS:
+        mmlu = read_items(corpus_file(domain, "mmlu"))
+        stored, validation = (unscored_questions(mmlu, part) for part in (0, 1))
+        ids = [{i["id"] for i in part} for part in (stored, validation, spread(mmlu, MMLU_SCORED))]
+        assert not ids[0] & ids[1] and not ids[0] & ids[2] and not ids[1] & ids[2]
+        assert len(stored) + len(validation) + MMLU_SCORED == len(mmlu)
+        assert not ids[0] & {i["id"] for i in spread(mmlu, 50)}  # QA at 50 too (a divisor)
+
+
+def test_a_run_refuses_route_questions_its_qa_would_score():
+    from helpers import TINY_BASE
+    from transformers import AutoTokenizer
+
+    from crma.errors import UserError
+    from crma.protocol.config import RunConfig
+    from crma.protocol.data import route_questions
+
+    tok = AutoTokenizer.from_pretrained(TINY_BASE)
+    config = RunConfig()
+    config.eval.qa, config.eval.route_questions = True, 40
+    assert len(route_questions("code", config, tok)) == 40
+    config.eval.qa_mmlu = 299  # spread over 299 is not inside the 300 route questions avoid
+    with pytest.raises(UserError, match="eval.route_questions: .* eval.qa_mmlu=299 scores"):
+        route_questions("financial", config, tok)

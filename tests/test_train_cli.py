@@ -185,9 +185,8 @@ def test_route_examples_are_stored_for_their_domain_and_route_prompts_of_their_s
         stack = tmp_path / owner
         extra = ["--route-examples", f"{owner}={gamma}"]
         train(stack, "alpha", "beta", method="frozen", extra=extra)
-        entries = json.loads((stack / "manifest.json").read_text())["domains"]
-        counts = {e["name"]: e.get("route_examples", 0) for e in entries}
-        assert counts == {"alpha": 0, "beta": 0, owner: 48}
+        manifest = json.loads((stack / "manifest.json").read_text())
+        assert manifest["router"]["route_examples"] == {owner: 48}
         routes = load_stack(stack).route(prompts)
         assert [r.domain for r in routes] == [owner] * len(prompts)
         again = train(stack, "alpha", "beta", method="frozen", extra=extra)

@@ -187,10 +187,9 @@ class ContinualModel:
             result["train_seconds"] = round(time.perf_counter() - start, 1)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                info = dict(data_info or {})
-                if route_examples:
-                    info["route_examples"] = len(route_examples)
-                self._commit(task, result, train_config, info, replace, examples, route_examples)
+                self._commit(
+                    task, result, train_config, data_info or {}, replace, examples, route_examples
+                )
             accelerator.wait_for_everyone()
             if not accelerator.is_main_process:  # the commit the main process just made
                 self.stack = Stack.open(stack.path)

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from crma.protocol.data import DomainData
 
 
+STORED_ROUTERS = ("centroid", "fast")  # the routers a stack stores (route questions among them)
+
+
 def routers_to_compare(routers: list[str], needs_task_id: bool) -> list[str]:
     """The configured routers worth evaluating: arrow and loss compare per-domain adapters."""
     return [k for k in routers if needs_task_id or k in ("centroid", "fast")]
@@ -46,13 +49,17 @@ def protocol_evals(
     if accelerator is not None and not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
+    rebuilt = (eval_cfg.routing or eval_cfg.qa) and refresh_router(
+        cm, {d.name: d.train for d in domains}, {d.name: d.route for d in domains}
+    )
+    # What was measured with another router is measured again.
+    if cm.method.needs_task_id and stale(run_dir / "qa.json", eval_cfg.route_questions, rebuilt):
+        (run_dir / "qa.json").unlink()
     if eval_cfg.routing:
         path = run_dir / "routing.json"
         done = json.loads(path.read_text()) if path.is_file() else {}
-        if "centroid" in eval_cfg.routers and refresh_router(
-            cm, {d.name: d.train for d in domains}
-        ):
-            done.pop("centroid", None)  # measured with the older router
+        if stale(path, eval_cfg.route_questions, rebuilt):
+            done = {k: v for k, v in done.items() if k not in STORED_ROUTERS}
         wanted = routers_to_compare(eval_cfg.routers, cm.method.needs_task_id)
         missing = [kind for kind in wanted if kind not in done]
         if missing:  # a run reused from elsewhere may lack some of the configured routers
@@ -73,11 +80,18 @@ def protocol_evals(
                 took = time.perf_counter() - start
                 print(f"{tag} QA: {domain} scored ({took:.0f} s so far)", flush=True)
 
-            write_eval(
-                evaluate_qa(cm, items, RouteSettings(), settings, cache, domain_done), run_dir
-            )
+            result = evaluate_qa(cm, items, RouteSettings(), settings, cache, domain_done)
+            write_eval({**result, "route_questions": eval_cfg.route_questions}, run_dir)
     if accelerator is not None:
         accelerator.wait_for_everyone()
+
+
+def stale(path: Path, route_questions: int, rebuilt: bool = False) -> bool:
+    """Whether routing.json or qa.json at `path` was measured with other stored routers than
+    the ones `eval.route_questions` asks for (or than the router just `rebuilt`)."""
+    if not path.is_file():
+        return False
+    return rebuilt or json.loads(path.read_text()).get("route_questions", 0) != route_questions
 
 
 def routing_section(
@@ -86,7 +100,11 @@ def routing_section(
     """Per router: top-1 per domain on the holdouts, confusion, and the last row of the loss
     matrix with each holdout example evaluated under the adapters its route picks."""
     holdouts = {d.name: [e["input_ids"] for e in d.holdout] for d in domains}
-    out: dict[str, Any] = {"method": cm.method.name, "needs_task_id": cm.method.needs_task_id}
+    out: dict[str, Any] = {
+        "method": cm.method.name,
+        "needs_task_id": cm.method.needs_task_id,
+        "route_questions": eval_cfg.route_questions,  # stored in the centroid routers
+    }
     for kind in eval_cfg.routers:
         router = Router(cm, RouteSettings(router=kind))
         metrics = routing_metrics(router, holdouts)

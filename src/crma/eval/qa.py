@@ -88,6 +88,18 @@ def spread(items: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
+# QA scores at most this many MMLU questions per domain in the committed configs; the others
+# are split between routers (route questions) and router validation (scripts/tune_router.py).
+MMLU_SCORED = 300
+
+
+def unscored_questions(mmlu: list[dict[str, Any]], part: int) -> list[dict[str, Any]]:
+    """The MMLU questions QA never scores (not among `spread(mmlu, MMLU_SCORED)`), every second
+    one: part 0 are route questions a router may store, part 1 validates routers."""
+    scored = {item["id"] for item in spread(mmlu, MMLU_SCORED)}
+    return [item for item in mmlu if item["id"] not in scored][part::2]
+
+
 def pick(mmlu: list[dict[str, Any]], settings: QASettings) -> list[dict[str, Any]]:
     """The `mmlu_limit` MMLU questions `mmlu_order` asks for."""
     if settings.mmlu_order == "first":

@@ -102,6 +102,13 @@ class EvalConfig(Settings):
     )
     qa_probes: int = setting(100, "continuation probes per domain for eval.qa", ge=0)
     qa_mmlu: int = setting(100, "MMLU questions per domain for eval.qa", ge=0)
+    route_questions: int = setting(
+        0,
+        "per embedded-corpus domain, store this many of its MMLU questions that QA never "
+        "scores in its router entry (route examples, as `crma train --route-examples`): "
+        "routing and routed QA then measure a router that has seen questions, not only passages",
+        ge=0,
+    )
 
 
 @dataclass

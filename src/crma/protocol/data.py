@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ class DomainData:
     train: list[dict[str, list[int]]]
     holdout: list[dict[str, list[int]]]
     info: dict[str, Any]
+    route: list[dict[str, list[int]]] = field(default_factory=list)  # route examples
 
 
 def load_domains(config: RunConfig, tokenizer) -> list[DomainData]:
@@ -48,6 +49,28 @@ def load_domains(config: RunConfig, tokenizer) -> list[DomainData]:
                 tokenize_records(train, tokenizer, cfg.max_length),
                 tokenize_records(holdout, tokenizer, eval_len),
                 {"train_file": str(train_path), "train_examples": len(train)},
+                route_questions(name, config, tokenizer) if n_train is not None else [],
             )
         )
     return out
+
+
+def route_questions(domain: str, config: RunConfig, tokenizer) -> list[dict[str, list[int]]]:
+    """`eval.route_questions` of the domain's unscored MMLU questions, as QA prompts; refused
+    if the run's QA would score one of them."""
+    from crma.data import corpus_file
+    from crma.errors import UserError
+    from crma.eval.qa import QASettings, pick, prompt_and_options, read_items, unscored_questions
+
+    n = config.eval.route_questions
+    if not n:
+        return []
+    mmlu = read_items(corpus_file(domain, "mmlu"))
+    stored = unscored_questions(mmlu, part=0)[:n]
+    scored = {i["id"] for i in pick(mmlu, QASettings(mmlu_limit=config.eval.qa_mmlu))}
+    if config.eval.qa and scored & {i["id"] for i in stored}:
+        raise UserError(
+            f"eval.route_questions: {domain}'s route questions include MMLU questions that "
+            f"eval.qa_mmlu={config.eval.qa_mmlu} scores; use a divisor of 300 for eval.qa_mmlu"
+        )
+    return [{"input_ids": tokenizer(prompt_and_options(i)[0])["input_ids"]} for i in stored]

@@ -221,6 +221,7 @@ class ProtocolRun:
                     run_info,
                     d.info,
                     progress=tag,
+                    route_examples=d.route,
                 )
             trained = time.perf_counter()
             seconds[k] = round(trained - start, 1) if fresh else None

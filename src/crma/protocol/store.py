@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from crma.errors import UserError
-from crma.eval.hook import routers_to_compare
+from crma.eval.hook import STORED_ROUTERS, routers_to_compare, stale
 from crma.fileio import atomic_path
 from crma.methods import METHODS
 from crma.protocol.config import MethodSpec, RunConfig, load_config, unit_settings
@@ -64,13 +64,18 @@ def reusable_unit(
 
 def missing_evals(config: RunConfig, spec: MethodSpec, unit: Path) -> list[str]:
     """The configured after-run evaluations a (method, seed) folder does not hold yet."""
-    missing = []
+    missing, stored = [], config.eval.route_questions
+    needs_task_id = METHODS[spec.name].needs_task_id
     if config.eval.routing:
         done = json.loads(p.read_text()) if (p := unit / "routing.json").is_file() else {}
-        routers = routers_to_compare(config.eval.routers, METHODS[spec.name].needs_task_id)
+        if stale(unit / "routing.json", stored):
+            done = {k: v for k, v in done.items() if k not in STORED_ROUTERS}
+        routers = routers_to_compare(config.eval.routers, needs_task_id)
         missing += [f"routing.json:{k}" for k in routers if k not in done]
-    if config.eval.qa and not (unit / "qa.json").is_file():
-        missing.append("qa.json")
+    if config.eval.qa:
+        qa = unit / "qa.json"
+        if not qa.is_file() or (needs_task_id and stale(qa, stored)):
+            missing.append("qa.json")
     return missing
 
 

@@ -74,6 +74,7 @@ class CentroidRouter:
         self.embeddings = torch.zeros(0, 0, dtype=torch.float32)  # (N, d), the head's data
         self.labels = torch.zeros(0, dtype=torch.long)  # (N,), index into domains
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None  # fitted (W, b)
+        self.route_examples: dict[str, int] = {}  # per domain, how many of its rows are those
 
     def add(self, domain: str, embeddings: torch.Tensor) -> None:
         """Set `domain`'s entry from its embeddings (N, d); others stay as they are."""
@@ -85,6 +86,7 @@ class CentroidRouter:
         if domain in self.domains:
             self.keep([d for d in self.domains if d != domain])
         self.domains.append(domain)
+        self.route_examples.pop(domain, None)
         self.count = torch.cat([self.count, stats[0].view(1)])
         self.sum = torch.cat([self.sum, stats[1].view(1, -1)])
         self.sumsq = torch.cat([self.sumsq, stats[2].view(1, -1)])
@@ -111,6 +113,8 @@ class CentroidRouter:
         ids += [x[:n] for n in s.prefixes for x in ids if len(x) > n]
         ids += [e["input_ids"][: s.max_length] for e in route_examples]
         self.add(domain, self.embed(engine, ids))
+        if route_examples:
+            self.route_examples[domain] = len(route_examples)
         if self.serving is not None:
             self.serving.add_examples(engine, domain, examples, route_examples)
 
@@ -121,6 +125,7 @@ class CentroidRouter:
         remap = torch.full((len(self.domains),), -1)  # old domain index -> new, -1: dropped
         remap[rows] = torch.arange(len(rows))
         self.domains = [self.domains[i] for i in rows]
+        self.route_examples = {d: n for d, n in self.route_examples.items() if d in self.domains}
         self.count, self.sum, self.sumsq = self.count[rows], self.sum[rows], self.sumsq[rows]
         if len(self.labels):
             new = remap[self.labels]
@@ -169,6 +174,8 @@ class CentroidRouter:
 
         tensors = {k: getattr(self, k).contiguous() for k in TENSORS}
         entry = {"kind": "centroid", "domains": list(self.domains)}
+        if self.route_examples:
+            entry["route_examples"] = dict(self.route_examples)
         if self.serving is not None:
             assert self.serving.domains == self.domains, "the serving router lags the main one"
             tensors |= {SERVING_PREFIX + k: getattr(self.serving, k).contiguous() for k in TENSORS}
@@ -191,6 +198,9 @@ class CentroidRouter:
             CentroidSettings(**{**LEGACY_SETTINGS, **given} if entry else given),
             serving if entry else SERVING,
         )
+        for part in (router, router.serving):  # the serving router stores the same texts
+            if part is not None:
+                part.route_examples = dict(entry.get("route_examples", {}))
         path = stack.component("router")
         if path is None:
             return router

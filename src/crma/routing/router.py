@@ -61,17 +61,24 @@ class Route:
     scores: dict[str, float] = field(default_factory=dict)
 
 
-def refresh_router(cm: ContinualModel, examples: dict[str, list[dict]]) -> bool:
+def refresh_router(
+    cm: ContinualModel,
+    examples: dict[str, list[dict]],
+    route_examples: dict[str, list[dict]] | None = None,
+) -> bool:
     """Rebuild a router that is not what this crma would store (one written before routers
-    stored embeddings, or with other settings than today's defaults) from each domain's
-    training `examples`, so a protocol run measures the current router; True if rebuilt."""
+    stored embeddings, with other settings than today's defaults, or with other route examples
+    than `route_examples` per domain) from each domain's training `examples` and its route
+    examples, so a protocol run measures the router it asks for; True if rebuilt."""
+    route_examples = route_examples or {}
     old = CentroidRouter.load(cm.stack)
     current = old.settings == CentroidSettings() and old.head == old.settings.head
-    if current and set(old.domains) == set(cm.stack.domains):
+    counts = {d: len(route_examples[d]) for d in cm.stack.domains if route_examples.get(d)}
+    if current and set(old.domains) == set(cm.stack.domains) and old.route_examples == counts:
         return False
     router = CentroidRouter(serving=SERVING)
     for domain in cm.stack.domains:
-        router.add_examples(cm.engine, domain, examples[domain])
+        router.add_examples(cm.engine, domain, examples[domain], route_examples.get(domain, ()))
     with cm.writing():
         commit = cm.stack.begin_commit()
         router.save(commit)
