@@ -20,7 +20,7 @@ from crma.eval.qa import (
     tally,
     write_eval,
 )
-from crma.eval.sections import answer_markdown, answer_report, verdict
+from crma.eval.sections import answer_markdown, answer_report, plot_answers, verdict
 from crma.eval.stats import paired_difference, wilson_interval
 from crma.routing.router import Route, Router
 
@@ -92,6 +92,8 @@ def test_report_pairs_each_method_with_frozen_and_naive_on_the_same_items(tmp_pa
     assert "| crma | frozen | routed − routed | -12.5 [" in markdown
     assert "| crma | undecided |" in markdown, "8 items cannot decide a 1-point margin"
     assert "| crma | naive" not in markdown.split("**Target")[1], "the target is against frozen"
+    plot_answers(tmp_path, report)
+    assert (tmp_path / "plots" / "qa_paired.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from typing import Any
 
 from crma.eval.qa import KINDS, markdown_table
 from crma.eval.stats import paired_difference, wilson_interval
+from crma.fileio import atomic_path
 from crma.routing.metrics import plot_confusion
 from crma.routing.router import ROUTERS
 
@@ -254,7 +255,10 @@ def _paired_cell(r: dict[str, Any]) -> str:
 
 
 def plot_answers(run_dir: Path, report: dict[str, Any]) -> None:
-    """plots/routing_<method>_<router>.png: confusion matrices summed over seeds."""
+    """plots/routing_<method>_<router>.png: confusion matrices summed over seeds;
+    plots/qa_paired.png: the paired QA differences with their intervals."""
+    if report.get("qa_paired"):
+        plot_paired(report["qa_paired"], report["domains"], run_dir / "plots" / "qa_paired.png")
     for label, routers in report.get("routing", {}).items():
         for kind, r in routers.items():
             metrics = {**r, "router": kind}
@@ -263,3 +267,37 @@ def plot_answers(run_dir: Path, report: dict[str, Any]) -> None:
                 run_dir / "plots" / f"routing_{label}_{kind}.png",
                 f"{label}: router {kind} (holdouts, all seeds)",
             )
+
+
+def plot_paired(pairs: list[dict[str, Any]], domains: list[str], path: Path) -> None:
+    """One panel per pair: the difference in points per domain and item kind, its 95 % interval,
+    and against frozen the target's margin (−1 point) as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(d, k) for d in domains for k in KINDS]
+    fig, axes = plt.subplots(
+        1, len(pairs), figsize=(3.2 * len(pairs) + 1, 0.28 * len(rows) + 1.4), sharey=True
+    )
+    for ax, pair in zip([axes] if len(pairs) == 1 else axes, pairs):
+        for y, (d, k) in enumerate(rows):
+            if r := pair["results"].get(d, {}).get(k):
+                lo, hi = (100 * v for v in r["ci95"])
+                ax.plot([lo, hi], [y, y], color="tab:blue", lw=2)
+                ax.plot(100 * r["difference"], y, "o", color="tab:blue", ms=4)
+        ax.axvline(0, color="grey", lw=0.8)
+        if pair["minus"] == "frozen":  # the target's margin
+            ax.axvline(-100 * MARGIN, color="tab:red", lw=0.8, ls="--")
+        ax.set_title(f"{pair['method']} − {pair['minus']}", fontsize=8)
+        ax.set_xlabel("points (95 % interval)", fontsize=7)
+        ax.tick_params(labelsize=7)
+    first = axes if len(pairs) == 1 else axes[0]
+    first.set_yticks(range(len(rows)), [f"{d} {k}" for d, k in rows])
+    first.invert_yaxis()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
