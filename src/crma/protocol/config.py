@@ -106,7 +106,8 @@ class EvalConfig(Settings):
         0,
         "per embedded-corpus domain, store this many of its MMLU questions that QA never "
         "scores in its router entry (route examples, as `crma train --route-examples`): "
-        "routing and routed QA then measure a router that has seen questions, not only passages",
+        "routing and routed QA then measure a router that has seen questions, not only passages "
+        "(100 chosen on validation: scripts/tune_route_questions.py)",
         ge=0,
     )
 
