@@ -96,6 +96,22 @@ def test_report_pairs_each_method_with_frozen_and_naive_on_the_same_items(tmp_pa
     assert (tmp_path / "plots" / "qa_paired.png").stat().st_size > 1000
 
 
+def test_report_shows_how_the_qa_prompts_were_routed_averaged_over_seeds(tmp_path):
+    items = [{"answer": 0}] * 4
+    for seed, share in ((0, 0.5), (1, 0.75)):
+        unit = tmp_path / "crma" / f"seed-{seed}"
+        unit.mkdir(parents=True)
+        results = {c: {"medic": {"mmlu": tally(items, [0] * 4)}} for c in ("base", "routed")}
+        routing = {"medic": {"mmlu": {"to_own_domain": share, "fallback": 0.0}}}
+        qa = {"domains": ["medic"], "conditions": ["base", "routed"], "results": results}
+        (unit / "qa.json").write_text(json.dumps({**qa, "routing_of_items": routing}))
+    report = {"domains": ["medic"], "methods": {"crma": {"per_seed": {"0": {}, "1": {}}}}}
+    report.update(answer_report(tmp_path, report))
+    assert report["qa"]["crma"]["to_own_domain"] == {"medic": {"mmlu": 0.625}}
+    lines = answer_markdown(report)
+    assert "| crma | – | 62.5 |" in lines  # no probes: a dash, not a number
+
+
 @pytest.mark.parametrize(
     ("ci95", "expected"),
     [

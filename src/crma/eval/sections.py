@@ -177,6 +177,11 @@ def _qa_summary(per_seed: dict[str, Any]) -> dict[str, Any]:
                     "accuracy": correct / max(1, total),
                     "ci95": [lo, hi],
                 }
+    routed = [q["routing_of_items"] for q in per_seed.values() if q.get("routing_of_items")]
+    for d, kinds in (routed[0] if routed else {}).items():
+        for kind in kinds:  # each seed routes the same items: the mean of the shares
+            share = statistics.fmean(r[d][kind]["to_own_domain"] for r in routed)
+            out.setdefault("to_own_domain", {}).setdefault(d, {})[kind] = share
     return out
 
 
@@ -205,6 +210,7 @@ def answer_markdown(report: dict[str, Any]) -> list[str]:
         out += ["", "## QA accuracy (%) [Wilson 95%], counts pooled over seeds", ""]
         for label, q in report["qa"].items():
             out += [f"**{label}**", "", markdown_table(q), ""]
+        out += _routed_items_lines(report)
     if report.get("qa_paired"):
         out += [
             "## QA paired differences (points, 95% interval on the same items)",
@@ -224,6 +230,27 @@ def answer_markdown(report: dict[str, Any]) -> list[str]:
             out.append(f"| {p['method']} | {p['minus']} | {versus} | " + " | ".join(cells) + " |")
         out += _target_lines(report)
     return out
+
+
+def _routed_items_lines(report: dict[str, Any]) -> list[str]:
+    """How the router sends the QA prompts themselves: the share routed to their own domain."""
+    rows = {m: q["to_own_domain"] for m, q in report["qa"].items() if q.get("to_own_domain")}
+    if not rows:
+        return []
+    out = [
+        "**QA prompts routed to their own domain (%)**, the router of the routed condition",
+        "",
+        "| method | " + " | ".join(f"{d} {k}" for d in report["domains"] for k in KINDS) + " |",
+        "|" + "---|" * (1 + len(report["domains"]) * len(KINDS)),
+    ]
+    for label, shares in rows.items():
+        cells = [
+            "–" if (v := shares.get(d, {}).get(k)) is None else f"{100 * v:.1f}"
+            for d in report["domains"]
+            for k in KINDS
+        ]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def _target_lines(report: dict[str, Any]) -> list[str]:
