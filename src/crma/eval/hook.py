@@ -27,7 +27,7 @@ STORED_ROUTERS = ("centroid", "fast")  # the routers a stack stores (route quest
 
 def routers_to_compare(routers: list[str], needs_task_id: bool) -> list[str]:
     """The configured routers worth evaluating: arrow and loss compare per-domain adapters."""
-    return [k for k in routers if needs_task_id or k in ("centroid", "fast")]
+    return [k for k in routers if needs_task_id or k in STORED_ROUTERS]
 
 
 def protocol_evals(
