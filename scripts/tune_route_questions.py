@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 
 import torch
-from tune_router import PASSAGES, hidden_sums, pooled, top1_per_domain
+from tune_router import PASSAGES, hidden_sums, pooled, top1_per_domain, validation_sets
 
 SETS = ("passages", "prompts", "questions")
 
@@ -88,10 +88,9 @@ def load_selected(path: Path) -> dict:
 def embedded_sets(folder: Path, layers: list[int], validation: int, domains: list[str]) -> dict:
     """Hidden-state sums per (set, domain): training texts, validation passages and prompts,
     and the unscored questions' two parts ("route": part 0, "questions": part 1)."""
-    from crma.data import corpus_file, load_records, tokenize_records
-    from crma.data.qa import split_passage
+    from crma.data import corpus_file
     from crma.engine import Engine, LoraSettings
-    from crma.eval.qa import prompt_and_options, read_items, unscored_questions
+    from crma.eval.qa import read_items, unscored_questions
     from crma.model import EMBEDDED, load_base
     from crma.routing.index import CentroidSettings
 
@@ -105,22 +104,9 @@ def embedded_sets(folder: Path, layers: list[int], validation: int, domains: lis
         if not all(p.is_file() for p in path.values()):
             if engine is None:
                 engine = Engine(*load_base(EMBEDDED), LoraSettings(), None)
-            tok = engine.tokenizer
-            prompt = tokenize_prompt(tok)
-            spare = load_records(corpus_file(d, "spare"))[:validation]
             mmlu = read_items(corpus_file(d, "mmlu"))
-            train = load_records(corpus_file(d, "train"))
-            texts = {
-                "train": [e["input_ids"] for e in tokenize_records(train, tok, max_length)][
-                    : CentroidSettings().max_examples
-                ],
-                "passages": [e["input_ids"] for e in tokenize_records(spare, tok, max_length)],
-                "prompts": [prompt(split_passage(r["text"])[0]) for r in spare],
-                "route": [prompt(prompt_and_options(i)[0]) for i in unscored_questions(mmlu, 0)],
-                "questions": [
-                    prompt(prompt_and_options(i)[0]) for i in unscored_questions(mmlu, 1)
-                ],
-            }
+            parts = {"route": unscored_questions(mmlu, 0), "questions": unscored_questions(mmlu, 1)}
+            texts = validation_sets(d, engine.tokenizer, validation, parts)
             for name, ids in texts.items():
                 if not path[name].is_file():
                     path[name].parent.mkdir(parents=True, exist_ok=True)
@@ -129,10 +115,6 @@ def embedded_sets(folder: Path, layers: list[int], validation: int, domains: lis
         for name, p in path.items():
             cache[name, d] = torch.load(p)
     return cache
-
-
-def tokenize_prompt(tokenizer):
-    return lambda text: tokenizer(text, add_special_tokens=True)["input_ids"]  # as route_texts
 
 
 def build(settings, cache: dict, domains: list[str], count: int):

@@ -83,11 +83,10 @@ def main() -> None:
         choose_serving(Path(args.out))
         return
 
-    from crma.data import DOMAINS, corpus_file, load_records, tokenize_records
+    from crma.data import DOMAINS, corpus_file
     from crma.data.corpus import corpus_tag
-    from crma.data.qa import split_passage
     from crma.engine import Engine, LoraSettings
-    from crma.eval.qa import prompt_and_options, read_items, spread
+    from crma.eval.qa import read_items, spread
     from crma.fileio import write_json, write_text
     from crma.model import EMBEDDED, load_base
     from crma.routing.index import CentroidSettings
@@ -97,24 +96,11 @@ def main() -> None:
     max_length = CentroidSettings().max_length
     cuts = sorted({n for p in PREFIXES for n in p})
 
-    def prompt(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=True)["input_ids"]  # as Router.route_texts
-
     def sets(domain: str) -> dict[str, list[list[int]]]:
-        spare = load_records(corpus_file(domain, "spare"))[: args.validation]
         mmlu = read_items(corpus_file(domain, "mmlu"))
         scored = {item["id"] for item in spread(mmlu, 300)}
-        return {
-            "train": [
-                e["input_ids"]
-                for e in tokenize_records(
-                    load_records(corpus_file(domain, "train")), tokenizer, max_length
-                )
-            ][: CentroidSettings().max_examples],
-            "passages": [e["input_ids"] for e in tokenize_records(spare, tokenizer, max_length)],
-            "prompts": [prompt(split_passage(r["text"])[0]) for r in spare],
-            "questions": [prompt(prompt_and_options(i)[0]) for i in mmlu if i["id"] not in scored],
-        }
+        unscored = [i for i in mmlu if i["id"] not in scored]
+        return validation_sets(domain, tokenizer, args.validation, {"questions": unscored})
 
     folder = Path(args.cache) / f"{corpus_tag()}-{args.validation}"
     cache = {}
@@ -145,6 +131,35 @@ def main() -> None:
     print(
         f"selected: {best['settings']}, threshold {best['threshold']} -> {out.with_suffix('.md')}"
     )
+
+
+def validation_sets(
+    domain: str, tokenizer, validation: int, questions: dict[str, list[dict]]
+) -> dict[str, list[list[int]]]:
+    """Token ids of one domain's sets: `train` (the texts a stack's router stores), `passages`
+    and `prompts` (from the first `validation` texts of `spare`), and each named list of MMLU
+    items in `questions` as QA prompts."""
+    from crma.data import corpus_file, load_records, tokenize_records
+    from crma.data.qa import split_passage
+    from crma.eval.qa import prompt_and_options
+    from crma.routing.index import CentroidSettings
+
+    max_length = CentroidSettings().max_length
+
+    def prompt(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=True)["input_ids"]  # as Router.route_texts
+
+    spare = load_records(corpus_file(domain, "spare"))[:validation]
+    train = tokenize_records(load_records(corpus_file(domain, "train")), tokenizer, max_length)
+    return {
+        "train": [e["input_ids"] for e in train][: CentroidSettings().max_examples],
+        "passages": [e["input_ids"] for e in tokenize_records(spare, tokenizer, max_length)],
+        "prompts": [prompt(split_passage(r["text"])[0]) for r in spare],
+        **{
+            name: [prompt(prompt_and_options(i)[0]) for i in items]
+            for name, items in questions.items()
+        },
+    }
 
 
 @torch.no_grad()
