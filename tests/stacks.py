@@ -23,6 +23,7 @@ WORDS = {
     "money": ["interest", "rates", "bond", "prices", "inflation", "affect", "grants", "rights"],
     "code": ["def", "add", "(", "a", ",", "b", ")", ":", "return", "a", "+", "b", "x"],
     "physics": ["energy", "conserved", "closed", "system", "derivative", "squared", "two"],
+    "asking": ["why", "does", "what", "orbit", "gravity", "photon", "quantum", "?", "tell"],
 }
 
 

@@ -139,6 +139,9 @@ def test_client_errors(client, http):
         chat(client, "auto", "heart " * 400)
 
 
+NO_FILE = "file-000000000000000000000000"
+
+
 def _upload(name: str, content: bytes):
     return {"files": {"file": (name, content)}, "data": {"purpose": "fine-tune"}}
 
@@ -196,6 +199,9 @@ BAD = [
     ("post", "/v1/fine_tuning/jobs", {"json": {"model": "auto", "training_file": "file-000000000000000000000000", "suffix": "medic"}}, 409),
     ("post", "/v1/fine_tuning/jobs", {"json": {"model": "auto", "training_file": "f", "suffix": "n", "hyperparameters": {"n_epochs": 0}}}, 400),
     ("post", "/v1/fine_tuning/jobs", {"json": {"model": "auto", "training_file": "f", "suffix": "n", "hyperparameters": {"lr": 1}}}, 400),
+    ("post", "/v1/fine_tuning/jobs", {"json": {"model": "auto", "training_file": "file-000000000000000000000000", "suffix": "new", "metadata": {"route_examples": 5}}}, 400),
+    ("post", "/v1/fine_tuning/jobs", {"json": {"model": "auto", "training_file": "file-000000000000000000000000", "suffix": "new", "metadata": {f"k{i}": "v" for i in range(17)}}}, 400),
+    ("post", "/v1/fine_tuning/jobs", {"json": {"model": "auto", "training_file": "file-000000000000000000000000", "suffix": "new", "metadata": ["route_examples"]}}, 400),
     ("get", "/v1/fine_tuning/jobs/ftjob-nope", {}, 404),
     ("get", "/v1/fine_tuning/jobs/ftjob-nope/events", {}, 404),
     ("post", "/v1/fine_tuning/jobs/ftjob-nope/cancel", {}, 404),
@@ -388,3 +394,65 @@ def test_cancel_a_running_job(job_server):
     assert not (http.app.state.server.stack / "checkpoint").exists()
     assert chat(client, "auto", "hello", max_tokens=2).usage.completion_tokens == 2
     assert client.files.delete(upload.id).deleted
+
+
+def test_a_job_stores_its_route_examples_and_auto_routes_their_style_to_it(job_server):
+    http, client = job_server
+    upload = _physics_file(client)
+    questions = [json.dumps({"text": t}) for t in texts("asking", 24, 1)]
+    ask = client.files.create(
+        file=("ask.jsonl", "\n".join(questions).encode()), purpose="fine-tune"
+    )
+    for bad, error in (("nope", openai.BadRequestError), (NO_FILE, openai.NotFoundError)):
+        with pytest.raises(error, match="route_examples"):
+            client.fine_tuning.jobs.create(
+                model="auto",
+                training_file=upload.id,
+                suffix="physics",
+                metadata={"route_examples": bad},
+            )
+    job = client.fine_tuning.jobs.create(
+        model="auto",
+        training_file=upload.id,
+        suffix="physics",
+        hyperparameters={"n_epochs": 1, "batch_size": 8},
+        seed=7,
+        metadata={"route_examples": ask.id, "team": "lab"},
+    )
+    assert job.metadata == {"route_examples": ask.id, "team": "lab"}
+    with pytest.raises(openai.ConflictError):  # in use by the job in flight
+        client.files.delete(ask.id)
+    done = wait_for(
+        lambda: (
+            (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j
+        ),
+        180,
+        "the job to finish",
+        every=0.3,
+    )
+    assert done.status == "succeeded", done.error
+    manifest = json.loads((http.app.state.server.stack / "manifest.json").read_text())
+    assert manifest["router"]["route_examples"] == {"physics": 24}
+    # without the route examples these questions go to another domain (checked once by hand)
+    for text in texts("asking", 4, 2):
+        assert chat(client, "auto", text, max_tokens=1).model == "physics"
+    assert client.files.delete(ask.id).deleted
+
+
+def test_a_store_written_before_jobs_kept_metadata_opens_and_keeps_its_jobs(tmp_path):
+    import sqlite3
+
+    from crma.serve.store import SCHEMA, Store
+
+    path = tmp_path / "serve.db"
+    with sqlite3.connect(path) as old:
+        old.executescript(SCHEMA.replace(", metadata TEXT", ""))
+        old.execute(
+            "INSERT INTO jobs (id, hyperparameters, status) VALUES ('ftjob-a', '{}', 'queued')"
+        )
+    store = Store(path)
+    assert store.job("ftjob-a")["metadata"] is None
+    job = {"id": "ftjob-b", "model": "auto", "training_file": NO_FILE, "suffix": "b"}
+    store.add_job(job | {"hyperparameters": {}, "seed": 1, "metadata": {"team": "lab"}})
+    assert store.job("ftjob-b")["metadata"] == {"team": "lab"}
+    assert [j["id"] for j in store.jobs()] == ["ftjob-b", "ftjob-a"]

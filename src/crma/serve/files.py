@@ -32,13 +32,15 @@ class Files:
     @staticmethod
     def check_id(file_id: str, param: str = "file_id") -> str:
         if not FILE_ID.match(file_id):
-            raise APIError(400, f"{file_id!r} is not a file id (file-<24 hex digits>)", param)
+            raise APIError(
+                400, f"{param}: {file_id!r} is not a file id (file-<24 hex digits>)", param
+            )
         return file_id
 
     def get(self, file_id: str, param: str = "file_id") -> dict[str, Any]:
         found = self.store.file(self.check_id(file_id, param))
         if found is None:
-            raise APIError(404, f"no file {file_id!r}", param, "file_not_found")
+            raise APIError(404, f"{param}: no file {file_id!r}", param, "file_not_found")
         return found
 
     def add(self, data: bytes, filename: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from crma.serve.errors import APIError
 from crma.serve.files import file_object
-from crma.serve.jobs import job_object
+from crma.serve.jobs import job_object, route_file
 from crma.serve.schemas import JobRequest
 from crma.stack import Stack
 
@@ -49,13 +49,11 @@ def add_file_routes(app: FastAPI, server: Server) -> None:
         busy = [
             j["id"]
             for j in server.store.jobs(limit=10**9)
-            if j["training_file"] == file_id
+            if file_id in (j["training_file"], route_file(j))
             and j["status"] in ("validating_files", "queued", "running")
         ]
         if busy:
-            raise APIError(
-                409, f"{file_id} is the training file of job {busy[0]}", "file_id", "in_use"
-            )
+            raise APIError(409, f"{file_id} is a file of job {busy[0]}", "file_id", "in_use")
         files.delete(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 

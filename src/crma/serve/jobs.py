@@ -96,6 +96,8 @@ class Scheduler:
             )
         suffix = self._check_suffix(body.suffix, domains)
         self.files.get(body.training_file, "training_file")
+        if body.route_examples is not None:
+            self.files.get(body.route_examples, "metadata.route_examples")
         hp = body.hyperparameters
         resolved = {
             "n_epochs": self.train.epochs if hp.n_epochs == "auto" else hp.n_epochs,
@@ -114,6 +116,7 @@ class Scheduler:
                 "suffix": suffix,
                 "hyperparameters": resolved,
                 "seed": seed,
+                "metadata": body.metadata,
             }
         )
         self.store.add_event(job_id, f"Validating training file: {body.training_file}")
@@ -216,6 +219,7 @@ class Scheduler:
                 "base": self.base,
                 "domain": job["suffix"],
                 "file": str(self.files.path(job["training_file"])),
+                "route_file": str(self.files.path(route)) if (route := route_file(job)) else None,
                 "seed": job["seed"],
                 "train": dataclasses.asdict(train),
                 "nice": self.nice,
@@ -284,6 +288,11 @@ class Scheduler:
         self.store.add_event(job["id"], f"Job failed: {message}", level="error")
 
 
+def route_file(job: dict[str, Any]) -> str | None:
+    """The file id of the job's route examples, if it has any."""
+    return (job["metadata"] or {}).get("route_examples")
+
+
 def job_object(job: dict[str, Any]) -> dict[str, Any]:
     """The OpenAI fine-tuning job object."""
     hp = job["hyperparameters"]
@@ -307,4 +316,5 @@ def job_object(job: dict[str, Any]) -> dict[str, Any]:
         "user_provided_suffix": job["suffix"],
         "estimated_finish": None,
         "integrations": [],
+        "metadata": job["metadata"],
     }

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOPS = 4
+METADATA_KEYS = 16  # OpenAI's limits on metadata
 
 
 class _Body(BaseModel):
@@ -143,3 +144,19 @@ class JobRequest(_Body):
     suffix: str | None = None
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     seed: int | None = Field(None, ge=0, lt=2**31)
+    metadata: dict[str, str] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value):
+        if value and (
+            len(value) > METADATA_KEYS or any(len(k) > 64 or len(v) > 512 for k, v in value.items())
+        ):
+            raise ValueError(f"at most {METADATA_KEYS} keys of 64 characters, values of 512")
+        return value
+
+    @property
+    def route_examples(self) -> str | None:
+        """The file id in `metadata.route_examples`: prompts in the style users will send,
+        stored in the new domain's router entry and never trained on."""
+        return (self.metadata or {}).get("route_examples")

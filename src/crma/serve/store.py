@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, created_at INTEGER, model TEXT, training_file TEXT, suffix TEXT,
     hyperparameters TEXT, seed INTEGER, status TEXT, error TEXT, finished_at INTEGER,
     fine_tuned_model TEXT, trained_tokens INTEGER, cancel INTEGER DEFAULT 0,
-    metrics_from INTEGER);
+    metrics_from INTEGER, metadata TEXT);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT, job_id TEXT, created_at INTEGER,
     level TEXT, message TEXT, type TEXT, data TEXT, step INTEGER, UNIQUE (job_id, step));
@@ -44,6 +44,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            if "metadata" not in columns:  # a store written before jobs kept their metadata
+                self._db.execute("ALTER TABLE jobs ADD COLUMN metadata TEXT")
 
     def _run(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -71,7 +74,7 @@ class Store:
     def add_job(self, job: dict[str, Any]) -> None:
         self._run(
             "INSERT INTO jobs (id, created_at, model, training_file, suffix, hyperparameters, "
-            "seed, status) VALUES (?, ?, ?, ?, ?, ?, ?, 'validating_files')",
+            "seed, metadata, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'validating_files')",
             (
                 job["id"],
                 int(time.time()),
@@ -80,6 +83,7 @@ class Store:
                 job["suffix"],
                 json.dumps(job["hyperparameters"]),
                 job["seed"],
+                json.dumps(job["metadata"]) if job.get("metadata") is not None else None,
             ),
         )
 
@@ -187,6 +191,7 @@ def _job(row: sqlite3.Row) -> dict[str, Any]:
     out = dict(row)
     out["hyperparameters"] = json.loads(row["hyperparameters"])
     out["error"] = json.loads(row["error"]) if row["error"] else None
+    out["metadata"] = json.loads(row["metadata"]) if row["metadata"] else None
     return out
 
 

@@ -65,8 +65,17 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     path = Path(spec["file"])
     acc = make_accelerator(mixed_precision(cfg.precision))
     cm.tidy(acc)
+    route = spec.get("route_file")
     result = train_domain(
-        cm, domain, path, load_records(path), cfg, acc, spec["seed"], info={"job": spec["job"]}
+        cm,
+        domain,
+        path,
+        load_records(path),
+        cfg,
+        acc,
+        spec["seed"],
+        info={"job": spec["job"]},
+        route_records=load_records(Path(route)) if route else [],
     )
     return _summary(result)
 
