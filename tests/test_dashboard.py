@@ -105,13 +105,14 @@ def test_forgetting_view_shows_the_matrix_and_hand_computed_drift(http):
 def test_job_series_and_progress_follow_the_store(http):
     server = http.app.state.server
     store = server.store
-    upload = http.post(
-        "/v1/files",
-        files={
-            "file": ("p.jsonl", "\n".join(json.dumps({"text": t}) for t in texts("physics", 12, 3)))
-        },
-        data={"purpose": "fine-tune"},
-    ).json()
+    upload, ask = (
+        http.post(
+            "/v1/files",
+            files={"file": (name, "\n".join(json.dumps({"text": t}) for t in texts(words, n, 3)))},
+            data={"purpose": "fine-tune"},
+        ).json()
+        for name, words, n in (("p.jsonl", "physics", 12), ("ask.jsonl", "asking", 5))
+    )
     job_id = "ftjob-" + "0" * 24
     store.add_job(
         {
@@ -121,6 +122,7 @@ def test_job_series_and_progress_follow_the_store(http):
             "suffix": "physics",
             "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0},
             "seed": 1,
+            "metadata": {"route_examples": ask["id"]},
         }
     )
     store.update_job(job_id, status="running")  # never queued: the scheduler leaves it alone
@@ -138,4 +140,5 @@ def test_job_series_and_progress_follow_the_store(http):
     assert http.get(f"/ui/jobs/{job_id}/series?after=1").json()["steps"] == [2]
     html = text_of(http.get(f"/ui/jobs/{job_id}").text)
     assert "physics" in html and "12 uploaded, 12 kept" in html
+    assert f"ask.jsonl ({ask['id']}): 5 prompts stored in the router" in html
     assert job_id in http.get("/ui/jobs").text

@@ -10,6 +10,7 @@ import torch
 
 from crma.batching import steps_for
 from crma.report.metrics import drift_per_domain
+from crma.serve.jobs import route_file
 from crma.serve.store import ACTIVE
 
 if TYPE_CHECKING:
@@ -95,9 +96,11 @@ def job_summary(server: Server, job: dict[str, Any]) -> dict[str, Any]:
         total = steps_for(
             file["rows"], hp["batch_size"], hp["n_epochs"], server.scheduler.train.max_steps
         )
+    route = route_file(job)
     return {
         **job,
         "file": file,
+        "route_file": server.store.file(route) if route else None,
         "total_steps": total,
         "progress": progress(server, job["id"], total),
     }
