@@ -12,6 +12,7 @@ from crma.serve.errors import APIError
 from crma.serve.files import file_object
 from crma.serve.jobs import job_object, route_file
 from crma.serve.schemas import JobRequest
+from crma.serve.store import ACTIVE
 from crma.stack import Stack
 
 if TYPE_CHECKING:
@@ -49,8 +50,7 @@ def add_file_routes(app: FastAPI, server: Server) -> None:
         busy = [
             j["id"]
             for j in server.store.jobs(limit=10**9)
-            if file_id in (j["training_file"], route_file(j))
-            and j["status"] in ("validating_files", "queued", "running")
+            if file_id in (j["training_file"], route_file(j)) and j["status"] in ACTIVE
         ]
         if busy:
             raise APIError(409, f"{file_id} is a file of job {busy[0]}", "file_id", "in_use")
