@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -288,3 +289,21 @@ def test_crma_tune_runs_the_trials_and_writes_the_choice(tmp_path):
     again = json.loads((tmp_path / "r" / "lr.json").read_text())
     assert [t["scores"] for t in again["trials"]] == [t["scores"] for t in saved["trials"]]
     assert again["selected"] == saved["selected"]
+
+
+def test_earlier_trials_skip_temporary_and_vanishing_directories(tmp_path, monkeypatch):
+    """Two `crma tune` lanes share one results folder: one lane's walk must neither list the
+    other's half-written export (a dot directory) nor fail when a directory is renamed away
+    while it walks (the race that stopped a grid)."""
+    for run in ("ewc/ewc/lr=0.001", "olora/olora/lr=0.01", "olora/olora/.lr=0.1.tmp7"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "config.yaml").write_text("seeds: [0]\n")
+    real_scandir = os.scandir
+
+    def renamed_away(path="."):
+        if isinstance(path, str) and Path(path).name == "lr=0.01":
+            shutil.rmtree(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", renamed_away)
+    assert tune.earlier_trials(tmp_path) == [tmp_path / "ewc/ewc/lr=0.001"]

@@ -22,6 +22,7 @@ import copy
 import itertools
 import json
 import math
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -248,8 +249,15 @@ def tune_axes(spec: dict, run: RunTrial) -> tuple[list[dict], dict[str, str], di
 # -- fixed grids ------------------------------------------------------------------------------
 def earlier_trials(root: Path) -> list[Path]:
     """Trial run directories of every grid: a (method, seed) run with identical settings is
-    copied from them rather than trained again."""
-    return sorted(p.parent for p in root.rglob("config.yaml"))
+    copied from them rather than trained again. Another `crma tune` may be writing beside
+    this one: its temporary directories (dot names) are skipped, and a directory renamed
+    away mid-walk is passed over (os.walk ignores it) instead of failing this grid."""
+    found = []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if "config.yaml" in files:
+            found.append(Path(here))
+    return sorted(found)
 
 
 def grid_points(spec: dict) -> list[dict]:
