@@ -213,6 +213,7 @@ CASES = [
     (["tune", "{ws}/nogrid.yaml"], "needs `config` and exactly one of `axes` (with `methods`), `grid`, `points`"),
     (["tune", "{ws}/badgrid.yaml"], "badgrid.yaml: " + str(TINY_CONFIG) + ": train: lr: expected a finite number > 0, got -1"),
     (["report", "{ws}", "--out", "{ws}/o"], "--out: only with --costs"),
+    (["report", "{ws}", "--before-note", "v1"], "--before-note: only with --costs"),
     (["report", "{ws}", "--costs", "{ws}/f.jsonl"], "f.jsonl: invalid JSON"),
     (["report", "{ws}", "--costs", "{ws}/missing.json"], "missing.json: no such cost file"),
     # data tools, export

@@ -109,6 +109,17 @@ def test_missing_cost_file_is_a_one_line_error_and_writes_nothing(run, tmp_path,
     assert not out.exists() and not (run_dir / "report.json").exists()
 
 
+def test_an_unreadable_earlier_table_is_a_one_line_error_and_is_kept(run, tmp_path, capsys):
+    run_dir, costs = run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{half")
+    assert head_to_head(run_dir, "--costs", str(costs), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out / 'report.json'}: invalid JSON" in err
+    assert (out / "report.json").read_text() == "{half" and not (run_dir / "report.json").exists()
+
+
 def test_the_time_per_domain_is_the_median_crma_run_recorded(run, tmp_path):
     run_dir, costs = run
     out = tmp_path / "out"
@@ -126,3 +137,42 @@ def test_without_out_the_table_heads_the_run_directory_report(run):
     assert head_to_head(run_dir, "--costs", str(costs)) == 0
     assert (run_dir / "report.md").read_text().startswith("# Head to head")
     assert "head_to_head" in json.loads((run_dir / "report.json").read_text())
+
+
+def rerun_ewc(run_dir, final_a: float, ewc_lambda: float) -> None:
+    """The same run with EWC retrained at another strength: its settings and numbers change."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    ewc = next(m for m in config["methods"] if m["name"] == "ewc")
+    ewc["options"] = {"ewc_lambda": ewc_lambda}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    for seed in (0, 1):
+        path = run_dir / "ewc" / f"seed-{seed}" / "loss_matrix.json"
+        body = json.loads(path.read_text()) | {"loss_matrix": matrix(final_a)}
+        path.write_text(json.dumps(body))
+
+
+@pytest.mark.parametrize("elsewhere", [True, False], ids=["out", "run-dir"])
+def test_a_table_written_again_keeps_the_rows_that_moved_as_before(run, tmp_path, elsewhere):
+    run_dir, costs = run
+    out = tmp_path / "out" if elsewhere else run_dir
+    where = ["--out", str(out)] if elsewhere else []
+    assert head_to_head(run_dir, "--costs", str(costs), *where) == 0
+    assert json.loads((out / "report.json").read_text())["history"] == []
+    rerun_ewc(run_dir, final_a=2.4, ewc_lambda=100.0)
+    note = ["--before-note", "five-trial budget"]
+    assert head_to_head(run_dir, "--costs", str(costs), *where, *note) == 0
+    report = json.loads((out / "report.json").read_text())
+    (entry,) = report["history"]
+    (row,) = entry["rows"]  # naive, crma-tied and crma-own did not move
+    assert row["method"] == "ewc" and entry["note"] == "five-trial budget"
+    assert row["drift_mean"] == pytest.approx((10.0 + 10.0) / 2)  # final a 2.2: +10 %, b +10 %
+    now = next(r for r in report["head_to_head"] if r["method"] == "ewc")
+    assert now["drift_mean"] == pytest.approx((20.0 + 10.0) / 2)
+    if elsewhere:  # a run directory's own config cannot change under it (crma run refuses)
+        assert row["settings_changed"] == ["options.ewc_lambda: – → 100.0"]
+    text = (out / "report.md").read_text()
+    assert "## Before" in text and "### 1. five-trial budget" in text
+    assert "| ewc | +10.00 ± 0.00 → +15.00 ± 0.00 |" in text
+    # Written again from the same units: nothing moved, the history is carried, not doubled.
+    assert head_to_head(run_dir, "--costs", str(costs), *where) == 0
+    assert json.loads((out / "report.json").read_text())["history"] == report["history"]

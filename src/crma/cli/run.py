@@ -83,6 +83,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --costs: write report.json, report.md, config.yaml and plots/ there "
         "(default: the run directory)",
     )
+    r.add_argument(
+        "--before-note",
+        default=None,
+        metavar="TEXT",
+        help="with --costs, when the folder already holds a head-to-head: what that earlier "
+        "table was (e.g. 'five-trial budget, corpus v1'); its rows whose numbers change are "
+        "kept in the report's history under this name, with the settings that changed",
+    )
     r.set_defaults(func=report)
 
     t = sub.add_parser(
@@ -156,15 +164,18 @@ def report(args: argparse.Namespace) -> None:
 
     if not args.run_dir.is_dir():
         raise UserError(f"{args.run_dir}: run directory not found")
-    if args.out is not None and args.costs is None:
-        raise UserError("--out: only with --costs (the run's own report stays in the run)")
+    for flag, value in (("--out", args.out), ("--before-note", args.before_note)):
+        if value is not None and args.costs is None:
+            raise UserError(f"{flag}: only with --costs (the run's own report stays in the run)")
     if args.costs is not None:
-        from crma.report.head_to_head import load_costs, write_head_to_head
+        from crma.report.head_to_head import load_costs, previous, write_head_to_head
 
         load_costs(args.costs)  # a bad file fails before anything is written
+        out = args.out or args.run_dir
+        before = previous(out)  # before build_report rewrites a run directory's report.json
     result = build_report(args.run_dir)
     if args.costs is not None:
-        write_head_to_head(args.run_dir, result, args.costs, args.out or args.run_dir)
+        write_head_to_head(args.run_dir, result, args.costs, out, before, args.before_note)
     print(drift_table(result))
 
 

@@ -7,6 +7,10 @@ of its own (crma-tied) takes the costs of the method it runs (crma); one with it
 columns until the benchmark measures it. The time each method took per domain in the run itself
 comes from its loss matrices (`train_seconds`, recorded by `crma run`): the benchmark's domains
 are small, and EWC's Fisher and InfLoRA's input statistics grow with a domain's examples.
+
+A table written over an earlier one keeps that one's rows whose numbers changed as the
+report's history ("before"), with the settings that changed, so a rerun after a fix or a
+new tuning budget shows what moved instead of erasing it.
 """
 
 from __future__ import annotations
@@ -143,9 +147,160 @@ def load_costs(path: Path) -> dict[str, Any]:
     return costs
 
 
-def write_head_to_head(run_dir: Path, report: dict[str, Any], costs_file: Path, out: Path) -> None:
-    """OUT/report.json (the run's report plus a `head_to_head` section) and OUT/report.md (the
-    table first, then the run's report); with OUT elsewhere, also its config.yaml and plots/."""
+def previous(out: Path) -> dict[str, Any] | None:
+    """The head-to-head OUT holds now (report.json with its table, and config.yaml), or None.
+    Read before `build_report` rewrites a run directory's report.json."""
+    path = out / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{path}: invalid JSON ({exc.msg}); delete it or write the table to another --out"
+        ) from None
+    if "head_to_head" not in report:
+        return None
+    config_path = out / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    return {"report": report, "config": config}
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values; an empty mapping has no leaves (as if left out)."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def setting_changes(then: dict[str, Any], now: dict[str, Any], *, shared_only: bool) -> list[str]:
+    """ "key: old → new" per setting that differs ("–": not given). `shared_only`: only keys
+    both name, for resolved configs, where a setting added since reads as its default in the
+    older run; a method entry names only what its author set, so every key counts there."""
+    a, b = _flat(then), _flat(now)
+    keys = a.keys() & b.keys() if shared_only else a.keys() | b.keys()
+    show = {
+        k: (json.dumps(a[k]) if k in a else "–", json.dumps(b[k]) if k in b else "–") for k in keys
+    }
+    return [f"{k}: {old} → {new}" for k, (old, new) in sorted(show.items()) if old != new]
+
+
+def _by_label(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m.get("label") or m["name"]: m for m in config.get("methods") or []}
+
+
+def _numbers(row: dict[str, Any]) -> tuple:
+    return tuple(
+        json.dumps(row.get(k), sort_keys=True)
+        for k in ("drift_mean", "drift_sd", "plasticity_vs_frozen_pct", "advantage_over_frozen")
+    )
+
+
+def history(
+    before: dict[str, Any] | None,
+    report: dict[str, Any],
+    config: dict[str, Any],
+    table: list[dict],
+    note: str | None,
+) -> list[dict[str, Any]]:
+    """The history the new table carries, newest first: the earlier table's entries, and,
+    when some of its rows' numbers differ from (or are missing in) the new table, those rows
+    as a new entry with the data and settings that changed."""
+    if before is None:
+        return []
+    earlier = before["report"].get("history") or []
+    now = {r["method"]: r for r in table}
+    replaced = [
+        r
+        for r in before["report"]["head_to_head"]
+        if _numbers(r) != _numbers(now.get(r["method"], {}))
+    ]
+    if not replaced:
+        return earlier
+    old_config, old_methods, new_methods = (
+        before["config"],
+        _by_label(before["config"]),
+        _by_label(config),
+    )
+    shared = setting_changes(
+        {k: v for k, v in old_config.items() if k != "methods"},
+        {k: v for k, v in config.items() if k != "methods"},
+        shared_only=True,
+    )
+    for r in replaced:
+        label = r["method"]
+        r["settings_changed"] = (
+            setting_changes(old_methods[label], new_methods[label], shared_only=False)
+            if label in old_methods and label in new_methods
+            else ["not in the new run"]
+        )
+    entry = {
+        "note": note,
+        "data": {"then": before["report"].get("data"), "now": report.get("data")},
+        "settings_changed": shared,
+        "rows": replaced,
+    }
+    return [entry, *earlier]
+
+
+def _then_now(then: dict | None, now: dict | None) -> str:
+    return f"{_pm(then)} → {_pm(now)}"
+
+
+def history_markdown(entries: list[dict[str, Any]], table: list[dict]) -> str:
+    """## Before: each replaced table's rows beside the current ones, newest first."""
+    now = {r["method"]: r for r in table}
+    lines = [
+        "## Before",
+        "",
+        "Rows of earlier head-to-head tables whose numbers changed when the table was written "
+        "again (newest first), beside the current row (then → now). Settings changed: those "
+        "both configs name; code changes are in the note.",
+    ]
+    for i, e in enumerate(entries, 1):
+        data = e["data"]
+        lines += ["", f"### {i}. {e['note'] or 'an earlier table'}", ""]
+        if data["then"] != data["now"]:
+            lines.append(f"Data: {json.dumps(data['then'])} → {json.dumps(data['now'])}.")
+        if e["settings_changed"]:
+            lines.append("Shared settings: " + "; ".join(e["settings_changed"]) + ".")
+        lines += [
+            "",
+            "| method | drift | plasticity | advantage | settings changed |",
+            "|---|---|---|---|---|",
+        ]
+        for r in e["rows"]:
+            c = now.get(r["method"], {})
+            drift = _then_now(
+                {"mean": r["drift_mean"], "sd": r["drift_sd"]},
+                {"mean": c["drift_mean"], "sd": c["drift_sd"]} if c else None,
+            )
+            cells = [
+                drift,
+                _then_now(r.get("plasticity_vs_frozen_pct"), c.get("plasticity_vs_frozen_pct")),
+                _then_now(r.get("advantage_over_frozen"), c.get("advantage_over_frozen")),
+                "; ".join(r["settings_changed"]) or "none",
+            ]
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_head_to_head(
+    run_dir: Path,
+    report: dict[str, Any],
+    costs_file: Path,
+    out: Path,
+    before: dict[str, Any] | None = None,
+    note: str | None = None,
+) -> None:
+    """OUT/report.json (the run's report plus a `head_to_head` section and its `history`) and
+    OUT/report.md (the table first, then what it replaced, then the run's report); with OUT
+    elsewhere, also its config.yaml and plots/. `before`: OUT's table as `previous` read it;
+    `note` names it in the history."""
     costs = load_costs(costs_file)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     names = {m["label"] or m["name"]: m["name"] for m in config["methods"] if not m.get("options")}
@@ -160,9 +315,14 @@ def write_head_to_head(run_dir: Path, report: dict[str, Any], costs_file: Path, 
         f"steps, batch {s['batch_size']} × {s['max_length']} tokens, {s['examples']} examples "
         f"per domain, {s['threads']} threads)."
     )
+    past = history(before, report, config, table, note)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", {**report, "head_to_head": table, "costs": source})
-    text = ["# Head to head", "", source, "", markdown(table), "", render_markdown(report)]
+    write_json(
+        out / "report.json", {**report, "head_to_head": table, "costs": source, "history": past}
+    )
+    text = ["# Head to head", "", source, "", markdown(table), ""]
+    text += [history_markdown(past, table), ""] if past else []
+    text.append(render_markdown(report))
     write_text(out / "report.md", "\n".join(text))
     if out.resolve() != run_dir.resolve():
         shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
