@@ -243,6 +243,22 @@ def test_units_record_their_data_and_reuse_takes_only_the_same(tiny_run, tmp_pat
     assert proc.returncode == 2 and "computed on other data" in proc.stderr
 
 
+def test_a_reuse_run_whose_config_no_longer_loads_is_passed_over(tmp_path, capsys):
+    """Committed trials outlive settings: one written by another crma version (a key this one
+    does not know) must not stop a run or a grid that only looks for units to copy."""
+    from crma.protocol.config import load_config
+    from crma.protocol.store import reusable_unit
+
+    config = load_config(TINY_CONFIG, ["methods=[naive]"])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text(TINY_CONFIG.read_text() + "eval: {not_a_key: 1}\n")
+    found = reusable_unit(config, config.methods[0], 0, 2, {}, [other])
+    assert found is None
+    out = capsys.readouterr().out
+    assert f"[naive seed 0] not reused from {other}" in out and "not_a_key" in out
+
+
 def test_units_from_before_the_corpus_tag_are_labelled_legacy(tmp_path):
     from crma.protocol.config import load_config
     from crma.provenance import LEGACY_CORPUS, data_identity, describe_data, recorded_data

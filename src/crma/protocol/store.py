@@ -43,7 +43,11 @@ def reusable_unit(
     for other in reuse:
         if not (other / "config.yaml").is_file():
             continue
-        theirs = load_config(other / "config.yaml")
+        try:
+            theirs = load_config(other / "config.yaml")
+        except UserError as exc:  # written by another crma version: train rather than fail
+            print(f"[{spec.key} seed {seed}] not reused from {other}: {exc}", flush=True)
+            continue
         if seed not in theirs.seeds:
             continue
         twins = [m.key for m in theirs.methods if unit_settings(theirs, m) == wanted]
