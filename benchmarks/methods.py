@@ -6,12 +6,16 @@ orthogonality loss, InfLoRA's subspace, OSF's merged subspace). Then, in `--roun
 each visiting the methods in a rotated order (so machine noise and drift hit all alike), a
 fresh copy of each method's domain-1 stack learns domain 2 with `--steps` steps, timed. All
 methods share one base model (deep-copied per run), LoRA r=8 on PEFT's default targets, the
-default CRMA backbone, each method's default options, seed 0 and fp32. `naive` is always run:
-it is the reference of the "+trainable", "step x" and "domain x" columns. What each column
-measures exactly is printed under the table (`COLUMNS`).
+default CRMA backbone, each method's default options, seed 0 and fp32. With `--config`, the
+conditions are a protocol config's method entries instead, each with its own options, LoRA
+and backbone settings, named by its label (osf-qv's budget-matched OSF, replay at its tuned
+ratio): the costs of exactly what that head-to-head runs. `naive` is always run: it is the
+reference of the "+trainable", "step x" and "domain x" columns. What each column measures
+exactly is printed under the table (`COLUMNS`).
 
     OMP_WAIT_POLICY=PASSIVE nice -n 10 .venv/bin/python benchmarks/methods.py \\
-        [--methods naive,crma,ewc] [--rounds 3] [--steps 6] [--out results/benchmarks/methods]
+        [--methods naive,crma,ewc | --config configs/baselines.yaml] [--rounds 3] [--steps 6] \\
+        [--out results/benchmarks/methods]
 """
 
 from __future__ import annotations
@@ -173,12 +177,9 @@ class Bench:
         )
         self.accelerator = Accelerator(cpu=True)
 
-    def open(self, path: Path, method: str | None = None):
-        from crma.backbone import CRMAConfig
-        from crma.continual import ContinualModel, StackSpec
-        from crma.engine import LoraSettings
-
-        spec = StackSpec(method, {}, LoraSettings(), CRMAConfig()) if method else None
+    def open(self, path: Path, spec=None):
+        """The stack at `path`, created with `spec` (a StackSpec) if it is new."""
+        from crma.continual import ContinualModel
 
         def fresh_model():  # attach_crma and OSF's merges change the model: one copy per stack
             return copy.deepcopy(self.base), self.tokenizer
@@ -193,9 +194,9 @@ class Bench:
         cm.add_domain(name, examples, self.config, self.accelerator, 0, metrics, {"method": method})
         return time.perf_counter() - start
 
-    def build(self, method: str) -> None:
-        """The method's stack after domain 1, kept as the template of every timed run."""
-        self.add(self.open(self.folder / method, method), 0, method)
+    def build(self, method: str, spec) -> None:
+        """The condition's stack after domain 1, kept as the template of every timed run."""
+        self.add(self.open(self.folder / method, spec), 0, method)
         gc.collect()
 
     def time_domain_2(self, method: str) -> dict[str, Any]:
@@ -281,19 +282,36 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Build every method's domain-1 stack, time domain 2 in rotated rounds, summarise."""
+def conditions(args: argparse.Namespace) -> dict[str, Any]:
+    """Name -> StackSpec of every condition to measure, naive first: each method at its
+    defaults, or `--config`'s method entries (by label) with their own settings."""
+    from crma.backbone import CRMAConfig
+    from crma.continual import StackSpec
+    from crma.engine import LoraSettings
     from crma.methods import METHODS
 
-    methods = list(dict.fromkeys(["naive", *args.methods.split(",")]))
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
+    default = {m: StackSpec(m, {}, LoraSettings(), CRMAConfig()) for m in METHODS}
+    if args.config is not None:
+        from crma.protocol.config import load_config, method_settings
+
+        config = load_config(args.config)
+        specs = {m.key: method_settings(config, m)[0] for m in config.methods}
+        return {"naive": specs.get("naive", default["naive"])} | specs
+    names = list(dict.fromkeys(["naive", *(args.methods or ",".join(METHODS)).split(",")]))
+    if unknown := [m for m in names if m not in METHODS]:
         raise SystemExit(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    return {m: default[m] for m in names}
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Build every condition's domain-1 stack, time domain 2 in rotated rounds, summarise."""
+    specs = conditions(args)
+    methods = list(specs)
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args, Path(tmp))
         for method in methods:
-            bench.build(method)
+            bench.build(method, specs[method])
         for k in range(args.rounds):
             for method in methods[k % len(methods) :] + methods[: k % len(methods)]:
                 runs[method].append(bench.time_domain_2(method))
@@ -307,7 +325,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--base", default="embedded", help="base model (embedded or a path)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list (naive added)")
+    parser.add_argument(
+        "--methods", default=None, help=f"comma list (naive added; default: {','.join(METHODS)})"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="a protocol config (configs/baselines.yaml): measure its method entries, each "
+        "with its own options, LoRA and backbone settings, named by label (instead of --methods)",
+    )
     parser.add_argument(
         "--domains",
         default="medical,code",
@@ -321,6 +348,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, help="write OUT.md and OUT.json")
     args = parser.parse_args(argv)
+    if args.config is not None and args.methods is not None:
+        parser.error("--methods: not with --config (the config's entries are the conditions)")
+    if args.config is not None and not args.config.is_file():
+        parser.error(f"--config: {args.config}: no such file")
     if args.steps < 3:
         parser.error("--steps must be >= 3 (the first and last steps are not timed)")
     if len(args.domains.split(",")) != 2:
@@ -345,7 +376,11 @@ def main(argv: list[str] | None = None) -> None:
         write_json(
             args.out.with_suffix(".json"),
             {
-                "settings": {**vars(args), "out": str(args.out)},
+                "settings": {
+                    **vars(args),
+                    "out": str(args.out),
+                    "config": args.config and str(args.config),
+                },
                 "columns": COLUMNS,
                 "methods": rows,
             },

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from helpers import TINY_BASE, TINY_DATA
+import pytest
+import yaml
+from helpers import ROOT, TINY_BASE, TINY_CONFIG, TINY_DATA
 from transformers import AutoConfig, AutoTokenizer
 
 from benchmarks import methods as bench_methods
@@ -49,3 +51,46 @@ def test_cost_columns(tmp_path):
 
     # naive and replay share one LoRA; crma has one per domain.
     assert crma["adapters"] == 2 * naive["adapters"] == 2 * replay["adapters"] > 0
+
+
+def test_a_config_s_entries_are_measured_with_their_own_settings(tmp_path):
+    """`--config`: each method entry by its label, with its options and the config's LoRA:
+    the budget-matched OSF trains r·(d_out + d_in + 1) per targeted matrix, not OSF's default."""
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    qv = {"target_modules": ["q_proj", "v_proj"], "trainable_rank": 2}
+    config["methods"] = ["naive", {"name": "osf", "label": "osf-qv", "options": qv}]
+    config["base"] = str(TINY_BASE)
+    for d in config["domains"]:
+        d.update({k: str(ROOT / d[k]) for k in ("train", "holdout")})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "methods"
+    bench_methods.main(
+        ["--base", str(TINY_BASE), "--config", str(path), "--rounds", "1", "--steps", "3"]
+        + ["--domains", ",".join(map(str, FILES)), "--examples", str(EXAMPLES)]
+        + ["--max-length", str(MAX_LENGTH), "--threads", "1", "--out", str(out)]
+    )
+    rows = json.loads(out.with_suffix(".json").read_text())["methods"]
+    assert list(rows) == ["naive", "osf-qv"]
+    cfg = AutoConfig.from_pretrained(TINY_BASE)
+    d, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    budget = cfg.num_hidden_layers * 2 * ((d + d + 1) + (kv + d + 1))
+    assert rows["osf-qv"]["trainable"] == budget
+    # naive: the config's LoRA (r 4 on all seven projections), not PEFT's default q/v at r 8
+    lora = config["lora"]["r"] * sum(
+        a + b for a, b in [(d, d), (d, kv), (d, kv), (d, d)] + 3 * [(d, cfg.intermediate_size)]
+    )
+    assert rows["naive"]["trainable"] == cfg.num_hidden_layers * lora
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--config", "nope.yaml"], "--config: nope.yaml: no such file"),
+        (["--config", str(TINY_CONFIG), "--methods", "crma"], "--methods: not with --config"),
+    ],
+)
+def test_bad_benchmark_arguments_exit_2_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_methods.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
