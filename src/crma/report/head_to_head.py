@@ -221,11 +221,8 @@ def history(
     ]
     if not replaced:
         return earlier
-    old_config, old_methods, new_methods = (
-        before["config"],
-        _by_label(before["config"]),
-        _by_label(config),
-    )
+    old_config = before["config"]
+    old_methods, new_methods = _by_label(old_config), _by_label(config)
     shared = setting_changes(
         {k: v for k, v in old_config.items() if k != "methods"},
         {k: v for k, v in config.items() if k != "methods"},
