@@ -15,7 +15,7 @@ from helpers import ROOT, TINY_CONFIG, run_crma
 
 from crma import tune
 from crma.errors import UserError
-from crma.protocol.config import load_config
+from crma.protocol.config import load_config, unit_settings
 
 GRIDS = sorted((ROOT / "configs" / "tuning").glob("*.yaml"))
 
@@ -63,6 +63,28 @@ def test_one_budget_for_every_condition_of_the_head_to_head():
     for name, grid in tuned.items():
         axes = tune.parse_axes(yaml.safe_load(grid.read_text()))
         assert (len(axes) == 1) == (name in strengthless), name
+
+
+HEAD_TO_HEAD = [ROOT / "configs" / name for name in ("baselines.yaml", "paper.yaml")]
+
+
+@pytest.mark.parametrize("config_path", HEAD_TO_HEAD, ids=lambda p: p.stem)
+def test_the_configs_run_each_finished_grids_choice(config_path: Path):
+    """A grid written by `crma tune` names each method's chosen entry; the configs that run
+    the holdout protocol must hold exactly those settings (copied by hand after a grid)."""
+    config = load_config(config_path)
+    specs = {m.key: m for m in config.methods}
+    checked = 0
+    for results in sorted((ROOT / "results" / "tuning").glob("*.json")):
+        for name, entry in json.loads(results.read_text()).get("selected_entries", {}).items():
+            if name not in specs:
+                continue
+            chosen = load_config(config_path, [f"methods={json.dumps([entry])}"])
+            assert unit_settings(config, specs[name]) == unit_settings(chosen, chosen.methods[0]), (
+                f"{config_path.name}: {name} is not {results.name}'s choice {entry}"
+            )
+            checked += 1
+    assert checked or config_path.name == "paper.yaml"
 
 
 def test_ewc_lambda_spans_six_decades():
