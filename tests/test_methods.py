@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tiny import tiny_model, tiny_tokenizer
 
 from crma import UserError
-from crma.batching import batch_order, collate
+from crma.batching import batch_order, collate, first_drawn
 from crma.engine import Engine, LoraSettings
 from crma.methods import Task, make_method
 from crma.methods.base import domain_adapter as ad
@@ -166,8 +167,9 @@ def test_ewc_fisher_is_the_raw_empirical_fisher_accumulated_online(tmp_path):
 # -- replay -------------------------------------------------------------------------------------
 def stream(method, engine: Engine, task: Task, data, steps: int = 8, batch_size: int = 4) -> None:
     """What the trainer does to a method's data, without training: the same batch order."""
-    method.begin_task(engine, task, data)
     order = batch_order(len(data), batch_size, steps, task.rng_seed("data"))
+    task = replace(task, train_indices=first_drawn(order))
+    method.begin_task(engine, task, data)
     for step, indices in enumerate(order):
         method.batch_examples(task, step, [data[j] for j in indices])
     method.end_task(engine, task, data)
@@ -214,29 +216,6 @@ def test_replay_stores_only_examples_the_domain_trained_on(tmp_path):
         assert len(set(stored)) == len(stored) == min(per_domain, 32)
         assert set(stored) <= seen, f"replayed examples never trained on: {set(stored) - seen}"
     assert set(stored) == seen, "a memory larger than the stream keeps all of it"
-
-
-def test_replay_memory_is_the_same_after_a_resume_mid_domain():
-    data, task = domain(10, n=40, seed=3), Task(1, "beta", 0)
-    order = batch_order(len(data), 4, 8, task.rng_seed("data"))
-    whole, engine = make_method("replay", {"per_domain": 10}), new_engine()
-    stream(whole, engine, task, data)
-
-    killed = make_method("replay", {"per_domain": 10})
-    killed.begin_task(new_engine(), task, data)
-    for step in range(5):
-        killed.batch_examples(task, step, [data[j] for j in order[step]])
-    checkpoint = killed.state_tensors()  # what the trainer saves every checkpoint_every steps
-    assert checkpoint["trained"].numel() > 0
-
-    resumed, engine = make_method("replay", {"per_domain": 10}), new_engine()
-    fresh = [dict(e) for e in data]  # a new process reads the data again: new objects
-    resumed.begin_task(engine, task, fresh)
-    resumed.load_state_tensors(checkpoint)
-    for step in range(5, 8):
-        resumed.batch_examples(task, step, [fresh[j] for j in order[step]])
-    resumed.end_task(engine, task, fresh)
-    assert resumed.memory == whole.memory and "trained" not in resumed.state_tensors()
 
 
 def test_replay_mixes_earlier_domains_into_each_batch_deterministically(tmp_path):
@@ -414,6 +393,24 @@ def test_inflora_new_down_projection_is_orthogonal_to_earlier_inputs_and_frozen(
         "B trained"
     )
     assert method.eval_adapters("alpha") == [ad("alpha"), ad("beta")]
+
+
+def test_inflora_measures_only_the_examples_the_domain_trains_on(tmp_path):
+    """8 steps of 4 draw 32 of 40 examples: the memory is the authors' update over the inputs
+    of those 32 (as the authors' loader holds exactly the data they train on), not of all 40."""
+    data = domain(10, n=40, seed=3)
+    engine, method = new_engine(), make_method("inflora")
+    train(engine, method, "alpha", 0, data, tmp_path)
+    drawn = first_drawn(batch_order(40, 4, 8, Task(0, "alpha", 0).rng_seed("data")))
+    assert len(drawn) == 32
+    trained = input_covariances(engine, list(method.memory), [data[i] for i in drawn])
+    everything = input_covariances(engine, list(method.memory), data)
+    for m, basis in method.memory.items():
+        want = authors_update_dual_gpm(None, trained[m], 0.95)
+        assert torch.allclose(projector(basis), projector(want), atol=1e-4), m
+    assert any(not torch.allclose(trained[m], everything[m], atol=1e-4) for m in method.memory), (
+        "the unseen 8 change the statistics, so the test can tell them apart"
+    )
 
 
 # -- options --------------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ def batch_order(n_examples: int, batch_size: int, steps: int, seed: int) -> list
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+def first_drawn(order: list[list[int]]) -> tuple[int, ...]:
+    """Each index of `order` once, in the order first drawn: the examples a domain trains on."""
+    return tuple(dict.fromkeys(i for batch in order for i in batch))
+
+
 def steps_for(n_examples: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
     if max_steps:
         return max_steps

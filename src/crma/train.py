@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from crma.batching import batch_order, collate, shard, steps_for
+from crma.batching import batch_order, collate, first_drawn, shard, steps_for
 from crma.checkpoint import Checkpoint, file_size
 from crma.distributed import gather_rows, label_tokens, refuse_unsupported, uses_fsdp
 from crma.engine import Engine
@@ -165,6 +165,9 @@ class Trainer:
                 f"micro-batches on each of {acc.num_processes} processes; use at least "
                 f"{acc.num_processes * cfg.grad_accum}"
             )
+        steps = steps_for(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps)
+        order = batch_order(len(examples), cfg.batch_size, steps, task.rng_seed("data"))
+        task = replace(task, train_indices=first_drawn(order))
         self.method.begin_task(engine, task, examples)
         groups = self.method.trainable_groups(engine, task)
         for group in groups:
@@ -183,8 +186,6 @@ class Trainer:
                 shards = [row[0] for row in gather_rows(acc, [zero.base_share])]
         optimizer = zero or optimizer
         zclip = ZClip(max_norm=1.0) if cfg.zclip else None
-        steps = steps_for(len(examples), cfg.batch_size, cfg.epochs, cfg.max_steps)
-        order = batch_order(len(examples), cfg.batch_size, steps, task.rng_seed("data"))
         torch.manual_seed(task.rng_seed("dropout"))
 
         named = {n: p for n, p in engine.model.named_parameters() if p.requires_grad}

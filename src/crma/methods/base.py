@@ -29,6 +29,13 @@ class Task:
     index: int
     domain: str
     seed: int
+    # Indices into the domain's examples that its optimizer steps draw, each once, in the
+    # order first drawn; set by the trainer (empty: not known, e.g. outside a trainer).
+    train_indices: tuple[int, ...] = ()
+
+    def trained_examples(self, examples: list[Example]) -> list[Example]:
+        """The examples this domain trains on (with `max_steps`, maybe fewer than it has)."""
+        return [examples[i] for i in self.train_indices] if self.train_indices else examples
 
     def rng_seed(self, purpose: str) -> int:
         """A seed for `purpose` that depends only on (seed, index, domain), stable across runs."""

@@ -76,7 +76,8 @@ class Inflora(SummedLoras):
 
     Adaptation from ViT classification to causal LMs: the adapted layers are the run's LoRA
     targets (ViT: k and v of each attention block); H holds every non-padding token position
-    of the domain's training examples, run through the current model (ViT: every patch token);
+    of the examples the domain trains on, run through the current model (ViT: every patch
+    token of the task's training set, which the authors train on for several epochs);
     there are no per-task class heads. M itself is stored (d_in × k floats per layer), not
     DualGPM's complement when k > d_in/2, a storage saving only.
     """
@@ -92,7 +93,7 @@ class Inflora(SummedLoras):
     def begin_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
         super().begin_task(engine, task, examples)
         self._down = lora_matrices(engine, self.adapter_name(task.domain), "lora_A")
-        covariances = input_covariances(engine, list(self._down), examples)
+        covariances = input_covariances(engine, list(self._down), task.trained_examples(examples))
         with torch.no_grad():
             for module, down in self._down.items():
                 cov = covariances[module]
@@ -104,7 +105,7 @@ class Inflora(SummedLoras):
         return [{"name": "lora", "params": list(ups.values())}]
 
     def end_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
-        covariances = input_covariances(engine, list(self._down), examples)
+        covariances = input_covariances(engine, list(self._down), task.trained_examples(examples))
         threshold = self.threshold(learnt=len(self.earlier_adapters(task)))
         for module, cov in covariances.items():
             memory = self._memory(module, cov.device)

@@ -35,10 +35,10 @@ class Replay(SharedLora):
     Only examples the domain actually trained on enter the memory: with `max_steps` a domain
     may train on fewer examples than it has (the paper protocol: 16 × 8 = 128 of 500), and
     storing unseen ones would give replay extra data of earlier domains that no other method
-    gets. The stream is recorded as `batch_examples` sees it (each distinct example once, in
-    the order first trained) and saved in checkpoints, so a resumed domain keeps the same
-    memory. All draws are seeded by (seed, domain, step). The memory holds token ids, not
-    text, and lives in the stack's method state.
+    gets. The stream is the trainer's (`Task.train_indices`: each distinct example once, in
+    the order first drawn), a function of the seed, so a resumed domain keeps the same memory.
+    All draws are seeded by (seed, domain, step). The memory holds token ids, not text, and
+    lives in the stack's method state.
     """
 
     name = "replay"
@@ -47,16 +47,8 @@ class Replay(SharedLora):
     def __init__(self, options: ReplayOptions | None = None):
         super().__init__(options)
         self.memory: dict[str, list[Example]] = {}  # domain -> its kept examples
-        self._position: dict[int, int] = {}  # id(example) -> its index in the domain's data
-        self._trained: dict[int, None] = {}  # indices trained on so far, in first-seen order
-
-    def begin_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
-        super().begin_task(engine, task, examples)
-        self._position = {id(e): i for i, e in enumerate(examples)}
-        self._trained = {}  # a resumed domain gets its stream back from the checkpoint
 
     def batch_examples(self, task: Task, step: int, batch: list[Example]) -> list[Example]:
-        self._trained.update(dict.fromkeys(self._position[id(e)] for e in batch))
         pool = [
             e
             for domain in sorted(self.memory)
@@ -70,14 +62,13 @@ class Replay(SharedLora):
         return batch + [pool[i] for i in torch.randperm(len(pool), generator=gen)[:k].tolist()]
 
     def end_task(self, engine: Engine, task: Task, examples: list[Example]) -> None:
-        stream = list(self._trained)
+        stream = task.trained_examples(examples)
         keep = reservoir_sample(len(stream), self.options.per_domain, task.rng_seed("reservoir"))
-        self.memory[task.domain] = [examples[stream[i]] for i in keep]
-        self._trained = {}
+        self.memory[task.domain] = [stream[i] for i in keep]
         super().end_task(engine, task, examples)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {"trained": torch.tensor(list(self._trained))} if self._trained else {}
+        out = {}
         for domain, kept in self.memory.items():
             out[f"memory/{domain}/lengths"] = torch.tensor([len(e["input_ids"]) for e in kept])
             for field in ("input_ids", "labels"):
@@ -85,7 +76,6 @@ class Replay(SharedLora):
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._trained = dict.fromkeys(tensors["trained"].tolist()) if "trained" in tensors else {}
         self.memory = {}
         for key in tensors:
             if key.startswith("memory/") and key.endswith("/lengths"):
