@@ -117,9 +117,9 @@ class Method:
     def batch_examples(self, task: Task, step: int, batch: list[Example]) -> list[Example]:
         """The examples optimizer step `step` trains on, given the new domain's `batch`.
 
-        `batch` holds the very objects of the list `begin_task` received, so a method can tell
-        which of them were trained on. Replay mixes stored examples in here. The result may depend only on (task, step, batch)
-        and the method's state, so that a resumed run sees the same batches.
+        Replay mixes stored examples in here. The result may depend only on (task, step,
+        batch) and the method's state, so that a resumed run sees the same batches (which
+        examples the domain draws at all: `task.train_indices`).
         """
         return batch
 
