@@ -89,7 +89,14 @@ def test_the_configs_run_each_finished_grids_choice(config_path: Path):
     specs = {m.key: m for m in config.methods}
     checked = 0
     for results in sorted((ROOT / "results" / "tuning").glob("*.json")):
-        for name, entry in chosen_entries(json.loads(results.read_text())).items():
+        data = json.loads(results.read_text())
+        grid = ROOT / data.get("grid_file", "-")
+        if (
+            not grid.is_file()
+            or ROOT / yaml.safe_load(grid.read_text())["config"] not in HEAD_TO_HEAD
+        ):
+            continue  # another protocol's choices (configs/long.yaml's grids) or no grid
+        for name, entry in chosen_entries(data).items():
             if name not in specs:
                 continue
             chosen = load_config(config_path, [f"methods={json.dumps([entry])}"])
