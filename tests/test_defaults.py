@@ -26,10 +26,12 @@ def test_crma_config_defaults_are_the_validated_rates():
 
 
 def test_train_default_lr_is_crmas_validated_lora_rate():
-    """`crma train` and the Python API train crma's LoRA at the rate both protocols chose."""
-    for grid in ("paper-lr", "long-crma"):
-        selected = json.loads((ROOT / f"results/tuning/{grid}.json").read_text())["selected"]
-        assert selected["crma"] == f"lr={TrainConfig().lr}", grid
+    """`crma train` and the Python API train crma's LoRA at the rate the long protocol chose.
+
+    The paper protocol's grid (paper-crma) chooses its own rate, which configs/paper.yaml sets.
+    """
+    selected = json.loads((ROOT / "results/tuning/long-crma.json").read_text())["selected"]
+    assert selected["crma"] == f"lr={TrainConfig().lr}"
 
 
 @pytest.mark.parametrize("preset", ["paper", "long", "baselines", "demo"])

@@ -44,8 +44,8 @@ class TrainConfig(Settings):
     lr: float = setting(
         3e-3,
         "LoRA learning rate (CRMA groups use crma.lr_*); the default is crma's, chosen on "
-        "validation in the paper and the long protocol (results/tuning/paper-lr.md, "
-        "long-crma.md); other methods' choices are in configs/ (naive: 3e-4)",
+        "validation in the long protocol (results/tuning/long-crma.md); other choices, the "
+        "paper protocol's included, are in configs/ (naive: 3e-4)",
         gt=0,
     )
     batch_size: int = setting(8, "examples per optimizer step (global, across processes)", ge=1)
