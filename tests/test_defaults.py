@@ -1,41 +1,57 @@
-"""The package defaults are the settings the validation split chose, and the presets use them."""
+"""The package defaults are the long protocol's settings, chosen on validation, and the
+presets train crma at the settings their own protocol chose."""
 
 import json
 from pathlib import Path
 
 import pytest
+import yaml
 
+from crma import tune
 from crma.backbone import CRMAConfig
 from crma.protocol.config import load_config, method_settings
 from crma.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS = ("lr_projections", "lr_mix", "lr_gate")
+LONG_GRID = yaml.safe_load((ROOT / "configs/tuning/long-crma.yaml").read_text())
 
 
-def chosen(label: str) -> dict[str, float]:
-    """A condition's selected CRMA learning rates in the committed tuning result."""
+def backbone_rates(label: str) -> dict[str, float]:
+    """The backbone rates the long protocol's grid ran `label` at."""
+    config = next(c for _, c in tune.trial_configs(LONG_GRID) if c.methods[0].key == label)
+    backbone = method_settings(config, config.methods[0])[0].crma
+    return {key: getattr(backbone, key) for key in LRS}
+
+
+def paper_choice(label: str) -> dict[str, float]:
+    """A condition's CRMA learning rates chosen for the paper protocol."""
     selected = json.loads((ROOT / "results/tuning/paper-crma.json").read_text())["selected"]
     pairs = (item.split("=") for item in selected[label].split(","))
     return {key: float(value) for key, value in pairs}
 
 
-def test_crma_config_defaults_are_the_validated_rates():
+def test_crma_config_defaults_are_the_long_protocols_rates():
     config = CRMAConfig()
-    assert {key: getattr(config, key) for key in LRS} == chosen("crma")
+    assert {key: getattr(config, key) for key in LRS} == backbone_rates("crma")
 
 
 def test_train_default_lr_is_crmas_validated_lora_rate():
-    """`crma train` and the Python API train crma's LoRA at the rate the long protocol chose.
-
-    The paper protocol's grid (paper-crma) chooses its own rate, which configs/paper.yaml sets.
-    """
+    """`crma train` and the Python API train crma's LoRA at the rate the long protocol chose."""
     selected = json.loads((ROOT / "results/tuning/long-crma.json").read_text())["selected"]
     assert selected["crma"] == f"lr={TrainConfig().lr}"
 
 
-@pytest.mark.parametrize("preset", ["paper", "long", "baselines", "demo"])
-def test_presets_train_crma_at_the_validated_rates(preset):
+@pytest.mark.parametrize(
+    ("preset", "chosen"),
+    [
+        ("paper", paper_choice),
+        ("baselines", paper_choice),
+        ("long", backbone_rates),
+        ("demo", backbone_rates),
+    ],
+)
+def test_presets_train_crma_at_the_validated_rates(preset, chosen):
     config = load_config(ROOT / "configs" / f"{preset}.yaml")
     crma_like = [spec for spec in config.methods if spec.name in ("crma", "crma-task1")]
     assert crma_like, f"{preset} has no CRMA condition"

@@ -59,8 +59,9 @@ class CRMAConfig(Settings):
     alpha_init: float = setting(0.1, "initial gate α = exp(log_alpha)", gt=0, le=10)
     temperature: float = setting(1.0, "Sinkhorn temperature τ in M = Sinkhorn(exp(Λ/τ))", gt=0)
     sinkhorn_iters: int = setting(20, "log-space Sinkhorn warm-start iterations", ge=1)
-    # The learning rates the validation split chose for the untied variant (the tied one
-    # chose 10/3 of each): results/tuning/paper-crma.md, pinned by tests/test_defaults.py.
+    # The long protocol's rates (configs/long.yaml, which pins them; the paper protocol's
+    # validation chose them on corpus format 1, results/tuning/long-crma.md keeps them at the
+    # long length). Presets set their own protocol's choice; tests/test_defaults.py checks.
     lr_projections: float = setting(3e-4, "learning rate of read/write projections", gt=0)
     lr_mix: float = setting(3e-3, "learning rate of log_mix", gt=0)
     lr_gate: float = setting(3e-4, "learning rate of log_alpha", gt=0)
