@@ -26,9 +26,8 @@ def backbone_rates(label: str) -> dict[str, float]:
 
 def paper_choice(label: str) -> dict[str, float]:
     """A condition's CRMA learning rates chosen for the paper protocol."""
-    selected = json.loads((ROOT / "results/tuning/paper-crma.json").read_text())["selected"]
-    pairs = (item.split("=") for item in selected[label].split(","))
-    return {key: float(value) for key, value in pairs}
+    results = json.loads((ROOT / "results/tuning/paper-crma.json").read_text())
+    return {key: float(results["selected_entries"][label]["crma"][key]) for key in LRS}
 
 
 def test_crma_config_defaults_are_the_long_protocols_rates():
