@@ -376,3 +376,19 @@ def test_earlier_trials_skip_temporary_and_vanishing_directories(tmp_path, monke
 
     monkeypatch.setattr(os, "scandir", renamed_away)
     assert tune.earlier_trials(tmp_path) == [tmp_path / "ewc/ewc/lr=0.001"]
+
+
+def test_the_first_axis_choice_competes_on_the_second_at_the_entrys_own_value():
+    # The entry's own s (5) lies between the second axis's values: its trial, run on the
+    # first axis, is the best stable point on the s line, so it stays chosen (not rerun).
+    run, ran = synthetic(lambda lr, s: 1.0 - s / 10, lambda lr, s: abs(math.log10(lr) + 3) + s)
+    spec = {
+        "methods": [{"name": "m", "options": {"s": 5}}],
+        "axes": [LR, {**S, "values": [4, 6, 8]}],
+    }
+    trials, chosen, entries = tune.tune_axes(spec, run)
+    second = [t["point"]["s"] for t in trials if t["axis"] == "s"]
+    assert second == [4, 6, 8], "6 is its own interior choice: no extension"
+    assert chosen == {"m": "lr=0.001"}
+    assert entries["m"] == {"name": "m", "options": {"s": 5}, "train": {"lr": 0.001}}
+    assert len(ran) == len(trials)

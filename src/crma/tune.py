@@ -138,6 +138,17 @@ class Axis:
             raise UserError(f"{where}: values {axis.values} outside limits {axis.limits}")
         return axis
 
+    def value_in(self, entry: dict) -> float | None:
+        """The value a method entry itself sets on this axis (None if it sets none)."""
+        if not self.key:
+            return None
+        node: Any = entry
+        for section in self.key.split("."):
+            if not isinstance(node, dict) or section not in node:
+                return None
+            node = node[section]
+        return float(node) if isinstance(node, int | float) else None
+
     def apply(self, entry: dict, value: float) -> None:
         """Set this axis's setting(s) to `value` in a method entry, in place."""
         settings = (
@@ -186,10 +197,18 @@ def configured(entry: dict, axes: list[Axis], point: dict[str, float]) -> dict:
 
 
 def tune_axis(
-    label: str, entry: dict, axes: list[Axis], axis: Axis, point: dict[str, float], run: RunTrial
-) -> tuple[list[dict], float]:
+    label: str,
+    entry: dict,
+    axes: list[Axis],
+    axis: Axis,
+    point: dict[str, float],
+    run: RunTrial,
+    carried: dict | None = None,
+) -> tuple[list[dict], dict]:
     """One axis at `point` (the earlier axes' choices): its trials, extended past the edge
-    while the choice sits there and the limits allow, and the value chosen."""
+    while the choice sits there and the limits allow, and the chosen trial. `carried`, the
+    earlier axis's chosen trial, lies on this axis at the entry's own value: when that value
+    is not among the axis's, it competes in the final choice too (already run, not rerun)."""
     trials: list[dict] = []
     pending = list(axis.values)
     while pending:
@@ -201,14 +220,19 @@ def tune_axis(
                 {"method": label, "axis": axis.name, "extension": extension, "point": at}
                 | {"entry": method, "scores": {label: run(label, method, at)}}
             )
-        name = select(trials)[label]
-        chosen = next(t["point"][axis.name] for t in trials if trial_name(t["point"]) == name)
+        chosen = by_name(trials, select(trials)[label])["point"][axis.name]
         beyond = next_beyond(axis, [t["point"][axis.name] for t in trials], chosen)
         pending = [] if beyond is None else [beyond]
     tried = [t["point"][axis.name] for t in trials]
     if chosen in (min(tried), max(tried)):  # the limits stopped the extension: say so
         next(t for t in trials if t["point"][axis.name] == chosen)["at_limit"] = True
-    return trials, chosen
+    own = axis.value_in(entry)
+    line = [carried] if carried and own is not None and own not in axis.values else []
+    return trials, by_name(line + trials, select(line + trials)[label])
+
+
+def by_name(trials: list[dict], name: str) -> dict:
+    return next(t for t in trials if trial_name(t["point"]) == name)
 
 
 def tune_method(
@@ -216,11 +240,12 @@ def tune_method(
 ) -> tuple[list[dict], dict[str, float]]:
     """Tune one method along `axes` in order; returns its trials and the chosen point."""
     trials: list[dict] = []
-    point: dict[str, float] = {}
+    winner = None
     for axis in axes:
-        mine, point[axis.name] = tune_axis(label, entry, axes, axis, point, run)
+        point = winner["point"] if winner else {}
+        mine, winner = tune_axis(label, entry, axes, axis, point, run, winner)
         trials += mine
-    return trials, point
+    return trials, winner["point"]
 
 
 def method_entry(item: Any) -> dict:
