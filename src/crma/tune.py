@@ -7,7 +7,8 @@ A grid file names a base run config, fixed overrides, and either
   axes in order, each axis at the values chosen on the axes before it. Whenever a method's
   chosen value sits at an edge of the values tried, the next point one step beyond that edge
   is tried too (see `next_beyond`), until the choice is interior or the axis's `limits` stop
-  it; or
+  it. The earlier axis's chosen trial sits on the next axis at the entry's own value, and
+  competes in that axis's choice when the axis's values skip it; or
 - `grid: {key: [values]}` (every combination) or `points: [...]` (as listed): fixed trials.
 
 Every trial is one protocol run with `corpus.split=validation` (it cannot see the holdout),
