@@ -178,6 +178,7 @@ CASES = [
     (["run", "configs/long.yaml", "--out", "{ws}/run", "--set", "eval.qa=true", "--set", "eval.qa_mmlu=299", "--set", "eval.route_questions=10"], "eval.qa_mmlu=299 scores; use a divisor of 300"),
     (RUN + ["--set", "corpus.split=test"], "corpus: split: expected one of holdout, validation, got 'test'"),
     (RUN + ["--set", "nosuchkey=1"], "unknown key 'nosuchkey'"),
+    (RUN + ["--only", "ewc"], "tiny.yaml; its conditions: naive, frozen, crma"),
     (RUN + ["--set", "train.lr=fast"], "train: lr: expected a finite number > 0, got 'fast'"),
     (RUN + ["--set", "methods=[{name: crma, crma: {variant: loose}}]"], "methods[crma].crma: variant: expected one of untied, tied, got 'loose'"),
     (RUN + ["--set", "methods=[{name: ewc, options: {ewc_lambda: -1}}]"], "methods[ewc] options: ewc_lambda: expected a finite number >= 0, got -1"),

@@ -218,6 +218,18 @@ def test_reuse_copies_identical_conditions_only(tiny_run, tmp_path):
 
 
 @pytest.mark.integration
+def test_only_runs_the_named_conditions_with_their_settings(tiny_run, tmp_path):
+    lane = tmp_path / "lane"
+    proc = run_crma(
+        "run", str(TINY_CONFIG), "--out", str(lane), "--only", "crma", "--only", "naive",
+        "--reuse", str(tiny_run),
+    )  # fmt: skip
+    assert "[crma seed 0] reused from" in proc.stdout, "the config's crma settings, unchanged"
+    assert sorted(load(lane / "report.json")["methods"]) == ["crma", "naive"]
+    assert not (lane / "frozen").exists()
+
+
+@pytest.mark.integration
 def test_units_record_their_data_and_reuse_takes_only_the_same(tiny_run, tmp_path):
     from crma.model import file_sha256
 

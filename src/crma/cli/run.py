@@ -49,6 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="copy finished (method, seed) results from another run directory where that method's "
         "settings, data and seed are identical, instead of training them again; repeatable",
     )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="run only this condition of the config (its label, or its name when it has none), "
+        "with all its settings; repeatable. One process per condition and seed, exported, "
+        "then assembled with --reuse: how long comparisons run on several cores",
+    )
     p.set_defaults(func=run)
 
     e = sub.add_parser(
@@ -150,12 +159,25 @@ def config_keys() -> str:
 def run(args: argparse.Namespace) -> None:
     from crma.report.markdown import drift_table
 
-    config = load_config(args.config, args.set)
+    config = only(load_config(args.config, args.set), args.only, args.config)
     out = args.out or Path("runs") / args.config.stem
     result = ProtocolRun(config, out, reuse=args.reuse).run()
     if result is not None:
         print(f"\nDrift (%), positive = forgetting — {out / 'report.md'}\n")
         print(drift_table(result))
+
+
+def only(config: RunConfig, labels: list[str], path: Path) -> RunConfig:
+    """The config with just the conditions `labels` names (all of them when it names none)."""
+    known = [m.key for m in config.methods]
+    if unknown := [label for label in labels if label not in known]:
+        raise UserError(
+            f"--only: {unknown[0]!r} is not a condition of {path}; its conditions: "
+            + ", ".join(known)
+        )
+    if not labels:
+        return config
+    return dataclasses.replace(config, methods=[m for m in config.methods if m.key in labels])
 
 
 def report(args: argparse.Namespace) -> None:
