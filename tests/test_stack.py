@@ -188,7 +188,7 @@ def test_format_1_stack_opens_as_it_was_and_is_upgraded_by_its_next_commit(tmp_p
         holdout = load_records(TINY_DATA / f"{d}.holdout.jsonl")
         examples = tokenize_records(holdout, cm.engine.tokenizer, 32)
         loss = mean_token_loss(cm.engine, examples, cm.method.eval_adapters(d), 8)
-        # float32 sums round differently on other CPUs (SIMD width): 1e-6 is far below what
+        # float32 sums round differently on another CPU (seen: 2.5e-7): 1e-6 is far below what
         # the other domain's adapters move (about 0.1 on these domains)
         assert loss == pytest.approx(expected[d], rel=1e-6), d
     answer = model.generate("The heart pumps", "auto")
