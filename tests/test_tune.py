@@ -204,14 +204,23 @@ def test_a_bad_axis_is_a_clear_error():
         tune.Axis.parse({"key": "train.lr", "value": [1], "limits": [0, 1]}, "t")
 
 
-def synthetic(drift, loss):
-    """A trial runner from formulas of (lr, strength); records what each trial ran."""
+def tuned(spec: dict, run) -> tuple[list[dict], dict, dict]:
+    out = tune.tune_axes(spec, run)
+    return out.trials, out.chosen, out.entries
+
+
+def synthetic(drift, loss, second_seed=None):
+    """A trial runner from formulas of (lr, strength); records what each trial ran.
+    `second_seed(lr, s, scores)`: the scores of a run on tune.CONFIRM_SEED (default: the same)."""
     ran = []
 
     def run(label, entry, point):
         lr, s = entry["train"]["lr"], entry.get("options", {}).get("s", 1.0)
         ran.append((label, entry, dict(point)))
-        return {"drift": drift(lr, s), "final_loss": loss(lr, s), "plasticity_loss": 0.0}
+        scores = {"drift": drift(lr, s), "final_loss": loss(lr, s), "plasticity_loss": 0.0}
+        if point.get("seed") == tune.CONFIRM_SEED and second_seed:
+            return second_seed(lr, s, scores)
+        return scores
 
     return run, ran
 
@@ -224,7 +233,7 @@ def test_an_edge_choice_is_extended_until_it_is_interior():
     # Loss is lowest at lr 10^-1.5 ≈ 0.032, beyond the grid's top; nothing forgets.
     run, ran = synthetic(lambda lr, s: 0.0, lambda lr, s: (math.log10(lr) + 1.5) ** 2)
     spec = {"methods": [{"name": "m", "train": {"lr": 0.001}}], "axes": [LR]}
-    trials, chosen, entries = tune.tune_axes(spec, run)
+    trials, chosen, entries = tuned(spec, run)
     tried = [t["point"]["lr"] for t in trials]
     want = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1e-2 / 0.3, 1e-2 / 0.09]
     assert tried == pytest.approx(want, rel=1e-5)
@@ -244,7 +253,7 @@ def test_the_second_axis_runs_at_the_first_axis_choice_and_is_extended_too():
         "methods": [{"name": "m", "label": "mine", "options": {"keep": 1, "s": 1000}}],
         "axes": [LR, {**S, "values": [1, 10]}],
     }
-    trials, chosen, entries = tune.tune_axes(spec, run)
+    trials, chosen, entries = tuned(spec, run)
     second = [t for t in trials if t["axis"] == "s"]
     assert [t["point"]["s"] for t in second] == pytest.approx([1, 10, 100, 1000])
     assert all(t["point"]["lr"] == 1e-3 for t in second)
@@ -262,7 +271,7 @@ def test_when_nothing_is_stable_the_least_drift_is_extended_up_to_the_limit():
     # Forgetting falls with the learning rate but stays above the 0.5 % cap down to 1e-5.
     run, _ = synthetic(lambda lr, s: 6 + math.log10(lr), lambda lr, s: 1.0)
     spec = {"methods": ["m"], "axes": [{**LR, "values": [1e-3, 1e-2], "limits": [1e-5, 1]}]}
-    trials, chosen, entries = tune.tune_axes(spec, run)
+    trials, chosen, entries = tuned(spec, run)
     assert [t["point"]["lr"] for t in trials] == pytest.approx([1e-3, 1e-2, 1e-4, 1e-5])
     assert entries["m"] == {"name": "m", "train": {"lr": 1e-5}}
     assert [t.get("at_limit", False) for t in trials] == [False] * 3 + [True]
@@ -277,7 +286,7 @@ def test_every_method_is_tuned_on_its_own_and_scaled_keys_move_together():
         "limits": [0.01, 1],
     }
     spec = {"methods": ["a", {"name": "a", "label": "b"}], "axes": [LR, scaled]}
-    trials, chosen, entries = tune.tune_axes(spec, run)
+    trials, chosen, entries = tuned(spec, run)
     assert {label for label, _, _ in ran} == {"a", "b"}
     assert all(len(t["scores"]) == 1 for t in trials), "one method per trial"
     backbone = [entry["crma"] for _, entry, p in ran if "backbone" in p]
@@ -289,16 +298,16 @@ def test_every_method_is_tuned_on_its_own_and_scaled_keys_move_together():
 def test_results_mark_extensions_and_give_the_chosen_entries(tmp_path):
     run, _ = synthetic(lambda lr, s: 0.0, lambda lr, s: (math.log10(lr) + 1.5) ** 2)
     spec = {"config": "c.yaml", "methods": ["m"], "axes": [LR]}
-    trials, chosen, entries = tune.tune_axes(spec, run)
+    out = tune.tune_axes(spec, run)
     results = tmp_path / "results" / "tuning"
-    tune.write_results(Path("configs/tuning/g.yaml"), spec, trials, chosen, entries, results)
+    tune.write_results(Path("configs/tuning/g.yaml"), spec, out, results)
     md = (results / "g.md").read_text()
     assert md.count("*(extension)*") == 3, "two rows, one note"
     assert "at the lr limit" not in md, "the choice is interior"
     assert "| lr=0.01 | m |" in md and "| lr=0.0333333 *(extension)* | m |" in md
     assert '- m: lr=0.0333333 → `{"name": "m", "train": {"lr": 0.0333333}}`' in md
     saved = json.loads((results / "g.json").read_text())
-    assert saved["selected_entries"] == entries
+    assert saved["selected_entries"] == out.entries
     assert [t["extension"] for t in saved["trials"]] == [False] * 5 + [True] * 2
 
 
@@ -386,9 +395,130 @@ def test_the_first_axis_choice_competes_on_the_second_at_the_entrys_own_value():
         "methods": [{"name": "m", "options": {"s": 5}}],
         "axes": [LR, {**S, "values": [4, 6, 8]}],
     }
-    trials, chosen, entries = tune.tune_axes(spec, run)
+    trials, chosen, entries = tuned(spec, run)
     second = [t["point"]["s"] for t in trials if t["axis"] == "s"]
     assert second == [4, 6, 8], "6 is its own interior choice: no extension"
     assert chosen == {"m": "lr=0.001"}
     assert entries["m"] == {"name": "m", "options": {"s": 5}, "train": {"lr": 0.001}}
-    assert len(ran) == len(trials)
+    assert len(ran) == len(trials) + 1, "every trial run once, the choice once more"
+
+
+# -- the choice is confirmed on a second seed --------------------------------------------------
+def diverges_above(lr_max: float):
+    """Second-seed scores: a run above `lr_max` diverges (final loss +10 %, drift +2)."""
+
+    def second_seed(lr, s, scores):
+        if lr <= lr_max:
+            return scores
+        return {**scores, "final_loss": scores["final_loss"] * 1.1, "drift": scores["drift"] + 2}
+
+    return second_seed
+
+
+def test_a_choice_that_diverges_on_the_second_seed_is_struck_and_the_next_one_confirmed():
+    # Seed 0: the loss falls with the rate up to 1e-2 (its extension 0.033 is far worse), and
+    # nothing forgets. On the second seed every rate above 5e-3 diverges.
+    run, ran = synthetic(
+        lambda lr, s: 0.0,
+        lambda lr, s: -math.log10(lr) if lr < 0.02 else 10.0,
+        diverges_above(5e-3),
+    )
+    out = tune.tune_axes({"methods": ["m"], "axes": [LR]}, run)
+    assert out.chosen == {"m": "lr=0.003"} and out.entries["m"] == {
+        "name": "m",
+        "train": {"lr": 0.003},
+    }
+    checks = [(c["confirms"], c["reproduces"], c["point"]["seed"]) for c in out.confirmations]
+    assert checks == [("lr=0.01", False, 42), ("lr=0.003", True, 42)]
+    assert [p for _, _, p in ran if "seed" in p] == [
+        {"lr": 0.01, "seed": 42},
+        {"lr": 0.003, "seed": 42},
+    ]
+    assert len(ran) == len(out.trials) + 2, "the confirmations are the only reruns"
+
+
+def test_a_struck_second_axis_choice_gives_way_to_the_next_best_setting():
+    # lr 1e-3 wins the first axis; on the s axis (extended to 1000) s = 100 is best on seed 0
+    # but does not reproduce; the next best, s = 1000 at the same rate, does.
+    run, _ = synthetic(
+        lambda lr, s: 0.0,
+        lambda lr, s: abs(math.log10(lr) + 3) + abs(math.log10(s) - 2.2),
+        lambda lr, s, scores: {**scores, "final_loss": 9.0} if s == 100 else scores,
+    )
+    spec = {"methods": [{"name": "m", "options": {"s": 1}}], "axes": [LR, S]}
+    out = tune.tune_axes(spec, run)
+    confirmed = [c["confirms"] for c in out.confirmations]
+    assert confirmed == ["lr=0.001,s=100.0", "lr=0.001,s=1000.0"]
+    assert out.entries["m"] == {"name": "m", "options": {"s": 1000.0}, "train": {"lr": 0.001}}
+
+
+@pytest.mark.parametrize(
+    "first, second, holds",
+    [
+        ((0.4, 3.00), (0.4, 3.03), True),  # 1 % worse: within the tolerance
+        ((0.4, 3.00), (0.4, 3.031), False),  # just beyond it
+        ((0.4, 3.00), (0.4, 2.50), True),  # better on the second seed
+        ((0.4, 3.00), (0.6, 3.00), True),  # mean drift 0.5: still within the cap
+        ((0.4, 3.00), (0.62, 3.00), False),  # mean drift 0.51: breaks the cap
+        ((0.9, 3.00), (1.5, 3.00), True),  # chosen as the least drift: only the loss counts
+    ],
+)
+def test_a_choice_reproduces_within_the_loss_tolerance_and_the_drift_cap(first, second, holds):
+    def scores(drift, loss):
+        return {"drift": drift, "final_loss": loss, "plasticity_loss": loss}
+
+    assert tune.reproduces(scores(*first), scores(*second)) == holds
+
+
+def test_results_list_the_confirming_runs(tmp_path):
+    run, _ = synthetic(
+        lambda lr, s: 0.0,
+        lambda lr, s: -math.log10(lr) if lr < 0.02 else 10.0,
+        diverges_above(5e-3),
+    )
+    spec = {"config": "c.yaml", "methods": ["m"], "axes": [LR]}
+    out = tune.tune_axes(spec, run)
+    tune.write_results(Path("configs/tuning/g.yaml"), spec, out, tmp_path)
+    md = (tmp_path / "g.md").read_text()
+    assert "| lr=0.01 | m | +2.000 | 2.2000 | no: struck |" in md
+    assert "| lr=0.003 | m | +0.000 | 2.5229 | yes |" in md
+    assert "- m: lr=0.003 →" in md
+    saved = json.loads((tmp_path / "g.json").read_text())
+    assert [c["reproduces"] for c in saved["confirmations"]] == [False, True]
+
+
+@pytest.mark.integration
+def test_crma_tune_confirms_an_axes_choice_on_the_second_seed(tmp_path):
+    """Through the real protocol: the chosen trial is run again with seeds=[CONFIRM_SEED]
+    in its own folder, and the results hold that run's scores."""
+    grid = tmp_path / "lr.yaml"
+    axis = {"key": "train.lr", "values": [0.001, 0.03], "limits": [0.001, 0.03]}
+    grid.write_text(
+        yaml.safe_dump(
+            {"config": str(TINY_CONFIG), "set": {"train.max_steps": 2}, "methods": ["naive"]}
+            | {"axes": [axis]}
+        )
+    )
+    runs, results = tmp_path / "runs", tmp_path / "r"
+    run_crma("tune", str(grid), "--out", str(runs), "--results", str(results))
+    saved = json.loads((results / "lr.json").read_text())
+    (check,) = saved["confirmations"]
+    chosen = saved["selected"]["naive"]
+    assert check["confirms"] == chosen and check["point"]["seed"] == tune.CONFIRM_SEED
+    folder = runs / "lr" / "naive" / f"{chosen},seed={tune.CONFIRM_SEED}"
+    assert load_config(folder / "config.yaml").seeds == [tune.CONFIRM_SEED]
+    report = json.loads((folder / "report.json").read_text())
+    assert check["scores"] == tune.score(report)
+    first = next(t for t in saved["trials"] if tune.trial_name(t["point"]) == chosen)
+    assert check["scores"]["naive"] != first["scores"]["naive"], "another seed, another run"
+
+
+def test_when_no_setting_reproduces_the_rules_choice_stays_and_is_marked(tmp_path):
+    run, _ = synthetic(lambda lr, s: 0.0, lambda lr, s: abs(math.log10(lr) + 3), diverges_above(0))
+    spec = {"config": "c.yaml", "methods": ["m"], "axes": [{**LR, "values": [1e-4, 1e-3, 1e-2]}]}
+    out = tune.tune_axes(spec, run)
+    assert out.chosen == {"m": "lr=0.001"}
+    assert len(out.confirmations) == 3 and not any(c["reproduces"] for c in out.confirmations)
+    tune.write_results(Path("configs/tuning/g.yaml"), spec, out, tmp_path)
+    assert "- m: lr=0.001 → " in (md := (tmp_path / "g.md").read_text())
+    assert md.count("(no setting reproduced: unconfirmed)") == 1
