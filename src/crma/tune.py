@@ -212,7 +212,7 @@ def tune_axis(
     point: dict[str, float],
     run: RunTrial,
     carried: dict | None = None,
-) -> tuple[list[dict], dict]:
+) -> tuple[list[dict], list[dict]]:
     """One axis at `point` (the earlier axes' choices): its trials, extended past the edge
     while the choice sits there and the limits allow, and the line the axis's choice is made
     on. `carried`, the earlier axis's chosen trial, lies on this axis at the entry's own
