@@ -188,11 +188,15 @@ def test_the_next_point_is_one_step_beyond_the_edge_in_the_axis_scale(
     assert got == (None if expected is None else pytest.approx(expected, rel=1e-5))
 
 
-def test_extension_stops_at_a_declared_limit():
+def test_extension_reaches_a_declared_limit_then_stops():
     values = [1e-4, 1e-3, 1e-2]
-    assert tune.next_beyond(axis(values, [1e-4, 0.05]), values, 1e-2) is None
+    assert tune.next_beyond(axis(values, [1e-4, 0.05]), values, 1e-2) == 0.05  # a short step
     assert tune.next_beyond(axis(values, [1e-5, 1e-2]), values, 1e-4) == pytest.approx(1e-5)
-    assert tune.next_beyond(axis(values, [2e-5, 1e-2]), values, 1e-4) is None
+    assert tune.next_beyond(axis(values, [2e-5, 1e-2]), values, 1e-4) == 2e-5
+    assert tune.next_beyond(axis(values, [1e-4, 1e-2]), values, 1e-4) is None  # at the limit
+    # a share of 0.2 one step below 0.6 would be negative: the limit is tried instead
+    shares = [0.2, 0.6, 0.8]
+    assert tune.next_beyond(axis(shares, [0.01, 0.99], "log-complement"), shares, 0.2) == 0.01
 
 
 def test_a_bad_axis_is_a_clear_error():

@@ -6,8 +6,8 @@ A grid file names a base run config, fixed overrides, and either
 - `methods:` and `axes:` (one budget for everyone): each method is tuned on its own along the
   axes in order, each axis at the values chosen on the axes before it. Whenever a method's
   chosen value sits at an edge of the values tried, the next point one step beyond that edge
-  is tried too (see `next_beyond`), until the choice is interior or the axis's `limits` stop
-  it. The earlier axis's chosen trial sits on the next axis at the entry's own value, and
+  (at most the axis's limit) is tried too (see `next_beyond`), until the choice is interior
+  or at the limit. The earlier axis's chosen trial sits on the next axis at the entry's own value, and
   competes in that axis's choice when the axis's values skip it. The final choice is then
   confirmed on a second seed (see `confirm`); or
 - `grid: {key: [values]}` (every combination) or `points: [...]` (as listed): fixed trials,
@@ -174,22 +174,22 @@ class Axis:
 
 def next_beyond(axis: Axis, tried: list[float], chosen: float) -> float | None:
     """The next point past the edge where `chosen` sits, one step (the step between the two
-    outermost points at that edge, in the axis's scale) further; None if `chosen` is
-    interior or that point would leave the axis's limits."""
+    outermost points at that edge, in the axis's scale) further, or the axis's limit on that
+    side where the step would pass it; None if `chosen` is interior or at the limit."""
     ordered = sorted(set(tried))
+    lo, hi = axis.limits
     if chosen == ordered[0]:
-        edge, inner = ordered[0], ordered[1]
+        edge, inner, limit = ordered[0], ordered[1], lo
     elif chosen == ordered[-1]:
-        edge, inner = ordered[-1], ordered[-2]
+        edge, inner, limit = ordered[-1], ordered[-2], hi
     else:
         return None
     forward, back = SCALES[axis.scale]
     beyond = back(2 * forward(edge) - forward(inner))
-    if not math.isfinite(beyond):
-        return None
+    if not (math.isfinite(beyond) and lo <= beyond <= hi):
+        beyond = limit
     beyond = float(f"{beyond:.6g}")  # a readable trial name; far below any step
-    lo, hi = axis.limits
-    return beyond if lo <= beyond <= hi and beyond not in ordered else None
+    return beyond if beyond not in ordered else None
 
 
 RunTrial = Callable[[str, dict, dict], Scores]  # (label, method entry, point) -> its scores
@@ -232,7 +232,7 @@ def tune_axis(
         beyond = next_beyond(axis, [t["point"][axis.name] for t in trials], chosen)
         pending = [] if beyond is None else [beyond]
     tried = [t["point"][axis.name] for t in trials]
-    if chosen in (min(tried), max(tried)):  # the limits stopped the extension: say so
+    if chosen in (min(tried), max(tried)):  # the choice sits at a limit: say so
         next(t for t in trials if t["point"][axis.name] == chosen)["at_limit"] = True
     own = axis.value_in(entry)
     line = [carried] if carried and own is not None and own not in axis.values else []
@@ -440,7 +440,7 @@ def write_results(grid: Path, spec: dict, tuned: Tuned, results: Path) -> None:
         "",
         f"Grid file `{grid}`; every trial evaluates on the validation split (from `spare`).",
         "Trials marked *(extension)* were added because the choice sat at an edge of the grid;",
-        "*(chosen at the … limit)*: the axis's declared limits stopped the extension there.",
+        "*(chosen at the … limit)*: the choice sits at the axis's declared limit.",
         "",
         "| trial | method | drift (%) | loss just after training (mean) | final loss (mean) |",
         "|---|---|---|---|---|",
