@@ -7,9 +7,9 @@ A grid file names a base run config, fixed overrides, and either
   axes in order, each axis at the values chosen on the axes before it. Whenever a method's
   chosen value sits at an edge of the values tried, the next point one step beyond that edge
   (at most the axis's limit) is tried too (see `next_beyond`), until the choice is interior
-  or at the limit. The earlier axis's chosen trial sits on the next axis at the entry's own value, and
-  competes in that axis's choice when the axis's values skip it. The final choice is then
-  confirmed on a second seed (see `confirm`); or
+  or at the limit. The earlier axis's chosen trial sits on the next axis at the entry's own
+  value, and competes in that axis's choice when the axis's values skip it. The final choice
+  is then confirmed on a second seed (see `confirm`); or
 - `grid: {key: [values]}` (every combination) or `points: [...]` (as listed): fixed trials,
   chosen by the rule on their one seed (no confirmation: they are no method's budget).
 
