@@ -25,6 +25,7 @@ import copy
 import gc
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -310,12 +311,19 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(args, Path(tmp))
-        for method in methods:
+        for i, method in enumerate(methods, 1):
+            progress(f"domain 1: {method} ({i}/{len(methods)})")
             bench.build(method, specs[method])
         for k in range(args.rounds):
-            for method in methods[k % len(methods) :] + methods[: k % len(methods)]:
+            for i, method in enumerate(methods[k % len(methods) :] + methods[: k % len(methods)]):
+                progress(f"round {k + 1}/{args.rounds}: {method} ({i + 1}/{len(methods)})")
                 runs[method].append(bench.time_domain_2(method))
     return summarise(runs)
+
+
+def progress(line: str) -> None:
+    """One line per stage on stderr: the whole run takes tens of minutes."""
+    print(f"[methods.py] {line}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
