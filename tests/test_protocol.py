@@ -73,7 +73,13 @@ def test_naive_forgets_and_crma_does_not(tiny_run):
 def test_run_directory_contract(tiny_run):
     for name in ("config.yaml", "report.json", "report.md"):
         assert (tiny_run / name).is_file()
-    for plot in ("loss_matrix.png", "drift.png", "spectral_norm.png", "grad_norm.png"):
+    for plot in (
+        "loss_matrix.png",
+        "drift.png",
+        "tradeoff.png",
+        "spectral_norm.png",
+        "grad_norm.png",
+    ):
         assert (tiny_run / "plots" / plot).stat().st_size > 1000
     run = tiny_run / "crma" / "seed-0"
     assert (run / "stack" / "manifest.json").is_file()
@@ -383,3 +389,46 @@ def test_plots_of_many_methods_wrap_and_stay_readable(tmp_path):
     palette = [tuple(round(255 * c) for c in rgb) for rgb in plt.get_cmap("tab20").colors]
     used = {rgb for rgb in palette if ((pixels == rgb).all(axis=1)).sum() >= 20}
     assert set(palette[:12]) <= used  # tab10 (tab20's even colours) would repeat two
+    assert not (tmp_path / "plots" / "tradeoff.png").exists()  # no frozen, no advantage
+
+
+def test_tradeoff_plot_places_each_method_by_drift_and_advantage(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.image import imread
+
+    from crma.report.plots import plot_all
+
+    matrix = [[3.0, 3.0], [2.5, None], [2.6, 2.4]]
+
+    def method(drifts: list[float], advantages: list[float]) -> dict:
+        seeds = {
+            str(s): {
+                "loss_matrix": matrix,
+                "drift_per_domain": {"a": d},
+                "drift": d,
+                "advantage_over_frozen": a,
+            }
+            for s, (d, a) in enumerate(zip(drifts, advantages))
+        }
+        mean = sum(advantages) / len(advantages)
+        return {
+            "per_seed": seeds,
+            "drift_per_domain_mean": {"a": drifts[0]},
+            "drift_mean": sum(drifts) / len(drifts),
+            "advantage_over_frozen": {"mean": mean},
+        }
+
+    # forgets and learns less (bottom right) against forgets nothing and learns more (top left)
+    methods = {"naive": method([3.0, 3.2], [-5.0, -5.2]), "crma": method([0.0, 0.1], [1.0, 1.2])}
+    plot_all(tmp_path, {"domains": ["a", "b"], "methods": methods})
+    image = imread(tmp_path / "plots" / "tradeoff.png")[..., :3]
+    height, width = image.shape[:2]
+    for j, corner in enumerate(
+        (
+            (slice(height // 2, None), slice(width // 2, None)),
+            (slice(None, height // 2), slice(None, width // 2)),
+        )
+    ):
+        rgb = (image[corner].reshape(-1, 3) * 255).round()
+        colour = tuple(round(255 * c) for c in plt.get_cmap("tab10").colors[j])
+        assert ((rgb == colour).all(axis=1)).sum() >= 20, list(methods)[j]

@@ -57,6 +57,7 @@ def plot_all(run_dir: Path, report: dict[str, Any]) -> None:
     ax.legend(fontsize=7, ncols=2 if len(methods) > 6 else 1)
     ax.set_title("Per-domain drift: bars = seed mean, dots = seeds")
     _save(fig, plots / "drift.png")
+    _tradeoff(plt, plots / "tradeoff.png", methods, colors)
 
     traces = _traces(run_dir, methods)
     if traces["spectral"]:
@@ -79,6 +80,36 @@ def plot_all(run_dir: Path, report: dict[str, Any]) -> None:
         ax.legend(fontsize=6, ncol=2)
         _save(fig, plots / "grad_norm.png")
     plot_answers(run_dir, report)
+
+
+def _tradeoff(plt: Any, path: Path, methods: dict[str, Any], colors: Any) -> None:
+    """Drift against advantage over frozen, one point per seed and a labelled mean per method:
+    forgetting and learning in one picture (only when the run has frozen to compare with)."""
+    compared = {k: m for k, m in methods.items() if "advantage_over_frozen" in m}
+    if not compared:
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for j, (label, m) in enumerate(compared.items()):
+        color = colors[j % len(colors)]
+        seeds = m["per_seed"].values()
+        ax.scatter(
+            [e["drift"] for e in seeds],
+            [e["advantage_over_frozen"] for e in seeds],
+            color=color,
+            s=12,
+            alpha=0.6,
+        )
+        x, y = m["drift_mean"], m["advantage_over_frozen"]["mean"]
+        ax.scatter([x], [y], color=color, s=60, edgecolors="black", zorder=3, label=label)
+        ax.annotate(label, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.axvline(0.5, color="grey", lw=0.8, ls="--")  # the 0.5 % drift target
+    ax.set_xlabel("drift (%)  (+ = forgetting; dashed: the 0.5 % target)")
+    ax.set_ylabel("advantage over frozen (%)  (+ = lower final loss)")
+    ax.set_title("Forgetting against learning: large = seed mean, small = seeds")
+    ax.legend(fontsize=7, ncols=2 if len(compared) > 6 else 1)
+    _save(fig, path)
 
 
 def _traces(run_dir: Path, methods: dict[str, Any]) -> dict[str, dict[str, Any]]:
