@@ -35,10 +35,13 @@ def test_crma_config_defaults_are_the_long_protocols_rates():
     assert {key: getattr(config, key) for key in LRS} == backbone_rates("crma")
 
 
-def test_train_default_lr_is_crmas_validated_lora_rate():
-    """`crma train` and the Python API train crma's LoRA at the rate the long protocol chose."""
-    selected = json.loads((ROOT / "results/tuning/long-crma.json").read_text())["selected"]
-    assert selected["crma"] == f"lr={TrainConfig().lr}"
+def test_train_default_lr_is_crmas_rate_in_the_published_long_runs():
+    """`crma train` and the Python API train crma's LoRA at the rate of the long protocol's
+    published runs, so the defaults reproduce the headline; a new validation choice becomes
+    the default when the holdout runs at it are published."""
+    published = load_config(ROOT / "results/long/config.yaml")
+    crma = next(spec for spec in published.methods if spec.key == "crma")
+    assert method_settings(published, crma)[1].lr == TrainConfig().lr
 
 
 @pytest.mark.parametrize(

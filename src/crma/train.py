@@ -43,9 +43,9 @@ class TrainConfig(Settings):
 
     lr: float = setting(
         3e-3,
-        "LoRA learning rate (CRMA groups use crma.lr_*); the default is crma's, chosen on "
-        "validation in the long protocol (results/tuning/long-crma.md); other choices, the "
-        "paper protocol's included, are in configs/ (naive: 3e-4)",
+        "LoRA learning rate (CRMA groups use crma.lr_*); the default is crma's rate in the "
+        "published long-protocol runs (results/long), chosen on validation "
+        "(results/tuning/long-crma.md); every protocol's choices are in configs/",
         gt=0,
     )
     batch_size: int = setting(8, "examples per optimizer step (global, across processes)", ge=1)
