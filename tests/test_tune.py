@@ -33,7 +33,9 @@ def axes_grids(configs: list[Path]) -> list[Path]:
 LR_AXIS = (5, 2.0)  # every method's learning rate: five points over two decades
 LONG_LR_AXIS = (3, 1.0)  # at the long protocol (a CPU-hour a trial): three over one decade
 STRENGTH_POINTS = 7  # every method's own strength (EWC: six decades; the others three)
-FOLLOWERS = {"crma-task1": "crma", "naive-lr1e-3": "naive"}  # run at another's choice
+# Run at another's choice: crma-task1 at crma's, naive-lr<rate> at naive's lowest final loss.
+FOLLOWERS = {"crma-task1": "crma", "naive-lr1e-3": "naive"}
+LONG_FOLLOWERS = {**FOLLOWERS, "naive-lr3e-4": "naive"}
 
 
 def label(entry) -> str:
@@ -71,7 +73,7 @@ def test_one_budget_for_every_condition_of_the_long_protocol():
     edges extended by the rule), every other setting at its paper-protocol choice."""
     grids = axes_grids([LONG])
     tuned = tuned_conditions(grids, LONG_LR_AXIS)
-    assert set(tuned) | set(FOLLOWERS) == {m.key for m in load_config(LONG).methods}
+    assert set(tuned) | set(LONG_FOLLOWERS) == {m.key for m in load_config(LONG).methods}
     assert all(len(tune.parse_axes(yaml.safe_load(g.read_text()))) == 1 for g in grids)
 
 
@@ -93,14 +95,15 @@ def tuned_conditions(grids: list[Path], lr_axis: tuple[int, float]) -> dict[str,
 
 def chosen_entries(results: dict) -> dict[str, dict]:
     """Label -> the method entry a finished grid's results choose, with the followers': crma-task1
-    at crma's choice, naive-lr1e-3 at naive's lowest final loss whatever its drift."""
+    at crma's choice, naive-lr<rate> at naive's lowest final loss whatever its drift."""
     chosen = dict(results.get("selected_entries", {}))
     if "crma" in chosen:
         chosen["crma-task1"] = {**chosen["crma"], "name": "crma-task1"}
     naive = [t for t in results.get("trials", []) if t.get("method") == "naive"]
     if "naive" in chosen and naive:
         lowest = min(naive, key=lambda t: t["scores"]["naive"]["final_loss"])
-        chosen["naive-lr1e-3"] = {**lowest["entry"], "label": "naive-lr1e-3"}
+        rate = f"{lowest['entry']['train']['lr']:.0e}".replace("e-0", "e-")
+        chosen[f"naive-lr{rate}"] = {**lowest["entry"], "label": f"naive-lr{rate}"}
     return chosen
 
 
