@@ -61,3 +61,13 @@ def test_presets_train_crma_at_the_validated_rates(preset, chosen):
         backbone = method_settings(config, spec)[0].crma
         label = "crma-tied" if backbone.variant == "tied" else "crma"
         assert {key: getattr(backbone, key) for key in LRS} == chosen(label), spec.key
+
+
+def test_demo_trains_crma_at_the_long_protocols_rate():
+    """The demo is the long protocol shrunk: its crma learns at long.yaml's validated rate."""
+    rates = {}
+    for preset in ("demo", "long"):
+        config = load_config(ROOT / "configs" / f"{preset}.yaml")
+        crma = next(spec for spec in config.methods if spec.key == "crma")
+        rates[preset] = method_settings(config, crma)[1].lr
+    assert rates["demo"] == rates["long"]
