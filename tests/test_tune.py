@@ -58,7 +58,8 @@ def test_every_trial_is_a_valid_validation_run_with_its_own_folder(grid: Path):
 def test_one_budget_for_every_condition_of_the_head_to_head():
     """Every condition of configs/baselines.yaml is tuned in one axes grid (or follows
     another's choice): a learning-rate axis of five points over two decades, then, where the
-    method has one, seven points of its own strength; edges are extended by the rule."""
+    method has one, seven points of its own strength and the rate again at the chosen
+    strength; edges are extended by the rule."""
     tuned = tuned_conditions(axes_grids(HEAD_TO_HEAD), LR_AXIS)
     conditions = [m.key for m in load_config(ROOT / "configs" / "baselines.yaml").methods]
     assert set(tuned) | set(FOLLOWERS) == set(conditions)
@@ -66,6 +67,7 @@ def test_one_budget_for_every_condition_of_the_head_to_head():
     for name, grid in tuned.items():
         axes = tune.parse_axes(yaml.safe_load(grid.read_text()))
         assert (len(axes) == 1) == (name in strengthless), name
+        assert len(axes) == 1 or axes[-1] == axes[0], f"{name}: no second pass over the rate"
 
 
 def test_one_budget_for_every_condition_of_the_long_protocol():
@@ -79,11 +81,13 @@ def test_one_budget_for_every_condition_of_the_long_protocol():
 
 def tuned_conditions(grids: list[Path], lr_axis: tuple[int, float]) -> dict[str, Path]:
     """Label -> the grid tuning it; each grid's first axis is the learning rate of `lr_axis`
-    (points, decades), the others have STRENGTH_POINTS; no label is tuned twice."""
+    (points, decades), the others have STRENGTH_POINTS but a last one that repeats the rate
+    (a second pass); no label is tuned twice."""
     tuned: dict[str, Path] = {}
     for grid in grids:
         spec = yaml.safe_load(grid.read_text())
         lr, *strength = tune.parse_axes(spec)
+        strength = [axis for axis in strength if axis != lr]
         assert lr.name == "lr" and len(lr.values) == lr_axis[0], grid
         assert math.log10(max(lr.values) / min(lr.values)) == pytest.approx(lr_axis[1]), grid
         assert all(len(axis.values) == STRENGTH_POINTS for axis in strength), grid
@@ -271,6 +275,39 @@ def test_the_second_axis_runs_at_the_first_axis_choice_and_is_extended_too():
         "train": {"lr": 0.001},
     }
     assert chosen == {"mine": "lr=0.001,s=100.0"}
+
+
+def test_an_axis_given_again_is_a_second_pass_at_the_later_choices():
+    # The best rate moves with the strength: lr* = 10^(-3 + log10(s) / 2). One pass picks
+    # lr 1e-3 at the default s = 1, then s = 100 at that rate; the second pass over the rate,
+    # at s = 100, finds 1e-2. The point already tried there (lr 1e-3, s 100) is not rerun.
+    run, ran = synthetic(
+        lambda lr, s: 0.0,
+        lambda lr, s: (math.log10(lr) + 3 - math.log10(s) / 2) ** 2 + 10 * (math.log10(s) - 2) ** 2,
+    )
+    one_pass = {"methods": ["m"], "axes": [LR, S]}
+    assert tuned(one_pass, run)[1] == {"m": "lr=0.001,s=100.0"}
+    ran.clear()
+    trials, chosen, entries = tuned({**one_pass, "axes": [LR, S, LR]}, run)
+    assert chosen == {"m": "lr=0.01,s=100.0"}
+    assert entries["m"] == {"name": "m", "train": {"lr": 0.01}, "options": {"s": 100.0}}
+    names = [tune.trial_name(t["point"]) for t in trials]
+    assert len(names) == len(set(names)), "no point is a trial twice"
+    second = [t["point"] for t in trials[names.index("lr=0.001,s=1000.0") + 1 :]]
+    assert [p["lr"] for p in second] == pytest.approx([1e-4, 3e-4, 3e-3, 1e-2, 1e-2 / 0.3])
+    assert all(p["s"] == 100 for p in second)
+    assert len(ran) == len(trials) + 1, "every trial run once, the choice once more"
+
+
+def test_a_second_pass_where_the_strength_kept_its_own_value_runs_nothing_new():
+    # s = 10, the entry's own, is the strength axis's choice: the rate line at s = 10 is the
+    # first pass's line, read as it is (EWC and LwF kept their default strengths).
+    run, ran = synthetic(lambda lr, s: 0.0, lambda lr, s: abs(math.log10(lr) + 3) + abs(s - 10))
+    spec = {"methods": [{"name": "m", "options": {"s": 10}}], "axes": [LR, S]}
+    one_pass = tuned(spec, run)
+    runs, ran[:] = list(ran), []
+    assert tuned({**spec, "axes": [LR, S, LR]}, run) == one_pass
+    assert ran == runs
 
 
 def test_when_nothing_is_stable_the_least_drift_is_extended_up_to_the_limit():

@@ -8,8 +8,10 @@ A grid file names a base run config, fixed overrides, and either
   chosen value sits at an edge of the values tried, the next point one step beyond that edge
   (at most the axis's limit) is tried too (see `next_beyond`), until the choice is interior
   or at the limit. The earlier axis's chosen trial sits on the next axis at the entry's own
-  value, and competes in that axis's choice when the axis's values skip it. The final choice
-  is then confirmed on a second seed (see `confirm`); or
+  value, and competes in that axis's choice when the axis's values skip it. An axis may come
+  again later in the list: a second pass over it at the later axes' choices (a setting
+  already tried is not run twice). The final choice is then confirmed on a second seed (see
+  `confirm`); or
 - `grid: {key: [values]}` (every combination) or `points: [...]` (as listed): fixed trials,
   chosen by the rule on their one seed (no confirmation: they are no method's budget).
 
@@ -27,7 +29,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,31 +214,40 @@ def tune_axis(
     point: dict[str, float],
     run: RunTrial,
     carried: dict | None = None,
+    known: Sequence[dict] = (),
 ) -> tuple[list[dict], list[dict]]:
-    """One axis at `point` (the earlier axes' choices): its trials, extended past the edge
-    while the choice sits there and the limits allow, and the line the axis's choice is made
-    on. `carried`, the earlier axis's chosen trial, lies on this axis at the entry's own
-    value: when that value is not among the axis's, it is on the line too (not rerun)."""
+    """One axis at `point` (the earlier axes' choices): its new trials, extended past the
+    edge while the choice sits there and the limits allow, and the line the axis's choice is
+    made on. `carried`, the earlier axis's chosen trial, lies on this axis at its own value
+    (the entry's, or an earlier pass's choice): when that value is not among the axis's, it
+    is on the line too (not rerun). A setting among `known` (the method's earlier trials) is
+    put on the line as that trial, not run again."""
     trials: list[dict] = []
+    on_axis: list[dict] = []
     pending = list(axis.values)
     while pending:
         for value in pending:
             at = {**point, axis.name: value}
             method = configured(entry, axes, at)
+            if earlier := [t for t in known if t["entry"] == method and axis.name in t["point"]]:
+                on_axis.append(earlier[-1])  # the latest: its name gives every axis
+                continue
             extension = value not in axis.values
             trials.append(
                 {"method": label, "axis": axis.name, "extension": extension, "point": at}
                 | {"entry": method, "scores": {label: run(label, method, at)}}
             )
-        chosen = by_name(trials, select(trials)[label])["point"][axis.name]
-        beyond = next_beyond(axis, [t["point"][axis.name] for t in trials], chosen)
+            on_axis.append(trials[-1])
+        chosen = by_name(on_axis, select(on_axis)[label])["point"][axis.name]
+        beyond = next_beyond(axis, [t["point"][axis.name] for t in on_axis], chosen)
         pending = [] if beyond is None else [beyond]
-    tried = [t["point"][axis.name] for t in trials]
+    tried = [t["point"][axis.name] for t in on_axis]
     if chosen in (min(tried), max(tried)):  # the choice sits at a limit: say so
-        next(t for t in trials if t["point"][axis.name] == chosen)["at_limit"] = True
-    own = axis.value_in(entry)
-    line = [carried] if carried and own is not None and own not in axis.values else []
-    return trials, line + trials
+        next(t for t in on_axis if t["point"][axis.name] == chosen)["at_limit"] = True
+    own = point.get(axis.name, axis.value_in(entry))
+    skipped = own is not None and own not in axis.values
+    line = [carried] if carried and skipped and carried not in on_axis else []
+    return trials, line + on_axis
 
 
 def by_name(trials: list[dict], name: str) -> dict:
@@ -287,7 +298,7 @@ def tune_method(
     for axis in axes:
         carried = by_name(line, select(line)[label]) if line else None
         point = carried["point"] if carried else {}
-        mine, line = tune_axis(label, entry, axes, axis, point, run, carried)
+        mine, line = tune_axis(label, entry, axes, axis, point, run, carried, trials)
         trials += mine
     return trials, *confirm(label, line, trials, run)
 
@@ -360,16 +371,18 @@ def fixed(spec: dict) -> list[str]:
 def trial_configs(spec: dict) -> list[tuple[dict, Any]]:
     """(point, resolved run config) per declared trial; a bad key or option fails here, before
     any run. For an `axes` grid: every method at every declared value of every axis (the
-    other axes at the method's own settings); extensions come later, from the scores."""
+    other axes at the method's own settings, an axis given again once); extensions come
+    later, from the scores."""
     if "axes" not in spec:
         out = []
         for point in grid_points(spec):
             own = [f"{k}={json.dumps(v)}" for k, v in point.items() if k != "trial"]
             out.append((point, load_config(spec["config"], fixed(spec) + own)))
         return out
+    axes = parse_axes(spec)
     out = []
     for item in spec["methods"]:
-        for axis in parse_axes(spec):
+        for axis in [a for i, a in enumerate(axes) if a not in axes[:i]]:
             for value in axis.values:
                 entry = method_entry(item)
                 axis.apply(entry, value)
