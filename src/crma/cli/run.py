@@ -109,9 +109,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Run the trials a grid file declares (configs/tuning/*.yaml), each a protocol run on "
             "the validation split, and choose each method's setting by one rule: the lowest "
             "final validation loss among trials that forget at most 0.5 %, else the least "
-            "drift. Axes whose choice sits at an edge are extended one step at a time within "
-            "their limits. Finished trials are read back, so rerunning resumes, also from their "
-            "export without weights in <results>/runs/ (commit it to resume elsewhere)."
+            "drift. Axes are searched in order, each at the earlier axes' choices; an axis given "
+            "again is a second pass. Axes whose choice sits at an edge are extended one step at a "
+            "time within their limits. Finished trials are read back, so rerunning resumes, also "
+            "from their export without weights in <results>/runs/ (commit it to resume "
+            "elsewhere)."
         ),
     )
     t.add_argument(
