@@ -42,7 +42,7 @@ class TrainConfig(Settings):
     """Training of each domain."""
 
     lr: float = setting(
-        3e-3,
+        9e-3,
         "LoRA learning rate (CRMA groups use crma.lr_*); the default is crma's rate in the "
         "published long-protocol runs (results/long), chosen on validation "
         "(results/tuning/long-crma.md); every protocol's choices are in configs/",
