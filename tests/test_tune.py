@@ -277,7 +277,7 @@ def test_the_second_axis_runs_at_the_first_axis_choice_and_is_extended_too():
     assert chosen == {"mine": "lr=0.001,s=100.0"}
 
 
-def test_an_axis_given_again_is_a_second_pass_at_the_later_choices():
+def test_an_axis_given_again_is_a_second_pass_at_the_later_choices(tmp_path):
     # The best rate moves with the strength: lr* = 10^(-3 + log10(s) / 2). One pass picks
     # lr 1e-3 at the default s = 1, then s = 100 at that rate; the second pass over the rate,
     # at s = 100, finds 1e-2. The point already tried there (lr 1e-3, s 100) is not rerun.
@@ -288,7 +288,9 @@ def test_an_axis_given_again_is_a_second_pass_at_the_later_choices():
     one_pass = {"methods": ["m"], "axes": [LR, S]}
     assert tuned(one_pass, run)[1] == {"m": "lr=0.001,s=100.0"}
     ran.clear()
-    trials, chosen, entries = tuned({**one_pass, "axes": [LR, S, LR]}, run)
+    two_pass = {**one_pass, "config": "c.yaml", "axes": [LR, S, LR]}
+    out = tune.tune_axes(two_pass, run)
+    trials, chosen, entries = out.trials, out.chosen, out.entries
     assert chosen == {"m": "lr=0.01,s=100.0"}
     assert entries["m"] == {"name": "m", "train": {"lr": 0.01}, "options": {"s": 100.0}}
     names = [tune.trial_name(t["point"]) for t in trials]
@@ -296,6 +298,11 @@ def test_an_axis_given_again_is_a_second_pass_at_the_later_choices():
     second = [t["point"] for t in trials[names.index("lr=0.001,s=1000.0") + 1 :]]
     assert [p["lr"] for p in second] == pytest.approx([1e-4, 3e-4, 3e-3, 1e-2, 1e-2 / 0.3])
     assert all(p["s"] == 100 for p in second)
+    assert [t["second_pass"] for t in trials] == [False] * (len(trials) - 5) + [True] * 5
+    tune.write_results(Path("configs/tuning/g.yaml"), two_pass, out, tmp_path)
+    md = (tmp_path / "g.md").read_text()
+    assert md.count("*(second pass)*") == 6, "five rows, one note"
+    assert "| lr=0.01,s=100.0 *(second pass)* | m |" in md
     assert len(ran) == len(trials) + 1, "every trial run once, the choice once more"
 
 

@@ -235,7 +235,8 @@ def tune_axis(
             extension = value not in axis.values
             trials.append(
                 {"method": label, "axis": axis.name, "extension": extension, "point": at}
-                | {"entry": method, "scores": {label: run(label, method, at)}}
+                | {"second_pass": axis.name in point, "entry": method}
+                | {"scores": {label: run(label, method, at)}}
             )
             on_axis.append(trials[-1])
         chosen = by_name(on_axis, select(on_axis)[label])["point"][axis.name]
@@ -453,7 +454,8 @@ def write_results(grid: Path, spec: dict, tuned: Tuned, results: Path) -> None:
         "",
         f"Grid file `{grid}`; every trial evaluates on the validation split (from `spare`).",
         "Trials marked *(extension)* were added because the choice sat at an edge of the grid;",
-        "*(chosen at the … limit)*: the choice sits at the axis's declared limit.",
+        "*(chosen at the … limit)*: the choice sits at the axis's declared limit;",
+        "*(second pass)*: an axis searched again at the later axes' choices.",
         "",
         "| trial | method | drift (%) | loss just after training (mean) | final loss (mean) |",
         "|---|---|---|---|---|",
@@ -463,6 +465,7 @@ def write_results(grid: Path, spec: dict, tuned: Tuned, results: Path) -> None:
     for t in tuned.trials:
         name = trial_name(t["point"]) + (" *(extension)*" if t.get("extension") else "")
         name += f" *(chosen at the {t['axis']} limit)*" if t.get("at_limit") else ""
+        name += " *(second pass)*" if t.get("second_pass") else ""
         for label, s in t["scores"].items():
             lines.append(
                 f"| {name} | {label} | {s['drift']:+.3f} | {s['plasticity_loss']:.4f} | "
