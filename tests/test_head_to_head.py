@@ -176,3 +176,33 @@ def test_a_table_written_again_keeps_the_rows_that_moved_as_before(run, tmp_path
     # Written again from the same units: nothing moved, the history is carried, not doubled.
     assert head_to_head(run_dir, "--costs", str(costs), *where) == 0
     assert json.loads((out / "report.json").read_text())["history"] == report["history"]
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "rebuilt"])
+def test_an_older_entry_stays_beside_the_row_that_replaced_it_then(run, tmp_path, stored):
+    run_dir, costs = run
+    out = tmp_path / "out"
+    assert head_to_head(run_dir, "--costs", str(costs), "--out", str(out)) == 0
+    rerun_ewc(run_dir, final_a=2.4, ewc_lambda=100.0)
+    assert (
+        head_to_head(run_dir, "--costs", str(costs), "--out", str(out), "--before-note", "first")
+        == 0
+    )
+    if not stored:  # a report written before the replacing rows were kept
+        report = json.loads((out / "report.json").read_text())
+        for row in report["history"][0]["rows"]:
+            del row["after"]
+        (out / "report.json").write_text(json.dumps(report))
+    rerun_ewc(run_dir, final_a=2.6, ewc_lambda=1000.0)
+    assert (
+        head_to_head(run_dir, "--costs", str(costs), "--out", str(out), "--before-note", "second")
+        == 0
+    )
+    second, first = json.loads((out / "report.json").read_text())["history"]
+    assert first["rows"][0]["after"]["drift_mean"] == pytest.approx(15.0)  # not today's 20
+    assert first["rows"][0]["settings_changed"] == ["options.ewc_lambda: – → 100.0"]
+    assert second["rows"][0]["settings_changed"] == ["options.ewc_lambda: 100.0 → 1000.0"]
+    text = (out / "report.md").read_text()
+    one, two = text.index("### 1. second"), text.index("### 2. first")
+    assert text.index("| ewc | +15.00 ± 0.00 → +20.00 ± 0.00 |") in range(one, two)
+    assert text.index("| ewc | +10.00 ± 0.00 → +15.00 ± 0.00 |") > two

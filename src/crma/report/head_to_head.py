@@ -193,11 +193,32 @@ def _by_label(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {m.get("label") or m["name"]: m for m in config.get("methods") or []}
 
 
+NUMBERS = ("drift_mean", "drift_sd", "plasticity_vs_frozen_pct", "advantage_over_frozen")
+
+
 def _numbers(row: dict[str, Any]) -> tuple:
-    return tuple(
-        json.dumps(row.get(k), sort_keys=True)
-        for k in ("drift_mean", "drift_sd", "plasticity_vs_frozen_pct", "advantage_over_frozen")
-    )
+    return tuple(json.dumps(row.get(k), sort_keys=True) for k in NUMBERS)
+
+
+def _after(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The numbers a history row is shown beside: the row that replaced it (None: dropped)."""
+    return {k: row.get(k) for k in NUMBERS} if row else None
+
+
+def _with_successors(entries: list[dict], table: list[dict]) -> list[dict]:
+    """Earlier entries, each row with the row that replaced it (`after`). Entries written
+    before `after` was stored get it rebuilt: the table an entry was replaced by is `table`
+    (the one now being replaced) under the `then` rows of every newer entry."""
+    state = {r["method"]: r for r in table}
+    out = []
+    for entry in entries:  # newest first
+        rows = [
+            r if "after" in r else r | {"after": _after(state.get(r["method"]))}
+            for r in entry["rows"]
+        ]
+        state |= {r["method"]: r for r in entry["rows"]}
+        out.append(entry | {"rows": rows})
+    return out
 
 
 def history(
@@ -212,7 +233,9 @@ def history(
     as a new entry with the data and settings that changed."""
     if before is None:
         return []
-    earlier = before["report"].get("history") or []
+    earlier = _with_successors(
+        before["report"].get("history") or [], before["report"]["head_to_head"]
+    )
     now = {r["method"]: r for r in table}
     replaced = [
         r
@@ -230,6 +253,7 @@ def history(
     )
     for r in replaced:
         label = r["method"]
+        r["after"] = _after(now.get(label))
         r["settings_changed"] = (
             setting_changes(old_methods[label], new_methods[label], shared_only=False)
             if label in old_methods and label in new_methods
@@ -248,15 +272,15 @@ def _then_now(then: dict | None, now: dict | None) -> str:
     return f"{_pm(then)} → {_pm(now)}"
 
 
-def history_markdown(entries: list[dict[str, Any]], table: list[dict]) -> str:
-    """## Before: each replaced table's rows beside the current ones, newest first."""
-    now = {r["method"]: r for r in table}
+def history_markdown(entries: list[dict[str, Any]]) -> str:
+    """## Before: each replaced table's rows beside the rows that replaced them, newest first."""
     lines = [
         "## Before",
         "",
         "Rows of earlier head-to-head tables whose numbers changed when the table was written "
-        "again (newest first), beside the current row (then → now). Settings changed: those "
-        "both configs name; code changes are in the note.",
+        "again (newest first), each beside the row that replaced it then (then → after). "
+        "Settings changed: between those two tables, those both configs name; code changes "
+        "are in the note.",
     ]
     for i, e in enumerate(entries, 1):
         data = e["data"]
@@ -271,7 +295,7 @@ def history_markdown(entries: list[dict[str, Any]], table: list[dict]) -> str:
             "|---|---|---|---|---|",
         ]
         for r in e["rows"]:
-            c = now.get(r["method"], {})
+            c = r["after"] or {}
             drift = _then_now(
                 {"mean": r["drift_mean"], "sd": r["drift_sd"]},
                 {"mean": c["drift_mean"], "sd": c["drift_sd"]} if c else None,
@@ -318,7 +342,7 @@ def write_head_to_head(
         out / "report.json", {**report, "head_to_head": table, "costs": source, "history": past}
     )
     text = ["# Head to head", "", source, "", markdown(table), ""]
-    text += [history_markdown(past, table), ""] if past else []
+    text += [history_markdown(past), ""] if past else []
     text.append(render_markdown(report))
     write_text(out / "report.md", "\n".join(text))
     if out.resolve() != run_dir.resolve():
