@@ -268,8 +268,8 @@ def history(
     return [entry, *earlier]
 
 
-def _then_now(then: dict | None, now: dict | None) -> str:
-    return f"{_pm(then)} → {_pm(now)}"
+def _then_after(then: dict | None, after: dict | None) -> str:
+    return f"{_pm(then)} → {_pm(after)}"
 
 
 def history_markdown(entries: list[dict[str, Any]]) -> str:
@@ -295,15 +295,17 @@ def history_markdown(entries: list[dict[str, Any]]) -> str:
             "|---|---|---|---|---|",
         ]
         for r in e["rows"]:
-            c = r["after"] or {}
-            drift = _then_now(
+            after = r["after"] or {}
+            drift = _then_after(
                 {"mean": r["drift_mean"], "sd": r["drift_sd"]},
-                {"mean": c["drift_mean"], "sd": c["drift_sd"]} if c else None,
+                {"mean": after["drift_mean"], "sd": after["drift_sd"]} if after else None,
             )
             cells = [
                 drift,
-                _then_now(r.get("plasticity_vs_frozen_pct"), c.get("plasticity_vs_frozen_pct")),
-                _then_now(r.get("advantage_over_frozen"), c.get("advantage_over_frozen")),
+                _then_after(
+                    r.get("plasticity_vs_frozen_pct"), after.get("plasticity_vs_frozen_pct")
+                ),
+                _then_after(r.get("advantage_over_frozen"), after.get("advantage_over_frozen")),
                 "; ".join(r["settings_changed"]) or "none",
             ]
             lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
